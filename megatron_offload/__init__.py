@@ -1,0 +1,8 @@
+"""megatron-offload: PipeOffload (activation offload for pipeline parallelism) on Megatron-Core.
+
+Layers, from mechanism to product (see ../shared/design/architecture.md):
+``schedule`` (pure Python, no torch) -> ``runtime`` (hooks, transfers) ->
+``integration`` (Megatron patches) -> ``cli``.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,104 @@
+"""OffloadConfig: every knob of the offload runtime, typed and validated once.
+
+Errors raise ``ValueError`` naming the command-line flag and the fix, before any work starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal, get_args
+
+OffloadPolicy = Literal["none", "full", "chunks"]
+TransferBackendName = Literal["auto", "cpu", "cuda"]
+
+POLICIES: tuple[str, ...] = get_args(OffloadPolicy)
+BACKENDS: tuple[str, ...] = get_args(TransferBackendName)
+
+
+@dataclass(kw_only=True, slots=True)
+class OffloadConfig:
+    policy: OffloadPolicy = "full"
+    """What to offload (--offload-policy). ``none``: nothing (hooks only measure, if asked);
+    ``full``: every (chunk, microbatch) unit whose backward does not directly follow its
+    forward; ``chunks``: only units of model chunks < K (--offload-chunks), the longest-lived
+    first."""
+
+    offload_chunks: int | None = None
+    """K for policy ``chunks`` (--offload-chunks): offload units of model chunks 0..K-1.
+    Must lie in 0..v (v = number of virtual pipeline stages, 1 without interleaving)."""
+
+    min_offload_bytes: int = 64 * 1024
+    """Saved tensors smaller than this stay on the device (--offload-min-bytes): a copy of a
+    few KiB costs more in launch latency than it frees."""
+
+    backend: TransferBackendName = "auto"
+    """How bytes move (--offload-backend). ``cuda``: D2H/H2D streams, events, pinned pool;
+    ``cpu``: synchronous copies into a separate host pool (tests, CPU runs); ``auto``: cuda
+    when the model lives on a GPU, else cpu."""
+
+    measure_memory: bool = False
+    """Track every saved storage through weak references and report the peak of bytes
+    really resident (--offload-report). Costs one Python call per saved tensor."""
+
+    prefetch_distance: int = 1
+    """How many ops ahead a reload is started (--offload-prefetch). 1 = reload the unit
+    of the next backward when the op before it starts."""
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(
+                f"--offload-policy {self.policy!r} is not a policy; choose one of "
+                f"{', '.join(POLICIES)}"
+            )
+        if self.policy == "chunks":
+            if self.offload_chunks is None:
+                raise ValueError(
+                    "--offload-policy chunks needs --offload-chunks K (offload model chunks "
+                    "0..K-1); add e.g. --offload-chunks 1"
+                )
+            if not isinstance(self.offload_chunks, int) or self.offload_chunks < 0:
+                raise ValueError(
+                    f"--offload-chunks {self.offload_chunks!r} must be an integer in 0..v "
+                    "(v = virtual pipeline stages); use e.g. --offload-chunks 1"
+                )
+        elif self.offload_chunks is not None:
+            raise ValueError(
+                f"--offload-chunks {self.offload_chunks} only applies to --offload-policy "
+                f"chunks, not {self.policy!r}; drop it or set --offload-policy chunks"
+            )
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"--offload-backend {self.backend!r} is not a backend; choose one of "
+                f"{', '.join(BACKENDS)}"
+            )
+        if self.min_offload_bytes < 0:
+            raise ValueError(
+                f"--offload-min-bytes {self.min_offload_bytes} must be >= 0 (0 offloads "
+                "every non-parameter tensor)"
+            )
+        if self.prefetch_distance < 1:
+            raise ValueError(
+                f"--offload-prefetch {self.prefetch_distance} must be >= 1: a reload has "
+                "to start at least one op before the backward that needs it"
+            )
+
+    def check_against_model(self, num_model_chunks: int) -> None:
+        """Validate the settings that depend on the model (v); raises before the first step."""
+        if self.policy == "chunks" and not 0 <= self.offload_chunks <= num_model_chunks:
+            raise ValueError(
+                f"--offload-chunks {self.offload_chunks} is outside 0..{num_model_chunks} "
+                f"(this model has {num_model_chunks} model chunk(s) per rank); use a value "
+                f"in that range"
+            )
+
+    def offloads_chunk(self, chunk: int) -> bool:
+        if self.policy == "full":
+            return True
+        if self.policy == "chunks":
+            return chunk < self.offload_chunks
+        return False
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+__all__ = ["OffloadConfig", "OffloadPolicy", "POLICIES", "BACKENDS"]

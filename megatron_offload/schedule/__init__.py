@@ -1,0 +1,1 @@
+"""Schedules as data. Pure Python: nothing in this package imports torch."""

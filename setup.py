@@ -1,0 +1,25 @@
+"""megatron-offload: PipeOffload for Megatron-Core / Megatron-LM as a plugin."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-offload",
+    version="0.1.0",
+    description=(
+        "Pipeline-parallel activation offload (PipeOffload, ICML 2025) for "
+        "Megatron-Core and Megatron-LM"
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_offload", "megatron_offload.*"]),
+    # torch is deliberately not pinned here: GPU clusters bring their own CUDA build.
+    # The CPU bootstrap (scripts/bootstrap.sh) pins torch==2.13.0.
+    install_requires=["torch>=2.4", "megatron-core>=0.16,<0.17"],
+    extras_require={
+        "te": ["transformer-engine[pytorch]"],
+        "apex": ["apex"],
+        "viz": ["matplotlib>=3.7"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["megatron-offload=megatron_offload.cli:main"]},
+)
