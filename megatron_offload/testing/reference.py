@@ -1,0 +1,354 @@
+"""The runner that reference runs and plugin runs share, and a bitwise comparison.
+
+``run_case(case, iterations, offload_config=None, fault=None)`` runs inside a pool worker
+(``pool.run("megatron_offload.testing.reference:run_case", case=case)``): it (re)initializes
+megatron-core's parallel state for the case, builds the tiny GPT, and runs ``iterations``
+training iterations through ``megatron.core.pipeline_parallel.get_forward_backward_func()``
+(forward and backward, finalize_model_grads included), then a plain SGD step on
+``param.main_grad``. It records per iteration the loss (last pipeline stage) and every
+gradient by layout-independent name, and returns them as CPU tensors.
+
+``merge_ranks(per_rank)`` folds the ranks' records into one layout-independent record;
+``compare_runs(a, b)`` lists every bitwise difference (empty = identical).
+
+Fault injection (``fault={"iteration": i, "forward_raises_at": {pp_rank: microbatch}}``):
+during iteration ``i`` the forward step function raises ``InjectedFault`` on pipeline rank
+``pp_rank`` when it is called for microbatch ``microbatch`` of model chunk 0. The
+microbatch of a call is the number of earlier forward calls of the same chunk in that
+iteration (every schedule runs a chunk's microbatches in order 0..m-1). Only chunk 0's
+calls can fault; a rank runs chunk 0's forwards of all its microbatches. The runner
+catches the error (every rank must raise, or none: see below), records it, zeroes the grad
+buffers and reruns the iteration from the same data and weights; the result must then be
+bitwise equal to a run without the fault.
+
+Choosing fault points that cannot deadlock is the caller's job: every message a rank posts
+before it raises must be matched by its peer before the peer raises. ``SAFE_FAULT_PP2_M4``
+is such a choice for 1F1B, PP=2, m=4 (batched p2p, all requests waited):
+
+    rank 0: F0 sF0 | F1 [sF1 rB0] B0 | F2 [sF2 rB1] B1 | F3 X
+    rank 1: rF0 | F0 B0 [sB0 rF1] | F1 B1 [sB1 rF2] | F2 X
+
+Rank 1 raises at its forward of microbatch 2 after its last exchange (send grad 1, receive
+activation 2) completed; rank 0 has posted exactly the matching exchange (send activation 2,
+receive grad 1) and raises at microbatch 3 before posting anything else. No request is left
+open on either side, so the rerun starts from a clean channel. Every rank must raise in the
+faulted iteration (a rank that finishes the schedule would enter finalize_model_grads'
+collectives alone); the runner checks that and reports a mismatch otherwise.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+from megatron_offload.testing.gpt import TinyGPTCase, build_model, global_param_names, synthetic_batch
+
+SAFE_FAULT_PP2_M4 = {"iteration": 1, "forward_raises_at": {0: 3, 1: 2}}
+"""A fault that cannot deadlock: 1F1B, PP=2, microbatches=4 (see the module docstring)."""
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the forward step function at the configured fault point."""
+
+
+# --- parallel state -------------------------------------------------------------------------
+
+def init_parallel_state(case: TinyGPTCase) -> None:
+    """Destroy any previous model-parallel state and initialize it for ``case``.
+
+    Runs in every worker of the pool (collective: new process groups are created). The
+    data-parallel size is ``world_size / case.pp``.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    world = dist.get_world_size()
+    if world % case.pp:
+        raise ValueError(f"world size {world} does not divide by {case.pp=}")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=case.pp,
+        virtual_pipeline_model_parallel_size=case.vpp,
+        create_gloo_process_groups=False,
+    )
+    model_parallel_cuda_manual_seed(case.seed, force_reset_rng=True)
+    torch.manual_seed(case.seed)
+
+
+def _release_parallel_state() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+
+
+# --- the forward step ---------------------------------------------------------------------
+
+class _MicrobatchIterator:
+    """Yields one chunk's microbatches in order, each generated from (iteration, dp, j)."""
+
+    def __init__(self, case: TinyGPTCase, iteration: int, dp_rank: int):
+        self.case, self.iteration, self.dp_rank, self.next_mb = case, iteration, dp_rank, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self.next_mb >= self.case.microbatches:
+            raise StopIteration
+        batch = synthetic_batch(self.case, iteration=self.iteration, dp_rank=self.dp_rank,
+                                microbatch=self.next_mb)
+        self.next_mb += 1
+        return batch
+
+
+def _loss_func(loss_mask_count: int, output_tensor: torch.Tensor):
+    loss = output_tensor.float().sum() / loss_mask_count
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+class _ForwardStep:
+    """forward_step_func(data_iterator, model) with optional fault injection on chunk 0."""
+
+    def __init__(self, case: TinyGPTCase, chunks: list, pp_rank: int, fault_at: int | None):
+        self.case = case
+        self.chunk_index = {id(c): i for i, c in enumerate(chunks)}
+        self.fault_at = fault_at
+        self.calls = [0] * len(chunks)
+
+    def __call__(self, data_iterator, model):
+        chunk = self.chunk_index[id(model)]
+        microbatch = self.calls[chunk]
+        self.calls[chunk] += 1
+        if chunk == 0 and self.fault_at is not None and microbatch == self.fault_at:
+            raise InjectedFault(f"injected fault at chunk 0 microbatch {microbatch}")
+        batch = next(data_iterator)
+        output = model(
+            input_ids=batch["tokens"],
+            position_ids=batch["position_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+        )
+        count = batch["labels"].numel()
+        return output, lambda out: _loss_func(count, out)
+
+
+# --- one run --------------------------------------------------------------------------------
+
+def _zero_grads(chunks: list) -> None:
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+
+
+def _collect_grads(chunks: list, case: TinyGPTCase) -> dict[str, torch.Tensor]:
+    grads = {}
+    for chunk in chunks:
+        for name, param in global_param_names(chunk, tied=case.tie_embeddings).items():
+            grad = getattr(param, "main_grad", None)
+            if grad is None:
+                grad = param.grad
+            grads[name] = None if grad is None else grad.detach().clone().cpu()
+    return grads
+
+
+@torch.no_grad()
+def _sgd_step(chunks: list, lr: float) -> None:
+    for chunk in chunks:
+        for param in chunk.parameters():
+            grad = getattr(param, "main_grad", None)
+            if grad is not None:
+                param.data.add_(grad, alpha=-lr)
+
+
+def _one_iteration(case, chunks, fb_func, iteration, dp_rank, pp_rank, fault_at):
+    data = [_MicrobatchIterator(case, iteration, dp_rank) for _ in chunks]
+    forward_step = _ForwardStep(case, chunks, pp_rank, fault_at)
+    _zero_grads(chunks)
+    store = fb_func(
+        forward_step_func=forward_step,
+        data_iterator=data if len(chunks) > 1 else data[0],
+        model=chunks,
+        num_microbatches=case.microbatches,
+        seq_length=case.seq_length,
+        micro_batch_size=case.micro_batch_size,
+        decoder_seq_length=case.seq_length,
+        forward_only=False,
+    )
+    return store
+
+
+def run_case(case: TinyGPTCase | dict, iterations: int = 3, offload_config=None,
+             fault: dict | None = None) -> dict:
+    """Train ``case`` for ``iterations`` iterations on this rank; return the record.
+
+    Returns ``{"rank", "pp_rank", "dp_rank", "dp_size", "case", "iterations": [ {"loss":
+    float | None, "loss_bytes": bytes | None, "microbatch_losses": list[float] | None,
+    "grads": {global name: tensor}} ], "faults": [str], "timing": {...}}`` and, with
+    ``offload_config``, ``"offload_stats": [runtime.iteration_stats[-1].as_dict(), ...]``.
+    Loss fields are None except on the last pipeline stage.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_offload.testing.cpu_shims import apply_cpu_shims
+
+    if isinstance(case, dict):
+        case = TinyGPTCase(**case)
+    apply_cpu_shims()
+    t0 = time.perf_counter()
+    init_parallel_state(case)
+    try:
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        dp_rank = parallel_state.get_data_parallel_rank()
+        dp_size = parallel_state.get_data_parallel_world_size()
+        is_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        chunks = build_model(case)
+        t_built = time.perf_counter()
+        result: dict[str, Any] = {
+            "rank": dist.get_rank(), "pp_rank": pp_rank, "dp_rank": dp_rank,
+            "dp_size": dp_size, "case": case.as_dict(), "iterations": [], "faults": [],
+        }
+        fault_iteration = None if fault is None else fault["iteration"]
+        fault_at = None
+        if fault is not None:
+            points = {int(k): v for k, v in fault["forward_raises_at"].items()}
+            fault_at = points.get(pp_rank)
+
+        runtime = None
+        if offload_config is not None:
+            from megatron_offload.integration.megatron_core import install, uninstall
+
+            runtime = install(offload_config)
+            result["offload_stats"] = []
+        try:
+            step_times = []
+            for it in range(iterations):
+                fb_func = get_forward_backward_func()
+                ts = time.perf_counter()
+                if it == fault_iteration:
+                    try:
+                        _one_iteration(case, chunks, fb_func, it, dp_rank, pp_rank, fault_at)
+                    except InjectedFault as exc:
+                        result["faults"].append(f"iteration {it}: {exc}")
+                    else:
+                        result["faults"].append(
+                            f"iteration {it}: no fault raised on pp rank {pp_rank} "
+                            f"(fault point {fault_at})"
+                        )
+                    fb_func = get_forward_backward_func()
+                store = _one_iteration(case, chunks, fb_func, it, dp_rank, pp_rank, None)
+                step_times.append(time.perf_counter() - ts)
+                record: dict[str, Any] = {"loss": None, "loss_bytes": None,
+                                          "microbatch_losses": None}
+                if is_last:
+                    losses = torch.stack([d["lm loss"] for d in store]).cpu()
+                    record["microbatch_losses"] = losses.tolist()
+                    record["loss"] = float(losses.mean())
+                    record["loss_bytes"] = losses.numpy().tobytes()
+                record["grads"] = _collect_grads(chunks, case)
+                result["iterations"].append(record)
+                if runtime is not None:
+                    result["offload_stats"].append(runtime.iteration_stats[-1].as_dict())
+                _sgd_step(chunks, case.lr)
+        finally:
+            if offload_config is not None:
+                uninstall()
+        result["timing"] = {"build_s": t_built - t0, "step_s": step_times,
+                            "total_s": time.perf_counter() - t0, "pid": os.getpid()}
+        return result
+    finally:
+        _release_parallel_state()
+
+
+# --- comparison -----------------------------------------------------------------------------
+
+def merge_ranks(per_rank: list[dict]) -> dict:
+    """One layout-independent record from ``pool.run(... run_case ...)``'s list.
+
+    ``{"dp_size", "iterations": [{"loss": {dp_rank: bytes}, "grads": {name: tensor}}],
+    "conflicts": [str], "faults": [str], "case"}``. Gradients are taken from data-parallel
+    rank 0 (they are all-reduced); a name reported by two pipeline ranks (a tied embedding)
+    or by two dp ranks with different bytes is listed in ``conflicts``.
+    """
+    if isinstance(per_rank, dict) and "iterations" in per_rank and "conflicts" in per_rank:
+        return per_rank
+    n_iter = len(per_rank[0]["iterations"])
+    merged = {"dp_size": per_rank[0]["dp_size"], "case": per_rank[0]["case"],
+              "iterations": [], "conflicts": [], "faults": []}
+    for r in per_rank:
+        merged["faults"].extend(f"rank {r['rank']}: {f}" for f in r["faults"])
+    for it in range(n_iter):
+        losses: dict[int, bytes] = {}
+        grads: dict[str, torch.Tensor] = {}
+        for r in per_rank:
+            rec = r["iterations"][it]
+            if rec["loss_bytes"] is not None:
+                losses[r["dp_rank"]] = rec["loss_bytes"]
+            for name, g in rec["grads"].items():
+                if name in grads:
+                    if not _same(grads[name], g):
+                        merged["conflicts"].append(
+                            f"iteration {it}: {name} differs between ranks (rank {r['rank']})")
+                    continue
+                grads[name] = g
+        merged["iterations"].append({"loss": losses, "grads": grads})
+    return merged
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and a.contiguous().view(torch.uint8).equal(b.contiguous().view(torch.uint8)))
+
+
+def compare_runs(a, b) -> list[str]:
+    """Every bitwise mismatch between two runs (per-rank lists or merged records).
+
+    Compares per iteration: each dp rank's loss bytes, the set of gradient names, and each
+    gradient's dtype, shape and bytes; also reports merge conflicts and iteration counts.
+    Empty list = identical.
+    """
+    a, b = merge_ranks(a), merge_ranks(b)
+    out = [f"a: {c}" for c in a["conflicts"]] + [f"b: {c}" for c in b["conflicts"]]
+    if len(a["iterations"]) != len(b["iterations"]):
+        out.append(f"iterations: {len(a['iterations'])} != {len(b['iterations'])}")
+    for it, (ra, rb) in enumerate(zip(a["iterations"], b["iterations"])):
+        if ra["loss"] != rb["loss"]:
+            for dp in sorted(set(ra["loss"]) | set(rb["loss"])):
+                la, lb = ra["loss"].get(dp), rb["loss"].get(dp)
+                if la != lb:
+                    out.append(f"iteration {it}: loss of dp rank {dp} differs: "
+                               f"{_loss_repr(la)} vs {_loss_repr(lb)}")
+        names_a, names_b = set(ra["grads"]), set(rb["grads"])
+        for name in sorted(names_a - names_b):
+            out.append(f"iteration {it}: grad {name} only in a")
+        for name in sorted(names_b - names_a):
+            out.append(f"iteration {it}: grad {name} only in b")
+        for name in sorted(names_a & names_b):
+            ga, gb = ra["grads"][name], rb["grads"][name]
+            if not _same(ga, gb):
+                detail = ""
+                if ga is not None and gb is not None and ga.shape == gb.shape:
+                    detail = f" (max abs diff {(ga.double() - gb.double()).abs().max().item():.3e})"
+                out.append(f"iteration {it}: grad {name} differs{detail}")
+    return out
+
+
+def _loss_repr(raw: bytes | None) -> str:
+    if raw is None:
+        return "None"
+    t = torch.frombuffer(bytearray(raw), dtype=torch.float32)
+    return f"mean {float(t.mean()):.9g}"
+
+
+__all__ = [
+    "run_case", "merge_ranks", "compare_runs", "init_parallel_state", "InjectedFault",
+    "SAFE_FAULT_PP2_M4",
+]
