@@ -1,0 +1,77 @@
+"""Per-rank, per-iteration accounting of activation memory, measured rather than assumed.
+
+:class:`ResidentStorageTracker` counts what is really still allocated: it holds weak
+references to every storage a unit produced or kept (saved tensors, the received input, the
+chunk output) and sums ``nbytes()`` of those still alive. A storage that our offload freed has
+``nbytes() == 0``; one freed by Megatron (``deallocate_pipeline_outputs``) or by autograd after
+backward has a dead weak reference. A copy whose source is still referenced elsewhere therefore
+shows up as still resident, which is the point.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+class ResidentStorageTracker:
+    """Weak references to storages, keyed by identity; dead entries drop themselves."""
+
+    def __init__(self) -> None:
+        self._refs: dict[int, weakref.ref] = {}
+
+    def track(self, storage: torch.UntypedStorage) -> None:
+        key = id(storage)
+        if key in self._refs and self._refs[key]() is storage:
+            return
+
+        def _forget(_ref, key=key, refs=self._refs):
+            if refs.get(key) is _ref:
+                del refs[key]
+
+        self._refs[key] = weakref.ref(storage, _forget)
+
+    def resident_bytes(self) -> int:
+        total = 0
+        for ref in list(self._refs.values()):
+            storage = ref()
+            if storage is not None:
+                total += storage.nbytes()
+        return total
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def clear(self) -> None:
+        self._refs.clear()
+
+
+@dataclass(slots=True)
+class IterationStats:
+    """What one rank measured in one training iteration (one forward_backward call)."""
+
+    iteration: int
+    rank_order: str = ""
+    """The per-rank op order the runtime expected (and checked), as text, e.g. '0F0 0F1 0B0'."""
+    peak_resident_bytes: int = 0
+    """Peak over step boundaries of saved-activation bytes really resident on the device
+    (requires ``measure_memory``; 0 otherwise)."""
+    offloaded_bytes: int = 0
+    """Bytes copied device -> host in this iteration."""
+    reloaded_bytes: int = 0
+    """Bytes copied host -> device in this iteration."""
+    host_pool_bytes: int = 0
+    """Capacity of the host buffer pool at the end of the iteration."""
+    host_pool_buffers: int = 0
+    offloaded_units: int = 0
+    units: int = 0
+    unit_bytes: dict = field(default_factory=dict)
+    """Bytes each unit kept resident right after its forward, keyed 'chunk,microbatch'
+    (requires ``measure_memory``)."""
+    samples: list = field(default_factory=list)
+    """(op text, 'after_forward'|'before_backward', resident bytes) at each sampling point
+    (requires ``measure_memory``)."""
+
+    def as_dict(self) -> dict:
+        return asdict(self)

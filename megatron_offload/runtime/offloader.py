@@ -1,0 +1,350 @@
+"""The offload runtime of one rank: follows a known op order, moves units, measures memory.
+
+``ActivationOffloader`` is driven one step at a time by whoever runs the pipeline (the patched
+Megatron schedules today, the project's own executor later):
+
+- :meth:`run_forward` checks that the step is the next op of the expected order, starts the
+  reload of the next backward's unit (one op ahead, so the copy overlaps this op), runs the
+  forward under saved-tensor hooks, then starts the unit's device -> host copy;
+- :meth:`run_backward` makes sure the unit is back (waiting only for its own copy), prefetches
+  the next one, runs the backward and forgets the unit.
+
+A step that does not match the expected order raises: a prefetch that silently missed would
+turn an overlapped copy into a stall, or worse, a use of freed memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from megatron_offload.config import OffloadConfig
+from megatron_offload.runtime.accounting import IterationStats, ResidentStorageTracker
+from megatron_offload.runtime.store import ActivationStore, UnitActivations, UnitKey, UnitState
+from megatron_offload.runtime.transfer import HostBufferPool, TransferBackend
+from megatron_offload.schedule.ir import Op, OpKind
+
+
+class ScheduleMismatchError(RuntimeError):
+    """Megatron ran a step the predicted per-rank order did not contain at that position."""
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for t in obj if isinstance(t, torch.Tensor)]
+    return []
+
+
+class ActivationOffloader:
+    def __init__(
+        self,
+        config: OffloadConfig,
+        backend: TransferBackend,
+        *,
+        device_type: str,
+        rank_label: str = "",
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.rank_label = rank_label
+        self.tracker = ResidentStorageTracker() if config.measure_memory else None
+        self.store = ActivationStore(
+            min_offload_bytes=config.min_offload_bytes,
+            device_type=device_type,
+            tracker=self.tracker,
+        )
+        self.pool = HostBufferPool(pin_memory=backend.pin_memory)
+        self.iteration_stats: list[IterationStats] = []
+        self._order: list[Op] = []
+        self._position = 0
+        self._offload_units: set[UnitKey] = set()
+        self._in_iteration = False
+        self._outputs: dict[int, tuple[weakref.ref, UnitKey]] = {}
+        self._offloading: list[UnitActivations] = []
+        self._host_releases: list[tuple[Any, list[torch.Tensor]]] = []
+        self._stats: IterationStats | None = None
+
+    def register_model(self, modules) -> None:
+        """Parameters and buffers outlive every unit: their storages never move."""
+        for module in modules:
+            self.store.add_persistent(module.parameters())
+            self.store.add_persistent(module.buffers())
+
+    # ----------------------------------------------------------------------- iteration
+    @property
+    def hooks_needed(self) -> bool:
+        return bool(self._offload_units) or self.tracker is not None
+
+    def begin_iteration(self, order: Sequence[Op], offload_units: set[UnitKey]) -> None:
+        if self._in_iteration:
+            raise RuntimeError("begin_iteration called twice without end_iteration/abort")
+        self._order = [op for op in order if op.kind in (OpKind.FORWARD, OpKind.BACKWARD)]
+        self._position = 0
+        self._offload_units = set(offload_units)
+        self._in_iteration = True
+        self.store.begin_iteration(len(self.iteration_stats))
+        self._stats = IterationStats(
+            iteration=len(self.iteration_stats),
+            rank_order=" ".join(str(op) for op in self._order),
+            units=sum(op.kind is OpKind.FORWARD for op in self._order),
+        )
+
+    def end_iteration(self) -> IterationStats:
+        if self._position != len(self._order):
+            remaining = " ".join(str(op) for op in self._order[self._position :])
+            raise ScheduleMismatchError(
+                f"{self.rank_label}the schedule ended after {self._position} of "
+                f"{len(self._order)} predicted ops; never ran: {remaining}"
+            )
+        if self.store.units:
+            raise RuntimeError(
+                f"{self.rank_label}units without a backward at the end of the iteration: "
+                f"{sorted(self.store.units)}"
+            )
+        self._drain()
+        stats = self._stats
+        stats.host_pool_bytes = self.pool.capacity_bytes
+        stats.host_pool_buffers = self.pool.num_buffers
+        self.iteration_stats.append(stats)
+        self._reset_iteration_state()
+        return stats
+
+    def abort(self) -> None:
+        """After an exception mid-iteration: wait for copies in flight, then hold nothing."""
+        for unit in self._offloading:
+            self.backend.wait_host(unit.transfer)
+        for transfer, _ in self._host_releases:
+            self.backend.wait_host(transfer)
+        for unit in self.store.units.values():
+            if unit.state is UnitState.RELOADING:
+                self.backend.wait_host(unit.transfer)
+        self.store.drop_all()
+        self.pool.clear()
+        if self.tracker is not None:
+            self.tracker.clear()
+        self._reset_iteration_state()
+
+    def _reset_iteration_state(self) -> None:
+        self._in_iteration = False
+        self._order = []
+        self._position = 0
+        self._offload_units = set()
+        self._outputs.clear()
+        self._offloading.clear()
+        self._host_releases.clear()
+        self._stats = None
+
+    def holds_no_tensors(self) -> bool:
+        """True when no activation, host copy or pool buffer is referenced by the runtime."""
+        return (
+            not self.store.units
+            and not self._offloading
+            and not self._host_releases
+            and not self._outputs
+            and self.pool.capacity_bytes == 0
+            and self.pool.in_use_bytes == 0
+        )
+
+    # --------------------------------------------------------------------------- steps
+    def run_forward(self, key: UnitKey, inputs: Sequence, step: Callable[[], Any]) -> Any:
+        """Run one forward step (``step()`` returns Megatron's ``(output, num_tokens)``)."""
+        self._expect(OpKind.FORWARD, key)
+        self._advance()
+        self._prefetch()
+        input_tensors = _tensors(list(inputs))
+        measuring = self.tracker is not None
+        before = self.tracker.resident_bytes() if measuring else 0
+        offload = key in self._offload_units
+        if offload or measuring:
+            with self.store.capture(key, offload=offload, inputs=tuple(input_tensors)):
+                result = step()
+        else:
+            result = step()
+        outputs = _tensors(result[0] if isinstance(result, tuple) else result)
+        if outputs:
+            self._outputs[id(outputs[0])] = (weakref.ref(outputs[0]), key)
+        unit = self.store.units.get(key)
+        if unit is not None:
+            self._finish_capture(unit, input_tensors, outputs, offload)
+        if measuring:
+            for t in input_tensors + outputs:
+                self.tracker.track(t.untyped_storage())
+            resident = self._sample(key, OpKind.FORWARD, "after_forward")
+            self._stats.unit_bytes[f"{key[0]},{key[1]}"] = resident - before
+        if unit is not None and offload and unit.movable:
+            self._start_offload(unit)
+        self._position += 1
+        return result
+
+    def unit_for_output(self, output) -> UnitKey:
+        """The unit whose forward returned ``output`` (Megatron's backward gets no microbatch)."""
+        first = _tensors(output)
+        entry = self._outputs.get(id(first[0])) if first else None
+        if entry is None or entry[0]() is not first[0]:
+            raise ScheduleMismatchError(
+                f"{self.rank_label}backward_step got an output tensor that no forward_step of "
+                "this iteration returned"
+            )
+        return entry[1]
+
+    def run_backward(self, key: UnitKey, step: Callable[[], Any]) -> Any:
+        self._expect(OpKind.BACKWARD, key)
+        self._advance()
+        unit = self.store.units.get(key)
+        if unit is not None:
+            self._make_resident(unit)
+        self._prefetch()
+        if self.tracker is not None:
+            self._sample(key, OpKind.BACKWARD, "before_backward")
+        result = step()
+        if unit is not None:
+            self.store.release(key)
+        for output_id, (ref, owner) in list(self._outputs.items()):
+            if owner == key:
+                del self._outputs[output_id]
+        self._position += 1
+        return result
+
+    # ------------------------------------------------------------------------ internals
+    def _expect(self, kind: OpKind, key: UnitKey) -> None:
+        if not self._in_iteration:
+            raise RuntimeError(f"{self.rank_label}a step ran outside begin/end_iteration")
+        actual = Op(kind, *key)
+        expected = self._order[self._position] if self._position < len(self._order) else None
+        if actual != expected:
+            shown = " ".join(
+                f"[{op}]" if i == self._position else str(op)
+                for i, op in enumerate(self._order)
+            )
+            raise ScheduleMismatchError(
+                f"{self.rank_label}Megatron ran {actual} at step {self._position}, the predicted "
+                f"order has {expected if expected else 'nothing more'} there: {shown}. The "
+                "offload plan would reload the wrong unit; report this with your schedule flags."
+            )
+
+    def _finish_capture(self, unit, inputs, outputs, offload: bool) -> None:
+        # The chunk output may still be read by an asynchronous send: never free it here
+        # (Megatron's deallocate_pipeline_outputs releases it once it is sent).
+        for out in outputs:
+            unit.exclude(out.untyped_storage())
+        if not offload:
+            return
+        # The received input is held by the schedule until backward even when no layer saves
+        # it: it is this unit's memory, so it moves with the unit.
+        for t in inputs:
+            storage = t.untyped_storage()
+            sid = id(storage)
+            if (
+                sid not in unit.movable
+                and type(t) is torch.Tensor
+                and t.device.type == self.store.device_type
+                and storage.resizable()
+                and storage.nbytes() >= max(1, self.config.min_offload_bytes)
+                and all(sid != id(o.untyped_storage()) for o in outputs)
+            ):
+                unit.movable[sid] = storage
+                unit.sizes[sid] = storage.nbytes()
+
+    def _start_offload(self, unit: UnitActivations) -> None:
+        pairs = []
+        for sid, storage in unit.movable.items():
+            host = self.pool.acquire(unit.sizes[sid])
+            unit.host[sid] = host
+            pairs.append((storage, host))
+        unit.transfer = self.backend.device_to_host(pairs)
+        unit.state = UnitState.OFFLOADING
+        self._stats.offloaded_bytes += unit.transfer.nbytes
+        self._stats.offloaded_units += 1
+        self._offloading.append(unit)
+        self._advance()
+
+    def _advance(self) -> None:
+        """Free device bytes whose host copy completed; recycle host buffers no copy reads."""
+        still = []
+        for unit in self._offloading:
+            if self.backend.is_done(unit.transfer):
+                for storage in unit.freed_storages():
+                    storage.resize_(0)
+                unit.state = UnitState.OFFLOADED
+                unit.transfer = None
+            else:
+                still.append(unit)
+        self._offloading = still
+        pending = []
+        for transfer, buffers in self._host_releases:
+            if self.backend.is_done(transfer):
+                for buffer in buffers:
+                    self.pool.release(buffer)
+            else:
+                pending.append((transfer, buffers))
+        self._host_releases = pending
+
+    def _prefetch(self) -> None:
+        last = min(len(self._order), self._position + 1 + self.config.prefetch_distance)
+        for op in self._order[self._position + 1 : last]:
+            if op.kind is OpKind.BACKWARD:
+                unit = self.store.units.get(op.unit)
+                if unit is not None and unit.state in (UnitState.OFFLOADING, UnitState.OFFLOADED):
+                    self._start_reload(unit)
+
+    def _start_reload(self, unit: UnitActivations) -> None:
+        if unit.state is UnitState.OFFLOADING:
+            # The device bytes were never freed: cancel the offload, recycle the host buffers
+            # once the copy that writes them is done.
+            self._offloading.remove(unit)
+            self._host_releases.append((unit.transfer, list(unit.host.values())))
+            unit.host.clear()
+            unit.transfer = None
+            unit.state = UnitState.RESIDENT
+            return
+        pairs = []
+        for sid, storage in unit.movable.items():
+            if sid in unit.shadowed:
+                continue  # never left the device
+            storage.resize_(unit.sizes[sid])
+            pairs.append((storage, unit.host[sid]))
+        unit.transfer = self.backend.host_to_device(pairs)
+        unit.state = UnitState.RELOADING
+        self._stats.reloaded_bytes += unit.transfer.nbytes
+
+    def _make_resident(self, unit: UnitActivations) -> None:
+        if unit.state in (UnitState.OFFLOADING, UnitState.OFFLOADED):
+            self._start_reload(unit)  # not prefetched (prefetch distance 0 or first op)
+        if unit.state is UnitState.RELOADING:
+            self.backend.order_compute_after(unit.transfer)
+            self._host_releases.append((unit.transfer, list(unit.host.values())))
+            unit.host.clear()
+            unit.transfer = None
+            unit.state = UnitState.RESIDENT
+            self._advance()
+
+    def _drain(self) -> None:
+        for unit in self._offloading:
+            self.backend.wait_host(unit.transfer)
+        for transfer, _ in self._host_releases:
+            self.backend.wait_host(transfer)
+        self._advance()
+
+    def _sample(self, key: UnitKey, kind: OpKind, where: str) -> int:
+        resident = self.tracker.resident_bytes()
+        stats = self._stats
+        stats.peak_resident_bytes = max(stats.peak_resident_bytes, resident)
+        stats.samples.append((str(Op(kind, *key)), where, resident))
+        return resident
+
+
+@contextlib.contextmanager
+def iteration(offloader: ActivationOffloader, order: Sequence[Op], offload_units: set[UnitKey]):
+    """begin/end an iteration; abort (hold nothing) if the body raises."""
+    offloader.begin_iteration(order, offload_units)
+    try:
+        yield offloader
+    except BaseException:
+        offloader.abort()
+        raise
+    offloader.end_iteration()

@@ -1,0 +1,200 @@
+"""How bytes move between device and host: a reusable host buffer pool and two backends.
+
+Mechanism only: this module never decides what to offload or when (see ``policy.py`` and
+``offloader.py``). Both backends move whole storages (``torch.UntypedStorage``) so that every
+view of a storage travels once and comes back in place.
+
+- :class:`CudaTransferBackend`: one D2H and one H2D stream (full duplex), CUDA events order
+  copies against the compute stream, host buffers are pinned.
+- :class:`CpuTransferBackend`: the same contract with synchronous copies into a separate host
+  pool. Used on machines without a GPU so that everything but the overlap is exercised.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+#: Host buffers are rounded up to this many bytes so that slightly different sizes share a
+#: size class and the pool reaches a fixed point after the first iteration.
+HOST_BUFFER_ALIGNMENT = 4096
+
+
+def byte_view(storage: torch.UntypedStorage) -> torch.Tensor:
+    """A flat uint8 tensor over the whole storage (no copy)."""
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+
+
+class HostBufferPool:
+    """Host buffers allocated on first use and reused every iteration.
+
+    Pinned allocation (cudaHostAlloc) costs milliseconds and synchronizes the device, so a
+    buffer is never freed while the pool lives: released buffers go to a free list per size
+    class and the next request of that class takes one. Because every iteration asks for the
+    same sizes in the same order, the pool stops growing after the first iteration.
+    """
+
+    def __init__(self, *, pin_memory: bool) -> None:
+        self.pin_memory = pin_memory
+        self._free: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self._in_use: dict[int, torch.Tensor] = {}  # id(view) -> backing buffer
+        self.capacity_bytes = 0
+        self.num_buffers = 0
+
+    @staticmethod
+    def size_class(nbytes: int) -> int:
+        return max(HOST_BUFFER_ALIGNMENT, -(-nbytes // HOST_BUFFER_ALIGNMENT) * HOST_BUFFER_ALIGNMENT)
+
+    def acquire(self, nbytes: int) -> torch.Tensor:
+        """A host uint8 tensor of exactly ``nbytes`` (a view into a pooled buffer)."""
+        size = self.size_class(nbytes)
+        free = self._free[size]
+        if free:
+            backing = free.pop()
+        else:
+            backing = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin_memory)
+            self.capacity_bytes += size
+            self.num_buffers += 1
+        view = backing[:nbytes]
+        self._in_use[id(view)] = backing
+        return view
+
+    def release(self, view: torch.Tensor) -> None:
+        backing = self._in_use.pop(id(view))
+        self._free[backing.numel()].append(backing)
+
+    @property
+    def in_use_bytes(self) -> int:
+        return sum(b.numel() for b in self._in_use.values())
+
+    def clear(self) -> None:
+        """Drop every buffer (after a fault, or at shutdown)."""
+        self._free.clear()
+        self._in_use.clear()
+        self.capacity_bytes = 0
+        self.num_buffers = 0
+
+
+@dataclass(slots=True)
+class Transfer:
+    """A batch of copies in flight; ``event`` is None when the copies already completed."""
+
+    event: object | None
+    nbytes: int
+
+
+class TransferBackend(Protocol):
+    name: str
+    pin_memory: bool
+
+    def device_to_host(self, pairs: list[tuple[torch.UntypedStorage, torch.Tensor]]) -> Transfer:
+        """Copy each device storage into its host buffer, ordered after the compute issued so far."""
+
+    def host_to_device(self, pairs: list[tuple[torch.UntypedStorage, torch.Tensor]]) -> Transfer:
+        """Copy each host buffer back into its (already re-allocated) device storage."""
+
+    def is_done(self, transfer: Transfer) -> bool:
+        """True when the copies finished (non-blocking)."""
+
+    def wait_host(self, transfer: Transfer) -> None:
+        """Block the calling thread until the copies finished."""
+
+    def order_compute_after(self, transfer: Transfer) -> None:
+        """Make compute issued from now on wait for the copies (no host blocking on GPU)."""
+
+
+class CpuTransferBackend:
+    """Synchronous copies between two separate host allocations.
+
+    On a CPU-only machine "device" memory and host memory are the same RAM, but the bytes still
+    leave the source storage (which is then freed) and live in the pool until reloaded, so the
+    measured saving is real.
+    """
+
+    name = "cpu"
+    pin_memory = False
+
+    def device_to_host(self, pairs):
+        nbytes = 0
+        for storage, host in pairs:
+            host.copy_(byte_view(storage))
+            nbytes += host.numel()
+        return Transfer(event=None, nbytes=nbytes)
+
+    def host_to_device(self, pairs):
+        nbytes = 0
+        for storage, host in pairs:
+            byte_view(storage).copy_(host)
+            nbytes += host.numel()
+        return Transfer(event=None, nbytes=nbytes)
+
+    def is_done(self, transfer: Transfer) -> bool:
+        return True
+
+    def wait_host(self, transfer: Transfer) -> None:
+        return None
+
+    def order_compute_after(self, transfer: Transfer) -> None:
+        return None
+
+
+class CudaTransferBackend:
+    """D2H and H2D on their own streams, so both directions run at once and overlap compute."""
+
+    name = "cuda"
+    pin_memory = True
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device or torch.device("cuda", torch.cuda.current_device())
+        self.d2h_stream = torch.cuda.Stream(device=self.device)
+        self.h2d_stream = torch.cuda.Stream(device=self.device)
+
+    def _copy_on(self, stream, pairs, to_host: bool) -> Transfer:
+        # The copy must see everything compute has produced (D2H) or allocated (H2D) so far.
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.device))
+        stream.wait_event(ready)
+        nbytes = 0
+        with torch.cuda.stream(stream):
+            for storage, host in pairs:
+                if to_host:
+                    host.copy_(byte_view(storage), non_blocking=True)
+                else:
+                    byte_view(storage).copy_(host, non_blocking=True)
+                nbytes += host.numel()
+        done = torch.cuda.Event()
+        done.record(stream)
+        return Transfer(event=done, nbytes=nbytes)
+
+    def device_to_host(self, pairs):
+        return self._copy_on(self.d2h_stream, pairs, to_host=True)
+
+    def host_to_device(self, pairs):
+        return self._copy_on(self.h2d_stream, pairs, to_host=False)
+
+    def is_done(self, transfer: Transfer) -> bool:
+        return transfer.event is None or transfer.event.query()
+
+    def wait_host(self, transfer: Transfer) -> None:
+        if transfer.event is not None:
+            transfer.event.synchronize()
+
+    def order_compute_after(self, transfer: Transfer) -> None:
+        if transfer.event is not None:
+            torch.cuda.current_stream(self.device).wait_event(transfer.event)
+
+
+def make_backend(name: str, device: torch.device | None = None) -> TransferBackend:
+    """``auto`` picks cuda when the compute device is a GPU, cpu otherwise."""
+    if name == "auto":
+        name = "cuda" if device is not None and device.type == "cuda" else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "--offload-backend cuda needs a CUDA device, and torch sees none; use "
+                "--offload-backend cpu (or auto)"
+            )
+        return CudaTransferBackend(device if device is not None and device.type == "cuda" else None)
+    return CpuTransferBackend()
