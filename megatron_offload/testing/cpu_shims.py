@@ -80,6 +80,7 @@ class _Applied:
 
 _LOCK = threading.Lock()
 _APPLIED: list[_Applied] = []
+_OPTIONS: dict[str, bool] = {}
 
 # The private generator behind the model-parallel RNG tracker on CPU. Nothing draws from it
 # in the tiny models we run (dropout 0), but every state the tracker forks, saves and
@@ -255,6 +256,11 @@ def cpu_shims_applied() -> bool:
     return bool(_APPLIED)
 
 
+def applied_options() -> dict[str, bool]:
+    """The keyword options of the ``apply_cpu_shims`` call in effect ({} when none)."""
+    return dict(_OPTIONS)
+
+
 def apply_cpu_shims(*, keep_async_send_storage: bool = True) -> bool:
     """Patch torch and megatron-core so that megatron-core 0.16.x runs without CUDA.
 
@@ -275,6 +281,7 @@ def apply_cpu_shims(*, keep_async_send_storage: bool = True) -> bool:
             setattr(owner, name, replacement)
             _APPLIED.append(_Applied(owner, name, original, replacement, own))
             log.debug("cpu shim: %s.%s replaced", getattr(owner, "__name__", owner), name)
+        _OPTIONS["keep_async_send_storage"] = keep_async_send_storage
         return True
 
 
@@ -289,6 +296,7 @@ def remove_cpu_shims() -> bool:
                 setattr(applied.owner, applied.name, applied.original)
             else:
                 delattr(applied.owner, applied.name)
+        _OPTIONS.clear()
         return True
 
 
@@ -309,5 +317,6 @@ def shim_targets() -> list[tuple[Any, str]]:
 
 
 __all__ = [
-    "apply_cpu_shims", "remove_cpu_shims", "cpu_shims", "cpu_shims_applied", "shim_targets",
+    "apply_cpu_shims", "remove_cpu_shims", "cpu_shims", "cpu_shims_applied", "applied_options",
+    "shim_targets",
 ]

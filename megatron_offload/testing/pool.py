@@ -38,6 +38,14 @@ DEFAULT_TIMEOUT_S = 300.0
 START_TIMEOUT_S = 180.0
 """How long ``WorkerPool`` waits for every worker to import, join gloo and report ready."""
 
+DEFAULT_PRELOAD: tuple[str, ...] = (
+    "megatron.core.pipeline_parallel",
+    "megatron.core.models.gpt",
+    "megatron.core.distributed",
+    "megatron_offload.testing.reference",
+)
+"""Modules every worker imports before it reports ready (megatron-core costs ~3 s a process)."""
+
 ERROR_GRACE_S = 20.0
 """After one rank failed, how long to wait for the others before declaring the pool stuck."""
 
@@ -156,7 +164,7 @@ class WorkerPool:
     """
 
     def __init__(self, world_size: int, *, threads: int = 1,
-                 preload: tuple[str, ...] = ("megatron_offload.testing.reference",),
+                 preload: tuple[str, ...] = DEFAULT_PRELOAD,
                  start_timeout: float = START_TIMEOUT_S, pg_timeout: float = 600.0):
         if world_size < 1:
             raise ValueError(f"world_size={world_size} must be >= 1")

@@ -182,8 +182,18 @@ def _one_iteration(case, chunks, fb_func, iteration, dp_rank, pp_rank, fault_at)
     return store
 
 
+def ensure_cpu_shims(*, keep_async_send_storage: bool = True) -> None:
+    """Apply the CPU shims (no GPU only) with these options, re-applying if they differ."""
+    from megatron_offload.testing import cpu_shims
+
+    current = cpu_shims.applied_options()
+    if current and current.get("keep_async_send_storage") != keep_async_send_storage:
+        cpu_shims.remove_cpu_shims()
+    cpu_shims.apply_cpu_shims(keep_async_send_storage=keep_async_send_storage)
+
+
 def run_case(case: TinyGPTCase | dict, iterations: int = 3, offload_config=None,
-             fault: dict | None = None) -> dict:
+             fault: dict | None = None, *, keep_async_send_storage: bool = True) -> dict:
     """Train ``case`` for ``iterations`` iterations on this rank; return the record.
 
     Returns ``{"rank", "pp_rank", "dp_rank", "dp_size", "case", "iterations": [ {"loss":
@@ -191,16 +201,15 @@ def run_case(case: TinyGPTCase | dict, iterations: int = 3, offload_config=None,
     "grads": {global name: tensor}} ], "faults": [str], "timing": {...}}`` and, with
     ``offload_config``, ``"offload_stats": [runtime.iteration_stats[-1].as_dict(), ...]``.
     Loss fields are None except on the last pipeline stage.
+    ``keep_async_send_storage=False`` runs without the Trap 2 shim (to show it is needed).
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_offload.testing.cpu_shims import apply_cpu_shims
-
     if isinstance(case, dict):
         case = TinyGPTCase(**case)
-    apply_cpu_shims()
+    ensure_cpu_shims(keep_async_send_storage=keep_async_send_storage)
     t0 = time.perf_counter()
     init_parallel_state(case)
     try:
@@ -349,6 +358,6 @@ def _loss_repr(raw: bytes | None) -> str:
 
 
 __all__ = [
-    "run_case", "merge_ranks", "compare_runs", "init_parallel_state", "InjectedFault",
+    "run_case", "ensure_cpu_shims", "merge_ranks", "compare_runs", "init_parallel_state", "InjectedFault",
     "SAFE_FAULT_PP2_M4",
 ]
