@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class OpKind(str, enum.Enum):
@@ -52,3 +52,210 @@ def F(chunk: int, microbatch: int) -> Op:
 
 def B(chunk: int, microbatch: int) -> Op:
     return Op(OpKind.BACKWARD, chunk, microbatch)
+
+
+def O(chunk: int, microbatch: int) -> Op:
+    return Op(OpKind.OFFLOAD, chunk, microbatch)
+
+
+def R(chunk: int, microbatch: int) -> Op:
+    return Op(OpKind.RELOAD, chunk, microbatch)
+
+
+COMPUTE_KINDS = (OpKind.FORWARD, OpKind.BACKWARD)
+
+# Integer op codes for the fast engines (validator dry run, simulator): code = kind * U + unit,
+# U = vpp * microbatches, unit = chunk * microbatches + microbatch.
+KIND_F, KIND_B, KIND_O, KIND_R = 0, 1, 2, 3
+
+
+class ScheduleError(ValueError):
+    """A schedule that is malformed, inconsistent or would deadlock; the message shows where."""
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """Per-rank op lists: ``ranks[r]`` is the order in which pipeline rank ``r`` runs its ops.
+
+    Model chunk ``c`` on rank ``r`` is virtual pipeline stage ``c * pp + r`` (Megatron's
+    layout): a forward of (c, mb) on rank r > 0 consumes the output of rank r - 1, on rank 0
+    (c > 0) that of chunk c - 1 on rank pp - 1; backwards run the same chain in reverse.
+
+    Offload (O) and reload (R) ops are asynchronous copies issued at their place in the list:
+    O right after the unit's forward, R where the reload should start (before its backward).
+    Schedules are plain data: generators are pure functions returning one, passes return a new
+    one, ``to_text``/``from_text`` round-trip it exactly.
+    """
+
+    ranks: tuple[tuple[Op, ...], ...]
+    vpp: int
+    microbatches: int
+    kind: str = "custom"
+    """Which generator made it (``1f1b``, ``interleaved``, ``gis``, ``custom``); informative."""
+    group_size: int | None = None
+    """Microbatch group size g of the table the order came from; None when not applicable."""
+    _program: list | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ranks, tuple) or not all(isinstance(ops, tuple) for ops in self.ranks):
+            object.__setattr__(self, "ranks", tuple(tuple(ops) for ops in self.ranks))
+        if not self.ranks:
+            raise ScheduleError("a schedule needs at least one rank")
+        if self.vpp < 1 or self.microbatches < 1:
+            raise ScheduleError(f"need vpp >= 1 and microbatches >= 1, got {self.vpp=}, {self.microbatches=}")
+
+    @property
+    def pp(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def units_per_rank(self) -> int:
+        return self.vpp * self.microbatches
+
+    @property
+    def has_offload(self) -> bool:
+        copies = 2 * self.units_per_rank  # codes of O and R ops start here
+        return any(codes and max(codes) >= copies for codes in self.program())
+
+    def offloaded_units(self, rank: int) -> set[tuple[int, int]]:
+        return {op.unit for op in self.ranks[rank] if op.kind is OpKind.OFFLOAD}
+
+    def without_offload(self) -> "Schedule":
+        """The same compute order with every offload and reload op removed."""
+        compute = tuple(tuple(op for op in ops if op.kind in COMPUTE_KINDS) for ops in self.ranks)
+        return Schedule(compute, self.vpp, self.microbatches, self.kind, self.group_size)
+
+    def with_program(self, program: list[list[int]]) -> "Schedule":
+        """Attach op codes a generator or pass already has (saves recomputing them); returns self."""
+        object.__setattr__(self, "_program", program)
+        return self
+
+    def validate(self) -> "Schedule":
+        """Raise :class:`ScheduleError` (with the rank-by-step grid) unless valid; return self."""
+        from .validate import validate_schedule  # validate imports this module
+
+        validate_schedule(self)
+        return self
+
+    def program(self) -> list[list[int]]:
+        """Per-rank integer op codes (see KIND_*), computed once and cached."""
+        if self._program is None:
+            m = self.microbatches
+            units = self.vpp * m
+            f, b, o = OpKind.FORWARD, OpKind.BACKWARD, OpKind.OFFLOAD
+            program = []
+            cache: dict[int, int] = {}  # id(op) -> code: generators share Op objects across ranks
+            for ops in self.ranks:
+                codes = []
+                append = codes.append
+                for op in ops:
+                    code = cache.get(id(op))
+                    if code is None:
+                        k = op.kind
+                        kind = KIND_F if k is f else KIND_B if k is b else KIND_O if k is o else KIND_R
+                        code = cache[id(op)] = kind * units + op.chunk * m + op.microbatch
+                    append(code)
+                program.append(codes)
+            object.__setattr__(self, "_program", program)
+        return self._program
+
+    # ---- text form: one header line, then one comma-separated row of ops per rank ----------
+
+    def to_text(self) -> str:
+        header = (
+            f"# megatron-offload schedule kind={self.kind} pp={self.pp} vpp={self.vpp} "
+            f"microbatches={self.microbatches} group_size={self.group_size}"
+        )
+        rows = [",".join(map(str, ops)) for ops in self.ranks]
+        return "\n".join([header, *rows]) + "\n"
+
+    @classmethod
+    def from_text(cls, text: str) -> "Schedule":
+        lines = [line.strip() for line in text.splitlines()]
+        header = next((ln for ln in lines if ln.startswith("#")), None)
+        if header is None:
+            raise ScheduleError("schedule text lacks its '# megatron-offload schedule ...' header line")
+        meta = dict(item.split("=", 1) for item in header.split() if "=" in item)
+        try:
+            vpp, microbatches = int(meta["vpp"]), int(meta["microbatches"])
+        except (KeyError, ValueError) as error:
+            raise ScheduleError(f"schedule header needs vpp= and microbatches=: {header!r}") from error
+        group = meta.get("group_size", "None")
+        rows = [ln for ln in lines if ln and not ln.startswith("#")]
+        if "pp" in meta and int(meta["pp"]) != len(rows):
+            raise ScheduleError(f"header says pp={meta['pp']} but the text has {len(rows)} rank rows")
+        ranks = tuple(tuple(Op.parse(cell) for cell in row.split(",") if cell.strip()) for row in rows)
+        return cls(ranks, vpp, microbatches, meta.get("kind", "custom"), None if group == "None" else int(group))
+
+    def save(self, path) -> None:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(self.to_text())
+
+    @classmethod
+    def load(cls, path) -> "Schedule":
+        with open(path, encoding="utf-8") as handle:
+            return cls.from_text(handle.read())
+
+
+def diff_schedules(a: Schedule, b: Schedule, context: int = 3) -> str:
+    """Human-readable differences between two schedules ('' when identical): per rank, the
+    first step where the op lists diverge, with a few ops of context on each side."""
+    lines = []
+    if (a.pp, a.vpp, a.microbatches) != (b.pp, b.vpp, b.microbatches):
+        lines.append(f"shape differs: pp/vpp/microbatches {a.pp}/{a.vpp}/{a.microbatches} vs {b.pp}/{b.vpp}/{b.microbatches}")
+    for rank in range(min(a.pp, b.pp)):
+        left, right = a.ranks[rank], b.ranks[rank]
+        if left == right:
+            continue
+        step = next((i for i, (x, y) in enumerate(zip(left, right)) if x != y), min(len(left), len(right)))
+        lo = max(0, step - context)
+        show = lambda ops: " ".join(map(str, ops[lo : step + context + 1]))  # noqa: E731
+        lines.append(f"rank {rank}: first difference at step {step} ({len(left)} vs {len(right)} ops)")
+        lines.append(f"  - {show(left)}")
+        lines.append(f"  + {show(right)}")
+    return "\n".join(lines)
+
+
+def format_grid(schedule: Schedule, marks: dict[int, int] | None = None, window: int = 12) -> str:
+    """The rank-by-step grid; ``marks`` maps rank -> step to flag as ``[op]``. Long schedules
+    show the steps around the marked ones only (``window`` steps either side)."""
+    marks = marks or {}
+    longest = max(len(ops) for ops in schedule.ranks)
+    if marks and longest > 2 * window + 1:
+        centre = min(marks.values())
+        lo, hi = max(0, centre - window), min(longest, max(marks.values()) + window + 1)
+    else:
+        lo, hi = 0, longest
+    width = max([len(str(op)) for ops in schedule.ranks for op in ops[lo:hi]] + [3]) + 3
+    header = "step   " + "".join(f"{step:>{width}}" for step in range(lo, hi))
+    rows = [header]
+    for rank, ops in enumerate(schedule.ranks):
+        cells = []
+        for step in range(lo, hi):
+            text = str(ops[step]) if step < len(ops) else ""
+            if marks.get(rank) == step:
+                text = f"[{text or '?'}]"
+            cells.append(f"{text:>{width}}")
+        rows.append(f"rank {rank:<2}" + "".join(cells))
+    if lo > 0 or hi < longest:
+        rows.append(f"(steps {lo}..{hi - 1} of {longest})")
+    return "\n".join(rows)
+
+
+def producer(rank: int, kind: int, chunk: int, pp: int, vpp: int) -> tuple[int, int] | None:
+    """Which rank and chunk make the input of a compute op (p2p dependency), or None.
+
+    ``kind`` is KIND_F or KIND_B; the producer op has the same kind and microbatch. A forward
+    of chunk c on rank r needs the forward of the previous virtual stage (rank r - 1, or chunk
+    c - 1 on the last rank); a backward needs the backward of the next virtual stage. The
+    first forward stage reads data and the last backward stage starts from the loss, which
+    only needs the unit's own forward (ordered on the same rank, checked separately).
+    This is the one definition of the pipeline's data flow; the simulator inlines it for speed.
+    """
+    if kind == KIND_F:
+        if rank > 0:
+            return rank - 1, chunk
+        return (pp - 1, chunk - 1) if chunk > 0 else None
+    if rank < pp - 1:
+        return rank + 1, chunk
+    return (0, chunk + 1) if chunk < vpp - 1 else None
