@@ -105,3 +105,20 @@ def test_section_4_table_matched_or_beaten(kind, g):
         plan = plan_offload(schedule, costs, chunks=chunks)
         result = simulate(plan.schedule, costs)
         assert result.peak_units[0] <= peak and result.makespan <= makespan, (chunks, k, result.peak_units[0], result.makespan)
+
+
+def test_every_gis_schedule_validates_small_grid():
+    for pp in range(1, 7):
+        for vpp in range(1, 4):
+            for m in range(1, 3 * pp + 2):
+                for g in range(1, m + 1):
+                    make_schedule("gis", pp, vpp, m, g).validate()
+
+
+def test_gis_without_dry_run_shapes_validate_up_to_p8():
+    for pp in range(2, 9):
+        for vpp in (2, 4):
+            for m in range(pp, 3 * pp + 2):
+                for g in range(pp, m + 1):
+                    if m % g == 0 or m % g >= pp:
+                        make_schedule("gis", pp, vpp, m, g).validate()

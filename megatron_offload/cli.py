@@ -1,0 +1,39 @@
+"""``megatron-offload <command>``: a small dispatcher.
+
+Each command lives in its own module exposing ``add_parser(subparsers)`` and ``run(args)``;
+modules are imported only when their command runs (or ``--help`` lists them), so
+``simulate`` never pays for torch. Add a command by adding one line to COMMANDS.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, str] = {
+    "simulate": "megatron_offload.cli_simulate",
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-offload", description="PipeOffload for Megatron-Core.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name, module in COMMANDS.items():
+        if only is None or name == only:
+            importlib.import_module(module).add_parser(subparsers)
+        else:
+            subparsers.add_parser(name, help=f"(see megatron-offload {name} --help)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    return importlib.import_module(COMMANDS[args.command]).run(args) or 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
