@@ -242,7 +242,16 @@ def _greedy(check: _Link, priority: np.ndarray) -> np.ndarray:
         trial[priority[position:]] = True
         if check.plan(trial) is not None:
             return trial
-        low, high = 0, len(priority) - position  # a run of `low` fits, a run of `high` does not
+        # Gallop (runs of 1, 2, 4, ...) then bisect: misfits cluster (a congested stretch of the
+        # lane), so the next one is usually near and costs O(log distance) checks.
+        low, high, step = 0, len(priority) - position, 1  # a run of `low` fits, `high` does not
+        while low + step < high:
+            trial = chosen.copy()
+            trial[priority[position : position + low + step]] = True
+            if check.plan(trial) is None:
+                high = low + step
+                break
+            low, step = low + step, step * 2
         while high - low > 1:
             middle = (low + high) // 2
             trial = chosen.copy()
