@@ -72,8 +72,9 @@ class ActivationOffloader:
     def register_model(self, modules) -> None:
         """Parameters and buffers outlive every unit: their storages never move."""
         for module in modules:
-            self.store.add_persistent(module.parameters())
-            self.store.add_persistent(module.buffers())
+            # Called unbound: Megatron's DistributedDataParallel shadows .buffers with a list.
+            self.store.add_persistent(torch.nn.Module.parameters(module))
+            self.store.add_persistent(torch.nn.Module.buffers(module))
 
     # ----------------------------------------------------------------------- iteration
     @property
@@ -158,7 +159,6 @@ class ActivationOffloader:
         self._prefetch()
         input_tensors = _tensors(list(inputs))
         measuring = self.tracker is not None
-        before = self.tracker.resident_bytes() if measuring else 0
         offload = key in self._offload_units
         if offload or measuring:
             with self.store.capture(key, offload=offload, inputs=tuple(input_tensors)):
@@ -174,8 +174,10 @@ class ActivationOffloader:
         if measuring:
             for t in input_tensors + outputs:
                 self.tracker.track(t.untyped_storage())
-            resident = self._sample(key, OpKind.FORWARD, "after_forward")
-            self._stats.unit_bytes[f"{key[0]},{key[1]}"] = resident - before
+            self._sample(key, OpKind.FORWARD, "after_forward")
+            self._stats.unit_bytes[f"{key[0]},{key[1]}"] = self._unit_bytes(
+                unit, input_tensors, outputs
+            )
         if unit is not None and offload and unit.movable:
             self._start_offload(unit)
         self._position += 1
@@ -329,6 +331,17 @@ class ActivationOffloader:
         for transfer, _ in self._host_releases:
             self.backend.wait_host(transfer)
         self._advance()
+
+    @staticmethod
+    def _unit_bytes(unit, inputs, outputs) -> int:
+        """Bytes the unit keeps until its backward: saved storages plus the received input,
+        not the output (Megatron's send buffer, released once sent)."""
+        storages = {} if unit is None else {sid: ref() for sid, ref in unit.kept.items()}
+        for t in inputs:
+            storages[id(t.untyped_storage())] = t.untyped_storage()
+        for t in outputs:
+            storages.pop(id(t.untyped_storage()), None)
+        return sum(s.nbytes() for s in storages.values() if s is not None)
 
     def _sample(self, key: UnitKey, kind: OpKind, where: str) -> int:
         resident = self.tracker.resident_bytes()

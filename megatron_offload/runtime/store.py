@@ -63,6 +63,8 @@ class UnitActivations:
     observed (first iteration). Copying them anyway sizes the host pool for the steady state."""
     host: dict[int, torch.Tensor] = field(default_factory=dict)
     transfer: object | None = None
+    kept: dict[int, weakref.ref] = field(default_factory=dict)
+    """Every storage the unit's saved tensors use (measuring only), movable or not."""
 
     @property
     def movable_bytes(self) -> int:
@@ -155,6 +157,7 @@ class ActivationStore:
                 return t.detach()
             if tracker is not None and t.device.type == self.device_type:
                 tracker.track(storage)
+                unit.kept[id(storage)] = weakref.ref(storage)
             movable = self._movable(t, storage, key, owned_inputs) if offload else None
             if movable is not None:
                 sid = id(storage)
