@@ -33,7 +33,8 @@ activation 2) completed; rank 0 has posted exactly the matching exchange (send a
 receive grad 1) and raises at microbatch 3 before posting anything else. No request is left
 open on either side, so the rerun starts from a clean channel. Every rank must raise in the
 faulted iteration (a rank that finishes the schedule would enter finalize_model_grads'
-collectives alone); the runner checks that and reports a mismatch otherwise.
+collectives alone and wait there until the pool's timeout). A rank that reaches the end
+of the faulted iteration without raising records "no fault raised ..." in its ``faults``.
 """
 from __future__ import annotations
 
