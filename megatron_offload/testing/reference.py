@@ -241,7 +241,9 @@ def run_case(case: TinyGPTCase | dict, iterations: int = 3, offload_config=None,
     float | None, "loss_bytes": bytes | None, "microbatch_losses": list[float] | None,
     "grads": {global name: tensor}} ], "faults": [str], "timing": {...}}`` and, with
     ``offload_config``, ``"offload_stats": [runtime.iteration_stats[-1].as_dict(), ...]``.
-    Loss fields are None except on the last pipeline stage.
+    Loss fields are None except on the last pipeline stage. With both ``fault`` and
+    ``offload_config``, ``"offload_clean_after_fault"`` says whether the plugin's runtime
+    held no tensor and was not mid-iteration right after the faulted attempt.
     ``keep_async_send_storage=False`` runs without the Trap 2 shim (to show it is needed).
     """
     import torch.distributed as dist
@@ -291,6 +293,8 @@ def run_case(case: TinyGPTCase | dict, iterations: int = 3, offload_config=None,
                             f"iteration {it}: no fault raised on pp rank {pp_rank} "
                             f"(fault point {fault_at})"
                         )
+                    if runtime is not None:
+                        result["offload_clean_after_fault"] = _runtime_holds_nothing(runtime)
                     fb_func = get_forward_backward_func()
                 store = _one_iteration(case, chunks, fb_func, it, dp_rank, pp_rank, None)
                 step_times.append(time.perf_counter() - ts)
@@ -314,6 +318,68 @@ def run_case(case: TinyGPTCase | dict, iterations: int = 3, offload_config=None,
         return result
     except BaseException:
         # p2p channels may hold unmatched messages: start the next case on fresh groups
+        release_parallel_state()
+        raise
+
+
+def _runtime_holds_nothing(runtime) -> bool:
+    """The plugin's runtime between iterations: not mid-iteration, no tensor referenced."""
+    offloader = getattr(runtime, "offloader", None)
+    if getattr(runtime, "active", False):
+        return False
+    return offloader is None or bool(offloader.holds_no_tensors())
+
+
+def _last_stage_losses(store) -> list[bytes]:
+    return [d["lm loss"].detach().cpu().numpy().tobytes() for d in store]
+
+
+def run_forward_only(case: TinyGPTCase | dict, offload_config=None) -> dict:
+    """One forward-only pass (``forward_only=True``) without, then with the plugin.
+
+    Returns ``{"losses_unpatched", "losses_patched"}`` (per-microbatch loss bytes on the
+    last pipeline stage, [] elsewhere) and ``"stats_recorded"``: how many iteration stats
+    the plugin's runtime recorded during the forward-only pass (expected 0: forward-only
+    passes through). Runs in a pool worker like ``run_case``.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if isinstance(case, dict):
+        case = TinyGPTCase(**case)
+    ensure_cpu_shims()
+    init_parallel_state(case)
+    try:
+        dp_rank = parallel_state.get_data_parallel_rank()
+        chunks = build_model(case)
+
+        def forward_only() -> list[bytes]:
+            data = [_MicrobatchIterator(case, 0, dp_rank) for _ in chunks]
+            store = get_forward_backward_func()(
+                forward_step_func=_ForwardStep(case, chunks, 0, None),
+                data_iterator=data if len(chunks) > 1 else data[0],
+                model=chunks, num_microbatches=case.microbatches,
+                seq_length=case.seq_length, micro_batch_size=case.micro_batch_size,
+                decoder_seq_length=case.seq_length, forward_only=True,
+            )
+            return _last_stage_losses(store)
+
+        unpatched = forward_only()
+        stats = 0
+        patched = unpatched
+        if offload_config is not None:
+            from megatron_offload.integration.megatron_core import install, uninstall
+
+            runtime = install(offload_config)
+            try:
+                before = len(runtime.iteration_stats)
+                patched = forward_only()
+                stats = len(runtime.iteration_stats) - before
+            finally:
+                uninstall()
+        return {"losses_unpatched": unpatched, "losses_patched": patched,
+                "stats_recorded": stats}
+    except BaseException:
         release_parallel_state()
         raise
 
@@ -402,6 +468,6 @@ def _loss_repr(raw: bytes | None) -> str:
 
 __all__ = [
     "run_case", "ensure_cpu_shims", "merge_ranks", "compare_runs", "init_parallel_state",
-    "release_parallel_state", "InjectedFault",
+    "release_parallel_state", "run_forward_only", "InjectedFault",
     "SAFE_FAULT_PP2_M4",
 ]

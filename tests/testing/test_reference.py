@@ -103,3 +103,11 @@ def test_tied_embeddings_pipeline_layouts_agree_with_each_other(pool2, pool4):
     b = pool4.run(RUN, case=TinyGPTCase(pp=4, vpp=2, tie_embeddings=True), timeout=240)
     assert not merge_ranks(a)["conflicts"] and not merge_ranks(b)["conflicts"]
     _assert_identical(a, b)
+
+
+def test_forward_only_runner_without_plugin(pool2):
+    ranks = pool2.run("megatron_offload.testing.reference:run_forward_only",
+                      case=TinyGPTCase(pp=2, vpp=2, microbatches=4), timeout=240)
+    assert ranks[0]["losses_unpatched"] == [] and len(ranks[1]["losses_unpatched"]) == 4
+    assert all(r["losses_patched"] == r["losses_unpatched"] and r["stats_recorded"] == 0
+               for r in ranks)
