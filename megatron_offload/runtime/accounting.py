@@ -55,8 +55,11 @@ class IterationStats:
     rank_order: str = ""
     """The per-rank op order the runtime expected (and checked), as text, e.g. '0F0 0F1 0B0'."""
     peak_resident_bytes: int = 0
-    """Peak over step boundaries of saved-activation bytes really resident on the device
-    (requires ``measure_memory``; 0 otherwise)."""
+    """Peak over step boundaries of activation bytes really resident on the device: saved
+    tensors, received inputs and chunk outputs (requires ``measure_memory``; 0 otherwise)."""
+    peak_saved_bytes: int = 0
+    """The same peak without chunk outputs: outputs are Megatron's send buffers, alive until
+    their (asynchronous) send completes, whatever the offload policy."""
     offloaded_bytes: int = 0
     """Bytes copied device -> host in this iteration."""
     reloaded_bytes: int = 0
@@ -70,8 +73,8 @@ class IterationStats:
     """Bytes each unit kept resident right after its forward, keyed 'chunk,microbatch'
     (requires ``measure_memory``)."""
     samples: list = field(default_factory=list)
-    """(op text, 'after_forward'|'before_backward', resident bytes) at each sampling point
-    (requires ``measure_memory``)."""
+    """(op text, 'after_forward'|'before_backward', resident bytes, of which chunk-output
+    bytes) at each sampling point (requires ``measure_memory``)."""
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -53,6 +53,7 @@ class ActivationOffloader:
         self.backend = backend
         self.rank_label = rank_label
         self.tracker = ResidentStorageTracker() if config.measure_memory else None
+        self.output_tracker = ResidentStorageTracker() if config.measure_memory else None
         self.store = ActivationStore(
             min_offload_bytes=config.min_offload_bytes,
             device_type=device_type,
@@ -128,6 +129,7 @@ class ActivationOffloader:
         self.pool.clear()
         if self.tracker is not None:
             self.tracker.clear()
+            self.output_tracker.clear()
         self._reset_iteration_state()
 
     def _reset_iteration_state(self) -> None:
@@ -174,6 +176,8 @@ class ActivationOffloader:
         if measuring:
             for t in input_tensors + outputs:
                 self.tracker.track(t.untyped_storage())
+            for t in outputs:
+                self.output_tracker.track(t.untyped_storage())
             self._sample(key, OpKind.FORWARD, "after_forward")
             self._stats.unit_bytes[f"{key[0]},{key[1]}"] = self._unit_bytes(
                 unit, input_tensors, outputs
@@ -345,9 +349,11 @@ class ActivationOffloader:
 
     def _sample(self, key: UnitKey, kind: OpKind, where: str) -> int:
         resident = self.tracker.resident_bytes()
+        outputs = self.output_tracker.resident_bytes()
         stats = self._stats
         stats.peak_resident_bytes = max(stats.peak_resident_bytes, resident)
-        stats.samples.append((str(Op(kind, *key)), where, resident))
+        stats.peak_saved_bytes = max(stats.peak_saved_bytes, resident - outputs)
+        stats.samples.append((str(Op(kind, *key)), where, resident, outputs))
         return resident
 
 
