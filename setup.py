@@ -14,7 +14,7 @@ setup(
     packages=find_packages(include=["megatron_offload", "megatron_offload.*"]),
     # torch is deliberately not pinned here: GPU clusters bring their own CUDA build.
     # The CPU bootstrap (scripts/bootstrap.sh) pins torch==2.13.0.
-    install_requires=["torch>=2.4", "megatron-core>=0.16,<0.17"],
+    install_requires=["torch>=2.4", "megatron-core>=0.16,<0.17", "numpy"],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
         "apex": ["apex"],

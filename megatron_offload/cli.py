@@ -12,6 +12,7 @@ import sys
 
 COMMANDS: dict[str, str] = {
     "simulate": "megatron_offload.cli_simulate",
+    "train": "megatron_offload.train",
 }
 
 

@@ -305,10 +305,22 @@ def render_report(case, result, offload) -> str:
     return "\n".join(lines)
 
 
-def schedule_picture(case, offload) -> str:
-    """ASCII timeline of the schedule this run executed (from the schedule IR)."""
-    try:
-        from megatron_offload.schedule import render_run_picture
-    except ImportError:
-        return ""
-    return render_run_picture(case, offload)
+def schedule_picture(case, offload: OffloadConfig | None) -> str:
+    """The schedule this run executes, from the schedule IR: Megatron's order per rank with the
+    offloads and reloads the runtime issues (``policy.runtime_schedule``), simulated with
+    backward = 2 x forward and a host link at k = 0.5."""
+    from megatron_offload.policy import runtime_schedule
+    from megatron_offload.schedule.costs import CostModel
+    from megatron_offload.schedule.megatron import megatron_schedule
+    from megatron_offload.schedule.render import render_ascii
+    from megatron_offload.schedule.simulate import simulate
+
+    kind = "interleaved" if case.vpp else "1f1b"
+    schedule = megatron_schedule(kind, case.pp, case.vpp or 1, case.microbatches)
+    if offload is not None:
+        schedule = runtime_schedule(schedule, offload)
+    timeline = simulate(schedule, CostModel(forward_time=1.0, backward_time=2.0, offload_ratio=0.5))
+    title = "schedule (Megatron's order as run" + (
+        f", offload policy {offload.policy}" if offload else ", no offload"
+    ) + "; simulated times, f=1 b=2 k=0.5):"
+    return title + "\n" + render_ascii(timeline, width=96)

@@ -54,6 +54,8 @@ class IterationStats:
     iteration: int
     rank_order: str = ""
     """The per-rank op order the runtime expected (and checked), as text, e.g. '0F0 0F1 0B0'."""
+    executed_ops: list = field(default_factory=list)
+    """Every op as issued, offloads ('0O3') and reloads ('0R3') included, in order."""
     peak_resident_bytes: int = 0
     """Peak over step boundaries of activation bytes really resident on the device: saved
     tensors, received inputs and chunk outputs (requires ``measure_memory``; 0 otherwise)."""

@@ -159,6 +159,7 @@ class ActivationOffloader:
         self._expect(OpKind.FORWARD, key)
         self._advance()
         self._prefetch()
+        self._stats.executed_ops.append(str(Op(OpKind.FORWARD, *key)))
         input_tensors = _tensors(list(inputs))
         measuring = self.tracker is not None
         offload = key in self._offload_units
@@ -205,6 +206,7 @@ class ActivationOffloader:
         if unit is not None:
             self._make_resident(unit)
         self._prefetch()
+        self._stats.executed_ops.append(str(Op(OpKind.BACKWARD, *key)))
         if self.tracker is not None:
             self._sample(key, OpKind.BACKWARD, "before_backward")
         result = step()
@@ -264,6 +266,7 @@ class ActivationOffloader:
             pairs.append((storage, host))
         unit.transfer = self.backend.device_to_host(pairs)
         unit.state = UnitState.OFFLOADING
+        self._stats.executed_ops.append(str(Op(OpKind.OFFLOAD, *unit.key)))
         self._stats.offloaded_bytes += unit.transfer.nbytes
         self._stats.offloaded_units += 1
         self._offloading.append(unit)
@@ -299,6 +302,7 @@ class ActivationOffloader:
                     self._start_reload(unit)
 
     def _start_reload(self, unit: UnitActivations) -> None:
+        self._stats.executed_ops.append(str(Op(OpKind.RELOAD, *unit.key)))
         if unit.state is UnitState.OFFLOADING:
             # The device bytes were never freed: cancel the offload, recycle the host buffers
             # once the copy that writes them is done.

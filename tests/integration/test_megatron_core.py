@@ -12,6 +12,8 @@ import pytest
 
 from megatron_offload.config import OffloadConfig
 from megatron_offload.integration import megatron_core
+from megatron_offload.policy import runtime_schedule
+from megatron_offload.schedule.megatron import megatron_schedule
 from megatron_offload.testing.gpt import TinyGPTCase
 from megatron_offload.testing.reference import SAFE_FAULT_PP2_M4, compare_runs
 
@@ -125,6 +127,10 @@ def test_measured_memory_none_full_chunks(pool4):
     }.items():
         ranks = sorted(run(pool4, case, config, iterations=2), key=lambda r: r["pp_rank"])
         measured[name] = [r["offload_stats"][-1] for r in ranks]
+        # The runtime issued exactly the ops of the schedule IR the simulator scores.
+        planned = runtime_schedule(megatron_schedule("interleaved", 4, 2, 8), config)
+        for rank, stats in enumerate(measured[name]):
+            assert stats["executed_ops"] == [str(op) for op in planned.ranks[rank]]
 
     # One hidden-state tensor (a chunk output or a received input). Besides the units, the
     # schedule legitimately keeps a few of these alive: outputs until their asynchronous send

@@ -222,3 +222,19 @@ def test_pool_size_classes_are_reused():
     pool.release(a)
     b = pool.acquire(4100)  # same 8 KiB class
     assert pool.num_buffers == 1 and b.numel() == 4100
+
+
+def test_runtime_schedule_is_valid_ir_with_copies_where_the_runtime_makes_them():
+    from megatron_offload.policy import runtime_rank_ops, runtime_schedule
+    from megatron_offload.schedule.megatron import megatron_schedule
+
+    order = order_1f1b(warmup=2, microbatches=4)  # F0 F1 F2 B0 F3 B1 B2 B3
+    ops = runtime_rank_ops(order, {(0, 0), (0, 1), (0, 2), (0, 3)})
+    assert " ".join(map(str, ops)) == (
+        "0F0 0O0 0F1 0O1 0R0 0F2 0O2 0B0 0R1 0F3 0O3 0R2 0B1 0R3 0B2 0B3"
+    )
+    schedule = runtime_schedule(megatron_schedule("interleaved", 4, 2, 8), OffloadConfig(policy="full"))
+    schedule.validate()
+    assert schedule.offloaded_units(0) and not schedule.offloaded_units(3) - {
+        (0, mb) for mb in range(8)
+    }
