@@ -95,6 +95,9 @@ class Schedule:
     group_size: int | None = None
     """Microbatch group size g of the table the order came from; None when not applicable."""
     _program: list | None = field(default=None, init=False, repr=False, compare=False)
+    _compute_timing: object | None = field(default=None, init=False, repr=False, compare=False)
+    """A Simulation of ``self.without_offload()`` (set by the offload pass): with the same
+    costs, simulate() then only times the copies and checks they are hidden (see simulate.py)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.ranks, tuple) or not all(isinstance(ops, tuple) for ops in self.ranks):

@@ -24,7 +24,12 @@ Because every kept unit's copies are hidden, compute times do not change: offloa
 lowers makespan (it stays equal under this model) and never raises any rank's peak (each
 unit is resident for a subset of the time it was before).
 The feasibility check is vectorised with numpy: a FIFO lane's completion times are a running
-maximum over prefix sums, so checking a set of n units costs O(n) in C, not Python.
+maximum over prefix sums, so checking a set of n units costs O(n) in C, not Python. The search
+(:func:`_greedy`) only runs where misfits can happen: reload intervals that overlap no other
+candidate's are kept outright, and the offload lane splits at its idle points into stretches,
+of which only those that miss a deadline with every candidate aboard are searched.
+The plan keeps the baseline simulation on its schedule, so simulate() of the result only times
+the copies (compute is untouched when every copy is hidden; see simulate.py).
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ import numpy as np
 
 from .costs import CostModel
 from .ir import B, F, O, R, Op, Schedule
-from .simulate import Simulation, simulate
+from .simulate import Simulation, gc_paused, simulate
 
 MAX_SKIPS_PER_LINK = 64
 _EPS = 1e-9  # relative slack kept on every hidden copy, so float rounding never stalls a backward
@@ -143,6 +148,11 @@ def plan_offload(
         raise ValueError("give candidate chunks or candidate units, not both")
     if memory_target is not None and memory_target < 0:
         raise ValueError(f"memory target {memory_target} units must be >= 0")
+    with gc_paused():
+        return _plan_offload(schedule, costs, chunks, units, memory_target, baseline)
+
+
+def _plan_offload(schedule, costs, chunks, units, memory_target, baseline) -> OffloadPlan:
     baseline = baseline or simulate(schedule, costs)
     pp, m, vpp = schedule.pp, schedule.microbatches, schedule.vpp
     per_rank = schedule.units_per_rank
@@ -182,6 +192,8 @@ def plan_offload(
         # Longest lifespan first; ties: earlier forward, then lower rank (lexsort: last key first).
         priority = np.lexsort((rank_of, f_end, -(b_start - f_end)))
         chosen = _greedy(check, priority)
+        if check.plan(chosen) is None:  # pragma: no cover - float rounding at the slack's edge
+            chosen = _greedy_by_full_checks(check, priority)
         kept = priority[chosen[priority]]  # in priority order
         if memory_target is not None:
             kept = _meet_target(check, kept, rank_of, unit_of, info, memory_target, d2h_of, h2d_of)
@@ -204,11 +216,14 @@ def plan_offload(
     rows = [_insert_copies(schedule, r, offloaded[r], reload_at[r], ops_by_code) for r in range(pp)]
     result = Schedule(tuple(ops for ops, _ in rows), vpp, m, schedule.kind, schedule.group_size)
     result.with_program([codes for _, codes in rows])
+    if baseline.schedule is schedule and baseline.costs == costs:
+        object.__setattr__(result, "_compute_timing", baseline)  # lets simulate() reuse the compute times
     return OffloadPlan(schedule=result, baseline=baseline, offloaded=offloaded, short_lived=short_lived, link_bound=link_bound)
 
 
-def _greedy(check: _Link, priority: np.ndarray) -> np.ndarray:
-    """Keep candidates in priority order while they fit.
+def _greedy_by_full_checks(check: _Link, priority: np.ndarray) -> np.ndarray:
+    """The first version of :func:`_greedy` (same result, every check over all candidates);
+    kept as the fallback should rounding at the slack's edge ever make the two differ.
 
     Fast path: everything fits (one check). Otherwise first the reload lane, whose constraints
     are local (a reload needs the lane from B_i - h_i to B_i, after its earliest offload end),
@@ -263,6 +278,109 @@ def _greedy(check: _Link, priority: np.ndarray) -> np.ndarray:
         chosen[priority[position : position + low]] = True
         position += low + 1  # priority[position + low] does not fit: skip it
         skips += 1
+    return chosen
+
+
+def _greedy(check: _Link, priority: np.ndarray) -> np.ndarray:
+    """Keep candidates in priority order while they fit; stop after ``MAX_SKIPS_PER_LINK + 1``
+    misfits. Same result as :func:`_greedy_by_full_checks`, which checks every candidate set
+    on the whole lane; this one confines the work to the few places where misfits can occur.
+
+    Reload lane: a kept reload must not overlap another kept one (intervals [B_i - h_i, B_i]),
+    so candidates whose interval overlaps no other candidate's (2 x slack apart) are kept
+    outright and the sequential sorted-list greedy runs over the overlapping ones only (with
+    the same neighbour checks: an interval never conflicts with one of another overlap group).
+
+    Offload lane (FIFO): run it with every remaining candidate. Where the lane falls idle
+    (a job ready no earlier than the previous one ends) it is idle for every subset as well, so
+    the lane splits into independent stretches; a stretch whose deadlines hold with every
+    candidate holds for any subset: "safe". Misfits can only occur in the other stretches, so
+    the search for them (gallop + bisect, as before) checks those stretches' jobs alone, run as
+    one FIFO (they stay independent when concatenated). Safe candidates are then kept up to the
+    point where the search stopped."""
+    n = len(check.issue)
+    everything = np.ones(n, dtype=bool)
+    if check.plan(everything) is not None:
+        return everything
+    slack = check.slack
+    starts = check.deadline - check.h2d
+    floor = check.issue + check.d2h + slack
+    candidates = priority[~(starts[priority] < floor[priority])]
+    # Overlap groups of the reload intervals, extended by 2 x slack.
+    by_start = candidates[np.argsort(starts[candidates], kind="stable")]
+    reach = np.maximum.accumulate(check.deadline[by_start] + 2 * slack)
+    opens = np.ones(len(by_start), dtype=bool)
+    opens[1:] = starts[by_start][1:] >= reach[:-1]
+    group = np.cumsum(opens) - 1
+    alone = np.zeros(n, dtype=bool)
+    alone[by_start] = np.bincount(group)[group] == 1
+    keep = alone.copy()
+    kept_ends: list[float] = []
+    kept_starts: list[float] = []
+    crowded = candidates[~alone[candidates]]
+    for i, begin, end in zip(crowded.tolist(), starts[crowded].tolist(), check.deadline[crowded].tolist()):
+        at = bisect.bisect_right(kept_ends, end)
+        if at > 0 and kept_ends[at - 1] > begin - slack:
+            continue
+        if at < len(kept_starts) and kept_starts[at] < end + slack:
+            continue
+        kept_ends.insert(at, end)
+        kept_starts.insert(at, begin)
+        keep[i] = True
+    order = candidates[keep[candidates]]  # what the offload lane gets, in priority order
+    # The offload lane with all of them: idle points, stretches, unsafe stretches.
+    jobs = check.by_issue[keep[check.by_issue]]
+    ready, duration, limit = check.issue[jobs], check.d2h[jobs], starts[jobs]
+    end = _fifo_end(ready, duration)
+    opens = np.ones(len(jobs), dtype=bool)
+    opens[1:] = ready[1:] >= end[:-1]
+    stretch = np.cumsum(opens) - 1
+    unsafe = np.bincount(stretch, weights=limit < end + slack, minlength=stretch[-1] + 1 if len(jobs) else 0) > 0
+    risky = unsafe[stretch]
+    place = np.full(n, len(order), dtype=np.int64)  # index in `order` (priority) per candidate
+    place[order] = np.arange(len(order))
+    # The search over the risky jobs: sequence = risky candidates in priority order.
+    local = jobs[risky]  # candidate ids of the risky jobs, in issue order
+    sequence = np.sort(place[local])  # their priority indices, ascending
+    rank_in_sequence = np.searchsorted(sequence, place[local])
+    ready, duration, limit = ready[risky], duration[risky], limit[risky]
+    skipped = np.zeros(len(local), dtype=bool)
+
+    def fits(count: int) -> bool:
+        """Whether the risky jobs before position ``count`` of the sequence, less the skipped
+        ones, all meet their reloads."""
+        active = np.flatnonzero((rank_in_sequence < count) & ~skipped)
+        if len(active) == 0:
+            return True
+        finish = _fifo_end(ready[active], duration[active])
+        return not np.any(limit[active] < finish + slack)
+
+    position, skips, stop = 0, 0, len(order)
+    where = np.empty(len(local), dtype=np.int64)  # sequence position -> local job
+    where[rank_in_sequence] = np.arange(len(local))
+    while position < len(sequence) and skips <= MAX_SKIPS_PER_LINK:
+        if fits(len(sequence)):
+            break
+        low, high, step = 0, len(sequence) - position, 1  # a run of `low` fits, `high` does not
+        while low + step < high:
+            if not fits(position + low + step):
+                high = low + step
+                break
+            low, step = low + step, step * 2
+        while high - low > 1:
+            middle = (low + high) // 2
+            if fits(position + middle):
+                low = middle
+            else:
+                high = middle
+        skipped[where[position + low]] = True
+        position += low + 1
+        skips += 1
+        if skips > MAX_SKIPS_PER_LINK:
+            stop = int(sequence[position - 1])  # the search ends at this misfit
+    chosen = np.zeros(n, dtype=bool)
+    chosen[order[:stop]] = True
+    chosen[local[skipped]] = False
     return chosen
 
 
@@ -328,4 +446,4 @@ def _insert_copies(schedule: Schedule, rank: int, offloaded: list[tuple[int, int
         parts.append(reload_units.astype(np.int64) + 3 * units)
     order = np.lexsort((np.concatenate(secondary), np.concatenate(keys)))
     new_codes = np.concatenate(parts)[order].tolist()
-    return tuple(ops_by_code[code] for code in new_codes), new_codes
+    return tuple(map(ops_by_code.__getitem__, new_codes)), new_codes

@@ -16,11 +16,22 @@ Memory convention, in units (one chunk's activations for one microbatch): a unit
 resident when its forward starts and is released when its backward ends; an offloaded unit
 leaves when its offload copy completes and is reserved again when its reload starts. At equal
 times releases count before reservations. With this 1F1B rank r peaks at min(p - r, m).
+
+Engines (identical results, tests/schedule/test_fast_paths.py): :func:`_run_general` (any
+cost model; a shared link needs it, since its lanes serve copies in event order);
+:func:`_run_private` (one lane pair per rank: precomputed dependency slots, blocked ranks only
+woken once their input exists); :func:`_run_hinted` (a schedule from the offload pass, which
+carries the simulation of its compute ops: if every reload ends in time the compute times are
+those, and only the copies are timed, else the full engine runs).
 """
 from __future__ import annotations
 
 import bisect
+import gc
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from .costs import CostModel
 from .ir import Schedule
@@ -40,8 +51,8 @@ class Simulation:
     offloaded_units: int
     no_offload_makespan: float
     """Makespan of the same compute order without offload (equal to makespan when none)."""
-    _reserve: list[list[float]] = field(repr=False, default_factory=list)
-    _release: list[list[float]] = field(repr=False, default_factory=list)
+    _reserve: list = field(repr=False, default_factory=list)  # per rank, sorted (list or numpy array)
+    _release: list = field(repr=False, default_factory=list)
 
     @property
     def pp(self) -> int:
@@ -73,7 +84,10 @@ class Simulation:
         """(time, resident units from then on), one point per change, starting at (0, 0)."""
         curve = [(0.0, 0)]
         level = 0
-        for time, delta in _events(self._reserve[rank], self._release[rank]):
+        reserve, release = self._reserve[rank], self._release[rank]
+        if isinstance(reserve, np.ndarray):
+            reserve, release = reserve.tolist(), release.tolist()
+        for time, delta in _events(reserve, release):
             level += delta
             if curve[-1][0] == time:
                 curve[-1] = (time, level)
@@ -127,6 +141,20 @@ class _SharedLane:
         return begin
 
 
+@contextmanager
+def gc_paused():
+    """Pause the cyclic garbage collector for a block that allocates many small objects while
+    large op tuples are alive (each full collection would walk all of them); the block creates
+    no reference cycles worth collecting early. Restores the previous state."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def simulate(schedule: Schedule, costs: CostModel | None = None, *, no_offload_makespan: float | None = None) -> Simulation:
     """Simulate ``schedule``; raises ScheduleError if it deadlocks (validate first for the grid).
 
@@ -134,15 +162,29 @@ def simulate(schedule: Schedule, costs: CostModel | None = None, *, no_offload_m
     ``no_offload_makespan`` is given (the offload pass has it: ``plan.baseline.makespan``)."""
     costs = costs or CostModel()
     costs.check_chunks(schedule.vpp)
-    result = _run(schedule, costs)
+    with gc_paused():
+        return _simulate(schedule, costs, no_offload_makespan)
+
+
+def _simulate(schedule: Schedule, costs: CostModel, no_offload_makespan: float | None) -> Simulation:
+    private = not (costs.shared_link and schedule.pp > 1)
+    run = _run_private if private else _run_general
+    hint = schedule._compute_timing
+    result = None
+    if private and hint is not None and hint.costs == costs:
+        result = _run_hinted(schedule, costs, hint)
+        if result is not None and no_offload_makespan is None:
+            no_offload_makespan = hint.makespan
+    if result is None:
+        result = run(schedule, costs)
     if no_offload_makespan is not None:
         result.no_offload_makespan = no_offload_makespan
     elif result.offloaded_units:
-        result.no_offload_makespan = _run(schedule.without_offload(), costs).makespan
+        result.no_offload_makespan = run(schedule.without_offload(), costs).makespan
     return result
 
 
-def _run(schedule: Schedule, costs: CostModel) -> Simulation:
+def _run_general(schedule: Schedule, costs: CostModel) -> Simulation:
     pp, vpp, m = schedule.pp, schedule.vpp, schedule.microbatches
     units = vpp * m
     program = schedule.program()
@@ -280,3 +322,255 @@ def _run(schedule: Schedule, costs: CostModel) -> Simulation:
         _reserve=reserve,
         _release=release,
     )
+
+
+def _run_private(schedule: Schedule, costs: CostModel) -> Simulation:
+    """:func:`_run_general` for one lane pair per rank (no shared link), same results, faster.
+
+    Every rank's timing then depends only on its own ops and its inputs' arrival times, so the
+    order in which ranks are advanced does not matter. Per step the dependency and output slots
+    are precomputed (numpy) into one flat table of arrival times (producer end + latency; None =
+    not produced yet; a last slot 0.0 for ops without a p2p input), which keeps the hot loop to
+    a handful of list reads."""
+    pp, vpp, m = schedule.pp, schedule.vpp, schedule.microbatches
+    units = vpp * m
+    program = schedule.program()
+    per_chunk = lambda cost: np.array([cost(c) for c in range(vpp)], dtype=float)  # noqa: E731
+    chunk_of = np.arange(units) // m
+    # Duration by op code (F, B, O, R of every unit).
+    duration_of = np.concatenate([per_chunk(cost)[chunk_of] for cost in (costs.forward, costs.backward, costs.offload, costs.reload)])
+    h2d = duration_of[3 * units :].tolist()
+    latency = costs.p2p_latency if pp > 1 else 0.0
+    width = 2 * units
+    sentinel = pp * width
+    arrival: list = [None] * sentinel + [0.0]
+    last = pp - 1
+    plans = []
+    for rank, row in enumerate(program):
+        codes = np.asarray(row, dtype=np.int64).reshape(-1)
+        kind = codes // units
+        unit = codes - kind * units
+        dep = np.full(len(codes), sentinel, dtype=np.int64)
+        forward, backward = kind == 0, kind == 1
+        if rank > 0:
+            dep[forward] = (rank - 1) * width + codes[forward]
+        else:
+            has = forward & (unit >= m)
+            dep[has] = last * width + codes[has] - m
+        if rank < last:
+            dep[backward] = (rank + 1) * width + codes[backward]
+        else:
+            has = backward & (unit < units - m)
+            dep[has] = codes[has] + m  # rank 0's slots start at 0
+        compute = kind < 2
+        plans.append((
+            kind.tolist(), unit.tolist(), dep.tolist(), (rank * width + codes).tolist(), duration_of[codes].tolist(),
+            bool(np.any(~compute)), duration_of[codes[compute]],
+        ))
+    starts: list[list[float]] = [[] for _ in range(pp)]
+    ends: list[list[float]] = [[] for _ in range(pp)]
+    clock = [0.0] * pp
+    d2h_free, h2d_free = [0.0] * pp, [0.0] * pp
+    offload_end = [[-1.0] * units for _ in range(pp)]
+    reload_issue = [[-1.0] * units for _ in range(pp)]
+    reload_step = [[0] * units for _ in range(pp)]
+    position = [0] * pp
+    lengths = [len(codes) for codes in program]
+    # A rank blocked on a missing input is woken only once that input exists: in 1F1B-like
+    # schedules ranks advance a step or two at a time, so needless wake-ups would dominate.
+    waiting = [sentinel] * pp
+    queued = bytearray([1]) * pp
+    neighbours = [tuple(sorted({rank - 1, rank + 1, 0, last} - {rank, -1, pp})) for rank in range(pp)]
+    pending = list(range(pp))
+    while pending:
+        rank = pending.pop()
+        queued[rank] = 0
+        kinds, unit_of, dep, out, dur, copies, _ = plans[rank]
+        t, begin, count = clock[rank], position[rank], lengths[rank]
+        my_start, my_end = starts[rank], ends[rank]
+        add_start, add_end = my_start.append, my_end.append
+        step = begin
+        if not copies:
+            for step in range(begin, count):
+                arrived = arrival[dep[step]]
+                if arrived is None:
+                    break
+                ready = arrived if arrived > t else t
+                t = ready + dur[step]
+                arrival[out[step]] = t + latency
+                add_start(ready)
+                add_end(t)
+            else:
+                step = count
+        else:
+            my_offload, my_issue, my_reload_step = offload_end[rank], reload_issue[rank], reload_step[rank]
+            d2h_lane, h2d_lane = d2h_free[rank], h2d_free[rank]
+            for step in range(begin, count):
+                kind = kinds[step]
+                if kind < 2:
+                    arrived = arrival[dep[step]]
+                    if arrived is None:
+                        break
+                    ready = arrived if arrived > t else t
+                    if kind == 1:
+                        unit = unit_of[step]
+                        issue = my_issue[unit]
+                        if issue >= 0:  # offloaded: reload so that it ends at `ready`
+                            copy = h2d[unit]
+                            begin_copy = ready - copy
+                            if issue > begin_copy:
+                                begin_copy = issue
+                            if my_offload[unit] > begin_copy:
+                                begin_copy = my_offload[unit]
+                            if h2d_lane > begin_copy:
+                                begin_copy = h2d_lane
+                            h2d_lane = begin_copy + copy
+                            at = my_reload_step[unit]
+                            my_start[at] = begin_copy
+                            my_end[at] = h2d_lane
+                            if h2d_lane > ready:
+                                ready = h2d_lane
+                    t = ready + dur[step]
+                    arrival[out[step]] = t + latency
+                    add_start(ready)
+                    add_end(t)
+                elif kind == 2:  # offload: issued now, runs when the D2H lane is free
+                    ready = t if t > d2h_lane else d2h_lane
+                    d2h_lane = ready + dur[step]
+                    my_offload[unit_of[step]] = d2h_lane
+                    add_start(ready)
+                    add_end(d2h_lane)
+                else:  # reload: issued now; timed when its backward is reached
+                    unit = unit_of[step]
+                    my_issue[unit] = t
+                    my_reload_step[unit] = len(my_start)
+                    add_start(t)
+                    add_end(t)
+            else:
+                step = count
+            d2h_free[rank], h2d_free[rank] = d2h_lane, h2d_lane
+        position[rank], clock[rank] = step, t
+        if step < count:
+            waiting[rank] = dep[step]
+        if step != begin:
+            for other in neighbours[rank]:
+                if not queued[other] and position[other] < lengths[other] and arrival[waiting[other]] is not None:
+                    queued[other] = 1
+                    pending.append(other)
+    if any(position[r] < lengths[r] for r in range(pp)):
+        schedule.validate()  # raises with the grid
+        raise AssertionError("simulation stalled on a schedule that validates")  # pragma: no cover
+    kinds = [np.asarray(plan[0], dtype=np.int64) for plan in plans]
+    busy = [float(np.add.accumulate(plan[6])[-1]) if len(plan[6]) else 0.0 for plan in plans]  # a running sum, as the general engine
+    return _result(schedule, costs, starts, ends, kinds, busy)
+
+
+def _result(schedule, costs, starts, ends, kinds, busy) -> Simulation:
+    """The Simulation from per-step times; ``kinds[r]``: op kind per step of rank r (numpy)."""
+    reserve, release, peaks = [], [], []
+    offloaded = 0
+    makespan = 0.0
+    for rank in range(schedule.pp):
+        kind = kinds[rank]
+        begin_times, end_times = np.asarray(starts[rank], dtype=float), np.asarray(ends[rank], dtype=float)
+        res = np.sort(begin_times[(kind == 0) | (kind == 3)])
+        rel = np.sort(end_times[(kind == 1) | (kind == 2)])
+        offloaded += int(np.count_nonzero(kind == 2))
+        reserve.append(res)
+        release.append(rel)
+        # After the i-th reservation (0-based) at time t: i + 1 - (releases at or before t) resident.
+        level = np.arange(1, len(res) + 1) - np.searchsorted(rel, res, side="right")
+        peaks.append(max(0, int(level.max(initial=0))))
+        if len(end_times):
+            makespan = max(makespan, float(end_times.max()))
+    return Simulation(
+        schedule=schedule,
+        costs=costs,
+        start=starts,
+        end=ends,
+        makespan=makespan,
+        busy=busy,
+        peak_units=peaks,
+        offloaded_units=offloaded,
+        no_offload_makespan=makespan,
+        _reserve=reserve,
+        _release=release,
+    )
+
+
+def _run_hinted(schedule: Schedule, costs: CostModel, base: Simulation) -> Simulation | None:
+    """Time ``schedule`` from ``base``, a simulation of its compute ops alone with the same
+    costs (one lane pair per rank): if every reload ends by the time its backward could start,
+    the copies never touch compute, so every compute op keeps its time from ``base`` and only
+    the copies need timing, with the same arithmetic as :func:`_run_private` (identical results).
+    Returns None when that does not hold (some reload is late, or the ops are not the simple
+    F, O, R, B per unit shape): the caller then runs the full engine."""
+    units, pp = schedule.units_per_rank, schedule.pp
+    program, base_program = schedule.program(), base.schedule.program()
+    vpp, m = schedule.vpp, schedule.microbatches
+    chunk_of = np.arange(units) // m
+    d2h = np.array([costs.offload(c) for c in range(vpp)])[chunk_of]
+    h2d = np.array([costs.reload(c) for c in range(vpp)])[chunk_of]
+    starts, ends, kinds = [], [], []
+    for rank in range(pp):
+        codes = np.asarray(program[rank], dtype=np.int64).reshape(-1)
+        kind = codes // units
+        unit = codes - kind * units
+        compute = kind < 2
+        base_codes = np.asarray(base_program[rank], dtype=np.int64).reshape(-1)
+        if np.count_nonzero(compute) != len(base_codes) or not np.array_equal(codes[compute], base_codes):
+            return None
+        steps = np.arange(len(codes))
+        o_steps, r_steps = steps[kind == 2], steps[kind == 3]
+        o_units, r_units = unit[o_steps], unit[r_steps]
+        b_step_of = np.empty(units, dtype=np.int64)
+        b_step_of[unit[kind == 1]] = steps[kind == 1]
+        o_step_of = np.full(units, -1, dtype=np.int64)
+        o_step_of[o_units] = o_steps
+        if (np.bincount(o_units, minlength=units).max(initial=0) > 1 or np.bincount(r_units, minlength=units).max(initial=0) > 1
+                or np.any(b_step_of[r_units] < r_steps) or np.any(b_step_of[o_units] < o_steps)):
+            return None
+        base_start, base_end = np.asarray(base.start[rank], dtype=float), np.asarray(base.end[rank], dtype=float)
+        start, end = np.empty(len(codes)), np.empty(len(codes))
+        start[compute], end[compute] = base_start, base_end
+        # The clock at each step: end of the last compute op before it (0.0 before the first).
+        last_compute = np.cumsum(compute) - 1
+        clock = np.where(last_compute >= 0, np.concatenate((base_end, [0.0]))[last_compute], 0.0)
+        # Offloads: FIFO on the D2H lane in list order, issued at the clock.
+        free = 0.0
+        o_start, o_end = [], []
+        for t, copy in zip(clock[o_steps].tolist(), d2h[o_units].tolist()):
+            ready = t if t > free else free
+            free = ready + copy
+            o_start.append(ready)
+            o_end.append(free)
+        start[o_steps], end[o_steps] = o_start, o_end
+        offload_end = np.full(units, -1.0)
+        offload_end[o_units] = o_end
+        issue = clock[r_steps]
+        start[r_steps], end[r_steps] = issue, issue
+        # Reloads: in backward order, just in time, after issue, offload and the previous reload.
+        order = np.argsort(b_step_of[r_units], kind="stable")
+        due_units = r_units[order]
+        due = base_start[np.cumsum(compute)[b_step_of[due_units]] - 1]  # the backward's start in base
+        free = 0.0
+        r_start = []
+        for ready, copy, issued, offloaded in zip(due.tolist(), h2d[due_units].tolist(), issue[order].tolist(), offload_end[due_units].tolist()):
+            begin = ready - copy
+            if issued > begin:
+                begin = issued
+            if offloaded > begin:
+                begin = offloaded
+            if free > begin:
+                begin = free
+            free = begin + copy
+            if free > ready:
+                return None  # this reload delays its backward: compute times change
+            r_start.append(begin)
+        r_start = np.asarray(r_start, dtype=float)
+        start[r_steps[order]] = r_start
+        end[r_steps[order]] = r_start + h2d[due_units]
+        starts.append(start.tolist())
+        ends.append(end.tolist())
+        kinds.append(kind)
+    return _result(schedule, costs, starts, ends, kinds, list(base.busy))

@@ -14,6 +14,8 @@ Errors are :class:`ScheduleError` with the rank-by-step grid, the failing steps 
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .ir import KIND_B, KIND_F, KIND_O, KIND_R, Schedule, ScheduleError, format_grid
 
 _ORDER = {KIND_F: 0, KIND_O: 1, KIND_R: 2, KIND_B: 3}
@@ -114,40 +116,61 @@ def find_deadlock(schedule: Schedule) -> dict[int, int]:
     """Dry run with asynchronous sends: each rank runs ops while their inputs exist.
     Returns {rank: step it waits at} for the ranks that never finish ({} = no deadlock).
     Assumes the structure check passed. Inlines :func:`ir.producer` on op codes for speed:
-    a producer's code is the op's own code, or one chunk (m codes) away across the wrap."""
+    a producer's code is the op's own code, or one chunk (m codes) away across the wrap.
+
+    Per step the input's and the output's slot in one flat table of "done" flags are
+    precomputed (numpy); copies (O, R) and ops without a p2p input read an always-set slot.
+    A blocked rank is only woken once the slot it waits on is set."""
     pp, m = schedule.pp, schedule.microbatches
     units = schedule.units_per_rank
     program = schedule.program()
-    done = [bytearray(2 * units) for _ in range(pp)]  # per rank, F and B codes already run
-    position = [0] * pp
-    pending = list(range(pp))
+    width = 2 * units
+    always = pp * width  # the always-set slot; a write slot for copies is after it
+    done = bytearray(always + 2)
+    done[always] = 1
     last = pp - 1
+    deps, outs = [], []
+    for rank, row in enumerate(program):
+        codes = np.asarray(row, dtype=np.int64).reshape(-1)
+        forward, backward = codes < units, (codes >= units) & (codes < width)
+        dep = np.full(len(codes), always, dtype=np.int64)
+        if rank > 0:
+            dep[forward] = (rank - 1) * width + codes[forward]
+        else:
+            has = forward & (codes >= m)
+            dep[has] = last * width + codes[has] - m
+        if rank < last:
+            dep[backward] = (rank + 1) * width + codes[backward]
+        else:
+            has = backward & (codes < width - m)
+            dep[has] = codes[has] + m
+        out = np.where(codes < width, rank * width + codes, always + 1)
+        deps.append(dep.tolist())
+        outs.append(out.tolist())
+    lengths = [len(codes) for codes in program]
+    position = [0] * pp
+    waiting = [always] * pp
+    queued = bytearray([1]) * pp
+    neighbours = [tuple(sorted({rank - 1, rank + 1, 0, last} - {rank, -1, pp})) for rank in range(pp)]
+    pending = list(range(pp))
     while pending:
         rank = pending.pop()
-        codes, mine, step = program[rank], done[rank], position[rank]
-        before = done[rank - 1] if rank > 0 else done[last]  # forwards come from here
-        after = done[rank + 1] if rank < last else done[0]  # backwards come from here
-        start, count = step, len(codes)
-        while step < count:
-            code = codes[step]
-            if code < units:  # forward
-                if rank > 0:
-                    if not before[code]:
-                        break
-                elif code >= m and not before[code - m]:
-                    break
-                mine[code] = 1
-            elif code < 2 * units:  # backward
-                if rank < last:
-                    if not after[code]:
-                        break
-                elif code < 2 * units - m and not after[code + m]:
-                    break
-                mine[code] = 1
-            step += 1
+        queued[rank] = 0
+        dep, out = deps[rank], outs[rank]
+        begin, count = position[rank], lengths[rank]
+        step = begin
+        for step in range(begin, count):
+            if not done[dep[step]]:
+                break
+            done[out[step]] = 1
+        else:
+            step = count
         position[rank] = step
-        if step != start:  # only neighbours (and the wrap-around pair) can have been waiting on us
-            for other in {rank - 1, rank + 1, 0, last}:
-                if 0 <= other < pp and other != rank and position[other] < len(program[other]) and other not in pending:
+        if step < count:
+            waiting[rank] = dep[step]
+        if step != begin:  # only neighbours (and the wrap-around pair) can have been waiting on us
+            for other in neighbours[rank]:
+                if not queued[other] and position[other] < lengths[other] and done[waiting[other]]:
+                    queued[other] = 1
                     pending.append(other)
-    return {rank: position[rank] for rank in range(pp) if position[rank] < len(program[rank])}
+    return {rank: position[rank] for rank in range(pp) if position[rank] < lengths[rank]}
