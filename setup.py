@@ -17,7 +17,9 @@ setup(
     install_requires=["torch>=2.4", "megatron-core>=0.16,<0.17", "numpy"],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
-        "apex": ["apex"],
+        # NVIDIA apex is not on PyPI (the PyPI "apex" is an unrelated project): build it from
+        # source on the cluster; this extra only records that the integration supports it.
+        "apex": [],
         "viz": ["matplotlib>=3.7"],
         "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "matplotlib>=3.7"],
     },

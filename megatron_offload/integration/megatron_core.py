@@ -24,6 +24,7 @@ import functools
 import inspect
 import logging
 import types
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -58,8 +59,9 @@ class OffloadRuntime:
     originals: dict = field(default_factory=dict)
 
     @property
-    def iteration_stats(self) -> list[IterationStats]:
-        return [] if self.offloader is None else self.offloader.iteration_stats
+    def iteration_stats(self) -> Sequence[IterationStats]:
+        """The most recent iterations' stats (``runtime.offloader.STATS_HISTORY`` at most)."""
+        return () if self.offloader is None else self.offloader.iteration_stats
 
 
 _runtime: OffloadRuntime | None = None

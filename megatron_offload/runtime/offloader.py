@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,6 +27,9 @@ from megatron_offload.runtime.accounting import IterationStats, ResidentStorageT
 from megatron_offload.runtime.store import ActivationStore, UnitActivations, UnitKey, UnitState
 from megatron_offload.runtime.transfer import HostBufferPool, TransferBackend
 from megatron_offload.schedule.ir import Op, OpKind
+
+
+STATS_HISTORY = 64
 
 
 class ScheduleMismatchError(RuntimeError):
@@ -60,7 +64,9 @@ class ActivationOffloader:
             tracker=self.tracker,
         )
         self.pool = HostBufferPool(pin_memory=backend.pin_memory)
-        self.iteration_stats: list[IterationStats] = []
+        # The most recent iterations only: a long run must not grow host memory with stats.
+        self.iteration_stats: deque[IterationStats] = deque(maxlen=STATS_HISTORY)
+        self.iterations_done = 0
         self._order: list[Op] = []
         self._position = 0
         self._offload_units: set[UnitKey] = set()
@@ -78,10 +84,6 @@ class ActivationOffloader:
             self.store.add_persistent(torch.nn.Module.buffers(module))
 
     # ----------------------------------------------------------------------- iteration
-    @property
-    def hooks_needed(self) -> bool:
-        return bool(self._offload_units) or self.tracker is not None
-
     def begin_iteration(self, order: Sequence[Op], offload_units: set[UnitKey]) -> None:
         if self._in_iteration:
             raise RuntimeError("begin_iteration called twice without end_iteration/abort")
@@ -89,9 +91,9 @@ class ActivationOffloader:
         self._position = 0
         self._offload_units = set(offload_units)
         self._in_iteration = True
-        self.store.begin_iteration(len(self.iteration_stats))
+        self.store.begin_iteration(self.iterations_done)
         self._stats = IterationStats(
-            iteration=len(self.iteration_stats),
+            iteration=self.iterations_done,
             rank_order=" ".join(str(op) for op in self._order),
             units=sum(op.kind is OpKind.FORWARD for op in self._order),
         )
@@ -113,6 +115,7 @@ class ActivationOffloader:
         stats.host_pool_bytes = self.pool.capacity_bytes
         stats.host_pool_buffers = self.pool.num_buffers
         self.iteration_stats.append(stats)
+        self.iterations_done += 1
         self._reset_iteration_state()
         return stats
 
