@@ -133,8 +133,9 @@ def test_measured_memory_none_full_chunks(pool4):
             assert stats["executed_ops"] == [str(op) for op in planned.ranks[rank]]
 
     # One hidden-state tensor (a chunk output or a received input). Besides the units, the
-    # schedule legitimately keeps a few of these alive: outputs until their asynchronous send
-    # is waited (overlap_p2p_comm), and received inputs in its receive ring buffer.
+    # schedule keeps a few of these alive: outputs until their asynchronous send is waited
+    # (overlap_p2p_comm), and, measured, up to two received inputs of units whose backward
+    # already ran, still referenced by the schedule's p2p bookkeeping until its next exchange.
     p2p_buffer = case.seq_length * case.micro_batch_size * case.hidden_size * 4
     for rank, (none, full, chunks) in enumerate(zip(*measured.values())):
         units, in_flight_bytes = _in_flight_at_peak(none["rank_order"], none["unit_bytes"])
