@@ -61,10 +61,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="alternative to --num-virtual-stages-per-pipeline-rank",
     )
     run = parser.add_argument_group("run")
-    run.add_argument("--train-iters", type=int, default=3)
+    run.add_argument("--train-iters", type=int, default=5)
     run.add_argument("--nproc", type=int, default=4, help="ranks to spawn (world size)")
     run.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     run.add_argument("--seed", type=int, default=1234)
+    run.add_argument("--lr", type=float, default=0.05, help="SGD learning rate")
     run.add_argument(
         "--no-baseline", action="store_true",
         help="skip the run without offload (no with/without comparison)",
@@ -140,6 +141,7 @@ def _case_from_args(args, parser):
         tie_embeddings=not args.untie_embeddings_and_output_weights,
         recompute=args.recompute_granularity,
         seed=args.seed,
+        lr=args.lr,
     )
 
 

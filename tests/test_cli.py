@@ -12,7 +12,7 @@ TRAIN_FLAGS = {
     "--seq-length", "--vocab-size", "--micro-batch-size", "--global-batch-size",
     "--untie-embeddings-and-output-weights", "--recompute-granularity",
     "--pipeline-model-parallel-size", "--pp", "--num-virtual-stages-per-pipeline-rank", "--vpp",
-    "--num-layers-per-virtual-pipeline-stage", "--train-iters", "--nproc", "--device", "--seed",
+    "--num-layers-per-virtual-pipeline-stage", "--train-iters", "--nproc", "--device", "--seed", "--lr",
     "--no-baseline", "--json", "--pipeline-offload", "--no-pipeline-offload",
     "--offload-policy", "--offload-chunks", "--offload-min-bytes", "--offload-report",
     "--no-offload-report",
