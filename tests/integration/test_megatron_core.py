@@ -37,6 +37,8 @@ def assert_bitwise(pool, case, offload=FULL, iterations=3):
 # m = p, 2p, and (1F1B only) one not divisible by p. Interleaving with the default group size
 # g = p cannot take such an m: Megatron requires m % g to be 0 or >= p.
 EQUIVALENCE_CASES = [
+    # PP=1 (forward_backward_no_pipelining): every backward follows its forward, nothing moves
+    pytest.param(TinyGPTCase(pp=1, microbatches=4), id="pp1-no-pipelining"),
     pytest.param(TinyGPTCase(pp=2, microbatches=2), id="pp2-1f1b-m2"),
     pytest.param(TinyGPTCase(pp=2, microbatches=4), id="pp2-1f1b-m4"),
     pytest.param(TinyGPTCase(pp=2, microbatches=5), id="pp2-1f1b-m5"),
