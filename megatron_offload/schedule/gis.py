@@ -17,17 +17,12 @@ with g >= ceil(p / 2) and full groups none are needed.
 from __future__ import annotations
 
 from .ir import Op, OpKind, Schedule
-from .megatron import group_table, warmup_then_alternate
+from .megatron import check_pipeline_shape, group_table, warmup_then_alternate
 from .validate import find_deadlock
 
 
 def check_gis_args(pp: int, vpp: int, microbatches: int, group_size: int | None) -> int:
-    if pp < 1:
-        raise ValueError(f"--pp {pp} must be >= 1 (pipeline-parallel ranks)")
-    if vpp < 1:
-        raise ValueError(f"--vpp {vpp} must be >= 1 (model chunks per rank)")
-    if microbatches < 1:
-        raise ValueError(f"--microbatches {microbatches} must be >= 1")
+    check_pipeline_shape(pp, vpp, microbatches)
     group = min(pp, microbatches) if group_size is None else group_size
     if not 1 <= group <= microbatches:
         raise ValueError(f"--group-size {group} must lie in 1..--microbatches ({microbatches}) for --schedule gis; e.g. --group-size {min(pp, microbatches)}")

@@ -62,15 +62,20 @@ def _interned(ops: dict, make, chunk: int, microbatch: int) -> Op:
     return op
 
 
-def check_megatron_args(kind: str, pp: int, vpp: int, microbatches: int, group_size: int | None) -> int:
-    """Refuse what Megatron-Core 0.16.1 refuses (plus what cannot be a pipeline at all), naming
-    the flag and the fix. Returns the group size in effect (Megatron's default g = p)."""
+def check_pipeline_shape(pp: int, vpp: int, microbatches: int) -> None:
+    """What any pipeline schedule needs, whatever generates it."""
     if pp < 1:
         raise ValueError(f"--pp {pp} must be >= 1 (pipeline-parallel ranks)")
     if vpp < 1:
         raise ValueError(f"--vpp {vpp} must be >= 1 (model chunks per rank; 1 = no interleaving)")
     if microbatches < 1:
         raise ValueError(f"--microbatches {microbatches} must be >= 1")
+
+
+def check_megatron_args(kind: str, pp: int, vpp: int, microbatches: int, group_size: int | None) -> int:
+    """Refuse what Megatron-Core 0.16.1 refuses (plus what cannot be a pipeline at all), naming
+    the flag and the fix. Returns the group size in effect (Megatron's default g = p)."""
+    check_pipeline_shape(pp, vpp, microbatches)
     if kind == "1f1b":
         if vpp != 1:
             raise ValueError(f"--schedule 1f1b runs one model chunk per rank but --vpp is {vpp}; use --vpp 1, or --schedule interleaved / gis for {vpp} chunks")

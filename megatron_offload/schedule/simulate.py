@@ -35,6 +35,7 @@ import numpy as np
 
 from .costs import CostModel
 from .ir import Schedule
+from .validate import input_slots
 
 
 @dataclass(kw_only=True, slots=True)
@@ -350,18 +351,7 @@ def _run_private(schedule: Schedule, costs: CostModel) -> Simulation:
         codes = np.asarray(row, dtype=np.int64).reshape(-1)
         kind = codes // units
         unit = codes - kind * units
-        dep = np.full(len(codes), sentinel, dtype=np.int64)
-        forward, backward = kind == 0, kind == 1
-        if rank > 0:
-            dep[forward] = (rank - 1) * width + codes[forward]
-        else:
-            has = forward & (unit >= m)
-            dep[has] = last * width + codes[has] - m
-        if rank < last:
-            dep[backward] = (rank + 1) * width + codes[backward]
-        else:
-            has = backward & (unit < units - m)
-            dep[has] = codes[has] + m  # rank 0's slots start at 0
+        dep = input_slots(codes, rank, pp, units, m, sentinel)
         compute = kind < 2
         plans.append((
             kind.tolist(), unit.tolist(), dep.tolist(), (rank * width + codes).tolist(), duration_of[codes].tolist(),

@@ -112,6 +112,31 @@ def _check_progress(schedule: Schedule) -> None:
         _fail(schedule, stuck, "deadlock: every unfinished rank waits for an input that is never sent (marked: where each rank waits)")
 
 
+def input_slots(codes: np.ndarray, rank: int, pp: int, units: int, m: int, none: int) -> np.ndarray:
+    """For each op code of ``rank``, the slot of the op producing its p2p input, vectorized.
+
+    Slots number the compute ops of all ranks: ``rank * 2 * units + code``. Ops without a p2p
+    input (copies, the first forward stage, the last backward stage) get ``none``. This is
+    :func:`ir.producer` on op codes: a producer's code is the op's own code, or one chunk
+    (m codes) away across the wrap between the last and the first rank.
+    """
+    width = 2 * units
+    last = pp - 1
+    forward, backward = codes < units, (codes >= units) & (codes < width)
+    dep = np.full(len(codes), none, dtype=np.int64)
+    if rank > 0:
+        dep[forward] = (rank - 1) * width + codes[forward]
+    else:
+        has = forward & (codes >= m)
+        dep[has] = last * width + codes[has] - m
+    if rank < last:
+        dep[backward] = (rank + 1) * width + codes[backward]
+    else:
+        has = backward & (codes < width - m)
+        dep[has] = codes[has] + m  # rank 0's slots start at 0
+    return dep
+
+
 def find_deadlock(schedule: Schedule) -> dict[int, int]:
     """Dry run with asynchronous sends: each rank runs ops while their inputs exist.
     Returns {rank: step it waits at} for the ranks that never finish ({} = no deadlock).
@@ -132,18 +157,7 @@ def find_deadlock(schedule: Schedule) -> dict[int, int]:
     deps, outs = [], []
     for rank, row in enumerate(program):
         codes = np.asarray(row, dtype=np.int64).reshape(-1)
-        forward, backward = codes < units, (codes >= units) & (codes < width)
-        dep = np.full(len(codes), always, dtype=np.int64)
-        if rank > 0:
-            dep[forward] = (rank - 1) * width + codes[forward]
-        else:
-            has = forward & (codes >= m)
-            dep[has] = last * width + codes[has] - m
-        if rank < last:
-            dep[backward] = (rank + 1) * width + codes[backward]
-        else:
-            has = backward & (codes < width - m)
-            dep[has] = codes[has] + m
+        dep = input_slots(codes, rank, pp, units, m, always)
         out = np.where(codes < width, rank * width + codes, always + 1)
         deps.append(dep.tolist())
         outs.append(out.tolist())
