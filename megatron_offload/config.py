@@ -4,7 +4,7 @@ Errors raise ``ValueError`` naming the command-line flag and the fix, before any
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 OffloadPolicy = Literal["none", "full", "chunks"]
@@ -96,9 +96,6 @@ class OffloadConfig:
         if self.policy == "chunks":
             return chunk < self.offload_chunks
         return False
-
-    def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 __all__ = ["OffloadConfig", "OffloadPolicy", "POLICIES", "BACKENDS"]

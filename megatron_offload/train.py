@@ -16,9 +16,6 @@ import time
 
 from megatron_offload.config import POLICIES, OffloadConfig
 
-DESCRIPTION = __doc__.splitlines()[0].strip("`")
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train",

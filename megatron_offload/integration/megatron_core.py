@@ -32,7 +32,7 @@ import torch
 from megatron_offload.config import OffloadConfig
 from megatron_offload.policy import units_to_offload
 from megatron_offload.runtime.accounting import IterationStats
-from megatron_offload.runtime.offloader import ActivationOffloader
+from megatron_offload.runtime.offloader import ActivationOffloader, iteration
 from megatron_offload.runtime.transfer import make_backend
 from megatron_offload.schedule.ir import Op, OpKind
 
@@ -92,14 +92,6 @@ def check_megatron_version(version: str | None = None) -> str:
             "--pipeline-offload"
         )
     return version
-
-
-def is_installed() -> bool:
-    return _runtime is not None
-
-
-def current_runtime() -> OffloadRuntime | None:
-    return _runtime
 
 
 def install(config: OffloadConfig) -> OffloadRuntime:
@@ -204,17 +196,12 @@ def _patched_schedule(runtime: OffloadRuntime, name: str, original):
         runtime.config.check_against_model(len(chunks))
         order = predict_rank_order(name, kwargs, config, len(chunks))
         offloader = _offloader_for(runtime, chunks, order.rank)
-        offloader.begin_iteration(order.ops, units_to_offload(order.ops, runtime.config))
         runtime.active = True
         try:
-            result = original(*args, **kwargs)
-            offloader.end_iteration()
-        except BaseException:
-            offloader.abort()
-            raise
+            with iteration(offloader, order.ops, units_to_offload(order.ops, runtime.config)):
+                return original(*args, **kwargs)
         finally:
             runtime.active = False
-        return result
 
     return _mark(schedule, original)
 
@@ -267,7 +254,6 @@ def refuse_unsupported(config) -> None:
 @dataclass(slots=True)
 class RankOrder:
     rank: int
-    pipeline_size: int
     ops: list[Op]
 
 
@@ -289,7 +275,7 @@ def predict_rank_order(name: str, kwargs, config, num_chunks: int) -> RankOrder:
     m = kwargs["num_microbatches"]
     if name == "forward_backward_no_pipelining":
         ops = [op for mb in range(m) for op in (Op(OpKind.FORWARD, 0, mb), Op(OpKind.BACKWARD, 0, mb))]
-        return RankOrder(rank=0, pipeline_size=1, ops=ops)
+        return RankOrder(rank=0, ops=ops)
     group = _pipeline_group(kwargs)
     p, r = group.size(), group.rank()
     interleaved = name == "forward_backward_pipelining_with_interleaving"
@@ -321,4 +307,4 @@ def predict_rank_order(name: str, kwargs, config, num_chunks: int) -> RankOrder:
     for k in range(remaining):
         ops += [forward(warmup + k), backward(k)]
     ops += [backward(k) for k in range(remaining, total)]
-    return RankOrder(rank=r, pipeline_size=p, ops=ops)
+    return RankOrder(rank=r, ops=ops)

@@ -15,13 +15,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 
-class ResidentStorageTracker:
-    """Weak references to storages, keyed by identity; dead entries drop themselves."""
+class StorageWeakSet:
+    """Storages by identity, held weakly: an entry drops itself when its storage is freed."""
 
     def __init__(self) -> None:
         self._refs: dict[int, weakref.ref] = {}
 
-    def track(self, storage: torch.UntypedStorage) -> None:
+    def add(self, storage: torch.UntypedStorage) -> None:
         key = id(storage)
         if key in self._refs and self._refs[key]() is storage:
             return
@@ -32,19 +32,30 @@ class ResidentStorageTracker:
 
         self._refs[key] = weakref.ref(storage, _forget)
 
-    def resident_bytes(self) -> int:
-        total = 0
+    def __contains__(self, storage) -> bool:
+        ref = self._refs.get(id(storage))
+        return ref is not None and ref() is storage
+
+    def alive(self):
         for ref in list(self._refs.values()):
             storage = ref()
             if storage is not None:
-                total += storage.nbytes()
-        return total
+                yield storage
 
     def __len__(self) -> int:
         return len(self._refs)
 
     def clear(self) -> None:
         self._refs.clear()
+
+
+class ResidentStorageTracker(StorageWeakSet):
+    """The storages a rank's units produced or kept; what they still hold is what is resident."""
+
+    track = StorageWeakSet.add
+
+    def resident_bytes(self) -> int:
+        return sum(storage.nbytes() for storage in self.alive())
 
 
 @dataclass(slots=True)

@@ -71,7 +71,9 @@ class ActivationOffloader:
         self._position = 0
         self._offload_units: set[UnitKey] = set()
         self._in_iteration = False
+        # Megatron's backward_step gets the output tensor, not the microbatch: map it back.
         self._outputs: dict[int, tuple[weakref.ref, UnitKey]] = {}
+        self._output_of_unit: dict[UnitKey, int] = {}
         self._offloading: list[UnitActivations] = []
         self._host_releases: list[tuple[Any, list[torch.Tensor]]] = []
         self._stats: IterationStats | None = None
@@ -141,6 +143,7 @@ class ActivationOffloader:
         self._position = 0
         self._offload_units = set()
         self._outputs.clear()
+        self._output_of_unit.clear()
         self._offloading.clear()
         self._host_releases.clear()
         self._stats = None
@@ -174,9 +177,10 @@ class ActivationOffloader:
         outputs = _tensors(result[0] if isinstance(result, tuple) else result)
         if outputs:
             self._outputs[id(outputs[0])] = (weakref.ref(outputs[0]), key)
+            self._output_of_unit[key] = id(outputs[0])
         unit = self.store.units.get(key)
         if unit is not None:
-            self._finish_capture(unit, input_tensors, outputs, offload)
+            self.store.seal(unit, input_tensors, outputs, offload=offload)
         if measuring:
             for t in input_tensors + outputs:
                 self.tracker.track(t.untyped_storage())
@@ -215,9 +219,7 @@ class ActivationOffloader:
         result = step()
         if unit is not None:
             self.store.release(key)
-        for output_id, (ref, owner) in list(self._outputs.items()):
-            if owner == key:
-                del self._outputs[output_id]
+        self._outputs.pop(self._output_of_unit.pop(key, None), None)
         self._position += 1
         return result
 
@@ -237,29 +239,6 @@ class ActivationOffloader:
                 f"order has {expected if expected else 'nothing more'} there: {shown}. The "
                 "offload plan would reload the wrong unit; report this with your schedule flags."
             )
-
-    def _finish_capture(self, unit, inputs, outputs, offload: bool) -> None:
-        # The chunk output may still be read by an asynchronous send: never free it here
-        # (Megatron's deallocate_pipeline_outputs releases it once it is sent).
-        for out in outputs:
-            unit.exclude(out.untyped_storage())
-        if not offload:
-            return
-        # The received input is held by the schedule until backward even when no layer saves
-        # it: it is this unit's memory, so it moves with the unit.
-        for t in inputs:
-            storage = t.untyped_storage()
-            sid = id(storage)
-            if (
-                sid not in unit.movable
-                and type(t) is torch.Tensor
-                and t.device.type == self.store.device_type
-                and storage.resizable()
-                and storage.nbytes() >= max(1, self.config.min_offload_bytes)
-                and all(sid != id(o.untyped_storage()) for o in outputs)
-            ):
-                unit.movable[sid] = storage
-                unit.sizes[sid] = storage.nbytes()
 
     def _start_offload(self, unit: UnitActivations) -> None:
         pairs = []
@@ -370,7 +349,7 @@ def iteration(offloader: ActivationOffloader, order: Sequence[Op], offload_units
     offloader.begin_iteration(order, offload_units)
     try:
         yield offloader
+        offloader.end_iteration()  # its own checks failing abort too
     except BaseException:
         offloader.abort()
         raise
-    offloader.end_iteration()

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_offload.runtime.accounting import ResidentStorageTracker
+from megatron_offload.runtime.accounting import ResidentStorageTracker, StorageWeakSet
 
 UnitKey = tuple[int, int]  # (model chunk, microbatch)
 
@@ -66,9 +66,13 @@ class UnitActivations:
     kept: dict[int, weakref.ref] = field(default_factory=dict)
     """Every storage the unit's saved tensors use (measuring only), movable or not."""
 
-    @property
-    def movable_bytes(self) -> int:
-        return sum(self.sizes.values())
+    def add(self, storage: torch.UntypedStorage, *, shadow: bool = False) -> None:
+        sid = id(storage)
+        if sid not in self.movable:
+            self.movable[sid] = storage
+            self.sizes[sid] = storage.nbytes()
+            if shadow:
+                self.shadowed.add(sid)
 
     def exclude(self, storage: torch.UntypedStorage) -> None:
         self.movable.pop(id(storage), None)
@@ -105,7 +109,7 @@ class ActivationStore:
         self.units: dict[UnitKey, UnitActivations] = {}
         self.iteration = 0
         # Storages that outlive a unit: never moved. Weak, so they do not pin memory.
-        self._persistent = _StorageWeakSet()
+        self._persistent = StorageWeakSet()
         # Storages without grad_fn packed in this iteration -> the unit that packed them first.
         self._first_owner: dict[int, tuple[weakref.ref, UnitKey]] = {}
 
@@ -160,12 +164,7 @@ class ActivationStore:
                 unit.kept[id(storage)] = weakref.ref(storage)
             movable = self._movable(t, storage, key, owned_inputs) if offload else None
             if movable is not None:
-                sid = id(storage)
-                if sid not in unit.movable:
-                    unit.movable[sid] = storage
-                    unit.sizes[sid] = storage.nbytes()
-                    if movable == "shadow":
-                        unit.shadowed.add(sid)
+                unit.add(storage, shadow=movable == "shadow")
                 return _Saved(unit, t.detach())
             return t.detach()
 
@@ -184,6 +183,25 @@ class ActivationStore:
             yield unit
         if unit.state is UnitState.CAPTURING:
             unit.state = UnitState.RESIDENT
+
+    def seal(self, unit: UnitActivations, inputs, outputs, *, offload: bool) -> None:
+        """After the unit's forward returned ``outputs``.
+
+        The chunk output may still be read by an asynchronous send: it is never freed here
+        (Megatron's deallocate_pipeline_outputs releases it once sent). The received inputs
+        move with the unit even when no layer saved them: the schedule holds them until the
+        backward, so they are this unit's memory.
+        """
+        output_ids = {id(out.untyped_storage()) for out in outputs}
+        for out in outputs:
+            unit.exclude(out.untyped_storage())
+        if not offload:
+            return
+        owned = {id(t.untyped_storage()) for t in inputs}
+        for t in inputs:
+            storage = t.untyped_storage()
+            if id(storage) not in output_ids and self._movable(t, storage, unit.key, owned) == "move":
+                unit.add(storage)
 
     def _movable(self, t: torch.Tensor, storage, key: UnitKey, owned_inputs: set[int]):
         """None: stays. "move": offload and free. "shadow": copy out, keep on the device."""
@@ -211,26 +229,3 @@ class ActivationStore:
     def release(self, key: UnitKey) -> UnitActivations:
         """The unit's backward finished: forget it (its storages are autograd's to free)."""
         return self.units.pop(key)
-
-
-class _StorageWeakSet:
-    """A weak set of storages by identity (storages are not hashable by value)."""
-
-    def __init__(self) -> None:
-        self._refs: dict[int, weakref.ref] = {}
-
-    def add(self, storage) -> None:
-        key = id(storage)
-
-        def _forget(_ref, key=key, refs=self._refs):
-            if refs.get(key) is _ref:
-                del refs[key]
-
-        self._refs[key] = weakref.ref(storage, _forget)
-
-    def __contains__(self, storage) -> bool:
-        ref = self._refs.get(id(storage))
-        return ref is not None and ref() is storage
-
-    def __len__(self) -> int:
-        return len(self._refs)

@@ -200,7 +200,9 @@ def test_offload_chunks_outside_range_fails_before_the_first_step(pool4):
             OffloadConfig(policy="chunks", offload_chunks=3),
             iterations=1,
         )
-    assert "forward_step" not in str(info.value)  # raised before any step ran
+    # Raised by the schedule wrapper's checks, before any step reached the runtime.
+    assert "check_against_model" in str(info.value)
+    assert "run_forward" not in str(info.value)
 
 
 # ---------------------------------------------------------------- in-process (no ranks)
