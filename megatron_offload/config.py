@@ -43,7 +43,28 @@ class OffloadConfig:
     """How many ops ahead a reload is started (--offload-prefetch). 1 = reload the unit
     of the next backward when the op before it starts."""
 
+    host_budget_gib: float | None = None
+    """Most host memory this rank's offload pool may hold, in GiB (--offload-host-budget-gib).
+    None: half of the node's available RAM divided by the ranks on the node. The pool refuses,
+    with an error naming this flag, the allocation that would cross it."""
+
     def __post_init__(self) -> None:
+        _require_int("--offload-min-bytes", self.min_offload_bytes)
+        _require_int("--offload-prefetch", self.prefetch_distance)
+        if not isinstance(self.measure_memory, bool):
+            raise ValueError(
+                f"--offload-report takes no value; OffloadConfig.measure_memory must be True "
+                f"or False, not {self.measure_memory!r}"
+            )
+        if self.host_budget_gib is not None and (
+            isinstance(self.host_budget_gib, bool)
+            or not isinstance(self.host_budget_gib, (int, float))
+            or not self.host_budget_gib > 0
+        ):
+            raise ValueError(
+                f"--offload-host-budget-gib {self.host_budget_gib!r} must be a number of GiB "
+                "> 0 (or leave it unset for half the node's available RAM per local rank)"
+            )
         if self.policy not in POLICIES:
             raise ValueError(
                 f"--offload-policy {self.policy!r} is not a policy; choose one of "
@@ -55,7 +76,11 @@ class OffloadConfig:
                     "--offload-policy chunks needs --offload-chunks K (offload model chunks "
                     "0..K-1); add e.g. --offload-chunks 1"
                 )
-            if not isinstance(self.offload_chunks, int) or self.offload_chunks < 0:
+            if (
+                isinstance(self.offload_chunks, bool)
+                or not isinstance(self.offload_chunks, int)
+                or self.offload_chunks < 0
+            ):
                 raise ValueError(
                     f"--offload-chunks {self.offload_chunks!r} must be an integer in 0..v "
                     "(v = virtual pipeline stages); use e.g. --offload-chunks 1"
@@ -81,6 +106,10 @@ class OffloadConfig:
                 "to start at least one op before the backward that needs it"
             )
 
+    @property
+    def host_budget_bytes(self) -> int | None:
+        return None if self.host_budget_gib is None else int(self.host_budget_gib * 2**30)
+
     def check_against_model(self, num_model_chunks: int) -> None:
         """Validate the settings that depend on the model (v); raises before the first step."""
         if self.policy == "chunks" and not 0 <= self.offload_chunks <= num_model_chunks:
@@ -96,6 +125,11 @@ class OffloadConfig:
         if self.policy == "chunks":
             return chunk < self.offload_chunks
         return False
+
+
+def _require_int(flag: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{flag} {value!r} must be an integer")
 
 
 __all__ = ["OffloadConfig", "OffloadPolicy", "POLICIES", "BACKENDS"]

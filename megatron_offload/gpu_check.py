@@ -28,7 +28,8 @@ import torch
 from megatron_offload.config import OffloadConfig
 from megatron_offload.policy import units_to_offload
 from megatron_offload.runtime.offloader import ActivationOffloader
-from megatron_offload.runtime.transfer import HostBufferPool, make_backend
+from megatron_offload.runtime.host_pool import CudaHostRegisterPinner, HostBufferPool
+from megatron_offload.runtime.transfer import make_backend
 from megatron_offload.testing.single_rank import drive, interleaved_rank0_order
 
 
@@ -40,7 +41,7 @@ def _sync(device: torch.device) -> None:
 def measure_link(device: torch.device, nbytes: int, repeats: int = 5) -> dict:
     """GB/s of pinned host <-> device copies through the offload backend's streams."""
     backend = make_backend("auto", device)
-    pool = HostBufferPool(pin_memory=backend.pin_memory)
+    pool = HostBufferPool(pinner=CudaHostRegisterPinner() if backend.pin_memory else None)
     source = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
     target = torch.empty(nbytes, dtype=torch.uint8, device=device)
     host_out, host_in = pool.acquire(nbytes), pool.acquire(nbytes)

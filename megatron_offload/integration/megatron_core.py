@@ -56,6 +56,8 @@ class OffloadRuntime:
     config: OffloadConfig
     offloader: ActivationOffloader | None = None
     active: bool = False
+    passthrough: int = 0
+    """Forward-only passes in progress: their forward_step calls run unpatched."""
     originals: dict = field(default_factory=dict)
 
     @property
@@ -132,11 +134,17 @@ def uninstall() -> None:
     global _runtime
     if _runtime is None:
         return
+    if _runtime.active:
+        raise RuntimeError(
+            "megatron-offload: uninstall() was called while a training iteration is running "
+            "(from inside forward_step_func or a hook?); the remaining steps would skip their "
+            "reloads. Call uninstall() between iterations."
+        )
     schedules = _schedules_module()
     for name, original in _runtime.originals.items():
         setattr(schedules, name, original)
-    if _runtime.offloader is not None and not _runtime.active:
-        _runtime.offloader.pool.clear()
+    if _runtime.offloader is not None:
+        _runtime.offloader.close()  # returns the host pool's (pinned) memory
     _runtime = None
 
 
@@ -152,6 +160,13 @@ def _patched_forward_step(runtime: OffloadRuntime, original):
 
     def forward_step(*args, **kwargs):
         if not runtime.active:
+            if not runtime.passthrough and torch.is_grad_enabled():
+                raise RuntimeError(
+                    "megatron-offload: a training forward_step ran outside the patched "
+                    "schedules: its schedule function was fetched (get_forward_backward_func()) "
+                    "before install(), so nothing would be offloaded. Call install() first "
+                    "(with Megatron-LM: before pretrain(), as megatron_offload.launch does)."
+                )
             return original(*args, **kwargs)
         bound = signature.bind(*args, **kwargs)
         microbatch = bound.arguments.get("current_microbatch")
@@ -186,7 +201,11 @@ def _patched_backward_step(runtime: OffloadRuntime, original):
 def _patched_schedule(runtime: OffloadRuntime, name: str, original):
     def schedule(*args, **kwargs):
         if kwargs.get("forward_only", False) or runtime.active:
-            return original(*args, **kwargs)
+            runtime.passthrough += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                runtime.passthrough -= 1
         model = kwargs.get("model")
         chunks = model if isinstance(model, list) else [model]
         from megatron.core.utils import get_model_config

@@ -80,8 +80,18 @@ class IterationStats:
     host_pool_bytes: int = 0
     """Capacity of the host buffer pool at the end of the iteration."""
     host_pool_buffers: int = 0
+    host_pinned_bytes: int = 0
+    """Bytes the pool really pinned at the end of the iteration (0 on the CPU backend)."""
+    host_peak_bytes: int = 0
+    """Most host bytes holding offloaded activations at once in this iteration (the need)."""
     offloaded_units: int = 0
     units: int = 0
+    kept_shared_storages: int = 0
+    """Saved storages that stayed because something besides the unit's saved tensors
+    referenced them when its forward returned (caches: autocast casts, rotary tables)."""
+    kept_released_storages: int = 0
+    """Saved storages that stayed because their owner had already released them (0 bytes:
+    Megatron's CheckpointWithoutOutput, recomputed before the backward)."""
     unit_bytes: dict = field(default_factory=dict)
     """Bytes each unit kept resident right after its forward, keyed 'chunk,microbatch'
     (requires ``measure_memory``)."""

@@ -5,9 +5,14 @@ Megatron schedules today, the project's own executor later):
 
 - :meth:`run_forward` checks that the step is the next op of the expected order, starts the
   reload of the next backward's unit (one op ahead, so the copy overlaps this op), runs the
-  forward under saved-tensor hooks, then starts the unit's device -> host copy;
-- :meth:`run_backward` makes sure the unit is back (waiting only for its own copy), prefetches
-  the next one, runs the backward and forgets the unit.
+  forward under saved-tensor hooks, then starts the unit's device -> host copy and releases
+  the unit's device bytes at once (the allocator reuses them only after the copy read them);
+- :meth:`run_backward` makes sure the unit is back (compute waits only for its own copy),
+  prefetches the next one, runs the backward and forgets the unit.
+
+A unit counted as offloaded was freed: there is no "copy started but kept" state. After a
+fault, :meth:`abort` copies every offloaded unit back before forgetting it, so tensors the
+caller still holds (a batch kept for a retry, the received inputs) keep their bytes.
 
 A step that does not match the expected order raises: a prefetch that silently missed would
 turn an overlapped copy into a stall, or worse, a use of freed memory.
@@ -24,8 +29,19 @@ import torch
 
 from megatron_offload.config import OffloadConfig
 from megatron_offload.runtime.accounting import IterationStats, ResidentStorageTracker
-from megatron_offload.runtime.store import ActivationStore, UnitActivations, UnitKey, UnitState
-from megatron_offload.runtime.transfer import HostBufferPool, TransferBackend
+from megatron_offload.runtime.store import (
+    ActivationStore,
+    UnitActivations,
+    UnitKey,
+    UnitState,
+    preserve_saved_parameters,
+)
+from megatron_offload.runtime.host_pool import (
+    CudaHostRegisterPinner,
+    HostBufferPool,
+    default_host_budget_bytes,
+)
+from megatron_offload.runtime.transfer import TransferBackend
 from megatron_offload.schedule.ir import Op, OpKind
 
 
@@ -63,7 +79,11 @@ class ActivationOffloader:
             device_type=device_type,
             tracker=self.tracker,
         )
-        self.pool = HostBufferPool(pin_memory=backend.pin_memory)
+        budget = config.host_budget_bytes
+        self.pool = HostBufferPool(
+            pinner=CudaHostRegisterPinner() if backend.pin_memory else None,
+            budget_bytes=default_host_budget_bytes() if budget is None else budget,
+        )
         # The most recent iterations only: a long run must not grow host memory with stats.
         self.iteration_stats: deque[IterationStats] = deque(maxlen=STATS_HISTORY)
         self.iterations_done = 0
@@ -74,7 +94,7 @@ class ActivationOffloader:
         # Megatron's backward_step gets the output tensor, not the microbatch: map it back.
         self._outputs: dict[int, tuple[weakref.ref, UnitKey]] = {}
         self._output_of_unit: dict[UnitKey, int] = {}
-        self._offloading: list[UnitActivations] = []
+        self._parameter_identity = None
         self._host_releases: list[tuple[Any, list[torch.Tensor]]] = []
         self._stats: IterationStats | None = None
 
@@ -93,7 +113,8 @@ class ActivationOffloader:
         self._position = 0
         self._offload_units = set(offload_units)
         self._in_iteration = True
-        self.store.begin_iteration(self.iterations_done)
+        self._parameter_identity = preserve_saved_parameters()
+        self._parameter_identity.__enter__()
         self._stats = IterationStats(
             iteration=self.iterations_done,
             rank_order=" ".join(str(op) for op in self._order),
@@ -116,26 +137,58 @@ class ActivationOffloader:
         stats = self._stats
         stats.host_pool_bytes = self.pool.capacity_bytes
         stats.host_pool_buffers = self.pool.num_buffers
+        stats.host_pinned_bytes = self.pool.pinned_bytes
         self.iteration_stats.append(stats)
         self.iterations_done += 1
         self._reset_iteration_state()
         return stats
 
     def abort(self) -> None:
-        """After an exception mid-iteration: wait for copies in flight, then hold nothing."""
-        for unit in self._offloading:
-            self.backend.wait_host(unit.transfer)
-        for transfer, _ in self._host_releases:
-            self.backend.wait_host(transfer)
-        for unit in self.store.units.values():
-            if unit.state is UnitState.RELOADING:
-                self.backend.wait_host(unit.transfer)
-        self.store.drop_all()
-        self.pool.clear()
-        if self.tracker is not None:
-            self.tracker.clear()
-            self.output_tracker.clear()
-        self._reset_iteration_state()
+        """After an exception mid-iteration: give every offloaded storage its bytes back, wait
+        for copies in flight, then hold nothing. Exception-safe: whatever a wait raises (a
+        second Ctrl-C, a device error), the state is reset and the first error re-raised."""
+        first_error: BaseException | None = None
+        try:
+            for unit in list(self.store.units.values()):
+                try:
+                    self._restore(unit)
+                except BaseException as error:  # keep restoring the others
+                    first_error = first_error or error
+            for transfer, _ in self._host_releases:
+                try:
+                    self.backend.wait_host(transfer)
+                except BaseException as error:
+                    first_error = first_error or error
+        finally:
+            for unit in self.store.units.values():
+                for buffer in unit.host.values():
+                    self.pool.release(buffer)
+                unit.host.clear()
+            for _, buffers in self._host_releases:
+                for buffer in buffers:
+                    self.pool.release(buffer)
+            self.store.drop_all()
+            if self.tracker is not None:
+                self.tracker.clear()
+                self.output_tracker.clear()
+            self._reset_iteration_state()
+        if first_error is not None:
+            raise first_error
+
+    def _restore(self, unit: UnitActivations) -> None:
+        """Synchronously bring an offloaded or reloading unit's bytes back (fault path)."""
+        if unit.state is UnitState.OFFLOADED:
+            pairs = []
+            for sid, storage in unit.movable.items():
+                storage.resize_(unit.sizes[sid])
+                pairs.append((storage, unit.host[sid]))
+            unit.h2d = self.backend.host_to_device(pairs, after=unit.d2h)
+            unit.state = UnitState.RELOADING
+        if unit.state is UnitState.RELOADING:
+            self.backend.wait_host(unit.h2d)
+            unit.state = UnitState.RESIDENT
+        elif unit.d2h is not None:
+            self.backend.wait_host(unit.d2h)
 
     def _reset_iteration_state(self) -> None:
         self._in_iteration = False
@@ -144,20 +197,27 @@ class ActivationOffloader:
         self._offload_units = set()
         self._outputs.clear()
         self._output_of_unit.clear()
-        self._offloading.clear()
         self._host_releases.clear()
         self._stats = None
+        if self._parameter_identity is not None:
+            parameter_identity, self._parameter_identity = self._parameter_identity, None
+            parameter_identity.__exit__(None, None, None)
 
     def holds_no_tensors(self) -> bool:
-        """True when no activation, host copy or pool buffer is referenced by the runtime."""
+        """True when no activation or host copy is referenced by the runtime (the host pool
+        may keep free buffers: it is a cache reused by the next iteration)."""
         return (
             not self.store.units
-            and not self._offloading
             and not self._host_releases
             and not self._outputs
-            and self.pool.capacity_bytes == 0
             and self.pool.in_use_bytes == 0
         )
+
+    def close(self) -> None:
+        """Return the host pool's memory (at uninstall); refuses while an iteration runs."""
+        if self._in_iteration:
+            raise RuntimeError(f"{self.rank_label}close() during an iteration")
+        self.pool.clear()
 
     # --------------------------------------------------------------------------- steps
     def run_forward(self, key: UnitKey, inputs: Sequence, step: Callable[[], Any]) -> Any:
@@ -170,7 +230,7 @@ class ActivationOffloader:
         measuring = self.tracker is not None
         offload = key in self._offload_units
         if offload or measuring:
-            with self.store.capture(key, offload=offload, inputs=tuple(input_tensors)):
+            with self.store.capture(key, offload=offload):
                 result = step()
         else:
             result = step()
@@ -190,6 +250,9 @@ class ActivationOffloader:
             self._stats.unit_bytes[f"{key[0]},{key[1]}"] = self._unit_bytes(
                 unit, input_tensors, outputs
             )
+        if unit is not None:
+            self._stats.kept_shared_storages += unit.skipped_shared
+            self._stats.kept_released_storages += unit.skipped_released
         if unit is not None and offload and unit.movable:
             self._start_offload(unit)
         self._position += 1
@@ -246,26 +309,17 @@ class ActivationOffloader:
             host = self.pool.acquire(unit.sizes[sid])
             unit.host[sid] = host
             pairs.append((storage, host))
-        unit.transfer = self.backend.device_to_host(pairs)
-        unit.state = UnitState.OFFLOADING
+        self._stats.host_peak_bytes = max(self._stats.host_peak_bytes, self.pool.in_use_bytes)
+        unit.d2h = self.backend.device_to_host(pairs)
+        self.backend.release_sources(unit.d2h, list(unit.movable.values()))
+        unit.state = UnitState.OFFLOADED
         self._stats.executed_ops.append(str(Op(OpKind.OFFLOAD, *unit.key)))
-        self._stats.offloaded_bytes += unit.transfer.nbytes
+        self._stats.offloaded_bytes += unit.d2h.nbytes
         self._stats.offloaded_units += 1
-        self._offloading.append(unit)
-        self._advance()
 
     def _advance(self) -> None:
-        """Free device bytes whose host copy completed; recycle host buffers no copy reads."""
-        still = []
-        for unit in self._offloading:
-            if self.backend.is_done(unit.transfer):
-                for storage in unit.freed_storages():
-                    storage.resize_(0)
-                unit.state = UnitState.OFFLOADED
-                unit.transfer = None
-            else:
-                still.append(unit)
-        self._offloading = still
+        """An op boundary: let the backend progress; recycle host buffers no copy reads."""
+        self.backend.poll()
         pending = []
         for transfer, buffers in self._host_releases:
             if self.backend.is_done(transfer):
@@ -280,44 +334,32 @@ class ActivationOffloader:
         for op in self._order[self._position + 1 : last]:
             if op.kind is OpKind.BACKWARD:
                 unit = self.store.units.get(op.unit)
-                if unit is not None and unit.state in (UnitState.OFFLOADING, UnitState.OFFLOADED):
+                if unit is not None and unit.state is UnitState.OFFLOADED:
                     self._start_reload(unit)
 
     def _start_reload(self, unit: UnitActivations) -> None:
         self._stats.executed_ops.append(str(Op(OpKind.RELOAD, *unit.key)))
-        if unit.state is UnitState.OFFLOADING:
-            # The device bytes were never freed: cancel the offload, recycle the host buffers
-            # once the copy that writes them is done.
-            self._offloading.remove(unit)
-            self._host_releases.append((unit.transfer, list(unit.host.values())))
-            unit.host.clear()
-            unit.transfer = None
-            unit.state = UnitState.RESIDENT
-            return
         pairs = []
         for sid, storage in unit.movable.items():
-            if sid in unit.shadowed:
-                continue  # never left the device
             storage.resize_(unit.sizes[sid])
             pairs.append((storage, unit.host[sid]))
-        unit.transfer = self.backend.host_to_device(pairs)
+        # The copy back waits for the copy out (still in flight when the lifespan is short).
+        unit.h2d = self.backend.host_to_device(pairs, after=unit.d2h)
+        self._host_releases.append((unit.h2d, list(unit.host.values())))
+        unit.host.clear()
+        unit.d2h = None
         unit.state = UnitState.RELOADING
-        self._stats.reloaded_bytes += unit.transfer.nbytes
+        self._stats.reloaded_bytes += unit.h2d.nbytes
 
     def _make_resident(self, unit: UnitActivations) -> None:
-        if unit.state in (UnitState.OFFLOADING, UnitState.OFFLOADED):
+        if unit.state is UnitState.OFFLOADED:
             self._start_reload(unit)  # not prefetched (prefetch distance 0 or first op)
         if unit.state is UnitState.RELOADING:
-            self.backend.order_compute_after(unit.transfer)
-            self._host_releases.append((unit.transfer, list(unit.host.values())))
-            unit.host.clear()
-            unit.transfer = None
+            self.backend.order_compute_after(unit.h2d)
+            unit.h2d = None
             unit.state = UnitState.RESIDENT
-            self._advance()
 
     def _drain(self) -> None:
-        for unit in self._offloading:
-            self.backend.wait_host(unit.transfer)
         for transfer, _ in self._host_releases:
             self.backend.wait_host(transfer)
         self._advance()

@@ -1,13 +1,18 @@
 """Saved-tensor capture per (model chunk, microbatch) unit: what stays, what may move.
 
 A unit's forward runs inside :meth:`ActivationStore.capture`, a pair of autograd saved-tensor
-hooks. Each saved tensor is classified once, at pack time:
+hooks. At pack time each saved tensor is screened; the decision to move a storage is taken
+once, when the forward has returned (:meth:`ActivationStore.seal`):
 
-- stays on the device: parameters, views of parameters and tensor subclasses, tensors on another device, tensors
-  smaller than ``min_offload_bytes``, tensors marked with :func:`mark_not_offloadable`,
-  storages that cannot be resized, and storages that outlive the unit (caches such as rotary
-  tables: seen by another unit, or alive across an iteration boundary);
-- may move: everything else. A storage shared by several saved views is recorded once.
+- stays on the device: parameters, views of parameters, tensor subclasses, tensors on another
+  device, tensors smaller than ``min_offload_bytes``, tensors marked with
+  :func:`mark_not_offloadable`, storages that cannot be resized, storages their owner already
+  released (Megatron's ``CheckpointWithoutOutput`` shrinks its output to 0 bytes during the
+  forward and regrows it by recompute), and storages referenced by anything besides this
+  unit's saved tensors once the forward returned (caches: autocast's weight casts, rotary
+  tables, a module's buffers; another unit can only read a storage it can reach);
+- moves: everything else, plus the received inputs the schedule handed to the forward (the
+  schedule keeps them until the backward, so they are this unit's memory).
 
 Moving is done on whole storages *in place*: offload copies the bytes out and shrinks the
 storage to zero bytes; reload grows it back and copies the bytes in. Every alias of the storage
@@ -15,16 +20,24 @@ storage to zero bytes; reload grows it back and copies the bytes in. Every alias
 bytes leave and come back, so nothing else needs to be released or rebuilt, and numerics are
 bitwise unchanged.
 
-Tensors created inside a custom autograd Function (Transformer Engine, Megatron's fused
-cross entropy) carry no ``grad_fn`` and could in principle be caches shared across units; such
-tensors move only from the second iteration on, once sharing and persistence have been
-observed for one iteration.
+Two things autograd does without hooks and stops doing with them are restored here:
+
+- version counters: autograd checks a saved tensor's version at unpack only when no hooks are
+  installed. The store records the version at pack and raises autograd's error at unpack, so
+  an in-place write after save stays a loud error instead of a silently wrong gradient;
+- parameter identity: with hooks, ``ctx.saved_tensors`` returns a new tensor object for a saved
+  Parameter, without its Python attributes (``main_grad``, ``grad_added_to_main_grad``), so
+  Megatron's and Transformer Engine's fused weight-gradient accumulation lose track of it.
+  :func:`preserve_saved_parameters` makes ``ctx.saved_tensors`` return the Parameter object
+  itself, as autograd does without hooks.
 """
 from __future__ import annotations
 
 import contextlib
 import enum
+import threading
 import weakref
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -37,17 +50,89 @@ _KEEP_ATTR = "_megatron_offload_keep"
 
 
 def mark_not_offloadable(tensor: torch.Tensor) -> torch.Tensor:
-    """Keep ``tensor`` on the device whenever autograd saves it (returns it for chaining)."""
+    """Keep ``tensor``'s storage on the device whenever autograd saves it (returns it)."""
     setattr(tensor, _KEEP_ATTR, True)
     return tensor
 
 
+def storage_use_count(storage: torch.UntypedStorage) -> int:
+    """References to the storage's memory: tensors over it and live Python storage objects."""
+    return torch._C._storage_Use_Count(storage._cdata)
+
+
+# ------------------------------------------------------------------- parameter identity
+_identity = threading.local()
+_identity_users = 0
+_ORIGINAL_SAVED_TENSORS = torch._C._FunctionBase.__dict__["saved_tensors"]
+
+
+def _saved_tensors_with_parameters(ctx):
+    frame: list[torch.Tensor] = []
+    stack = getattr(_identity, "stack", None)
+    if stack is None:
+        stack = _identity.stack = []
+    stack.append(frame)
+    try:
+        tensors = _ORIGINAL_SAVED_TENSORS.__get__(ctx)
+    finally:
+        stack.pop()
+    if not frame:
+        return tensors
+    # Our unpack hook saw these Parameters, in the order autograd unpacked them.
+    restored = list(tensors)
+    pending = iter(frame)
+    param = next(pending, None)
+    for i, t in enumerate(restored):
+        if param is None:
+            break
+        if isinstance(t, torch.Tensor) and _same_view(t, param):
+            restored[i] = param
+            param = next(pending, None)
+    return tuple(restored)
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+    )
+
+
+def _note_unpacked_parameter(param: torch.nn.Parameter) -> None:
+    stack = getattr(_identity, "stack", None)
+    if stack:
+        stack[-1].append(param)
+
+
+@contextlib.contextmanager
+def preserve_saved_parameters():
+    """While active, custom autograd Functions get saved Parameters back as themselves.
+
+    Patches ``torch.autograd.function.BackwardCFunction.saved_tensors`` (the ``ctx`` class of
+    every custom Function); nested uses share one patch, the last exit removes it.
+    """
+    global _identity_users
+    from torch.autograd.function import BackwardCFunction
+
+    if _identity_users == 0:
+        BackwardCFunction.saved_tensors = property(_saved_tensors_with_parameters)
+    _identity_users += 1
+    try:
+        yield
+    finally:
+        _identity_users -= 1
+        if _identity_users == 0:
+            del BackwardCFunction.saved_tensors
+
+
+# ------------------------------------------------------------------------------- units
 class UnitState(enum.Enum):
     CAPTURING = "capturing"  # its forward is running
     RESIDENT = "resident"
-    OFFLOADING = "offloading"  # D2H copy in flight; device bytes still allocated
-    OFFLOADED = "offloaded"  # device bytes freed; host copy complete
-    RELOADING = "reloading"  # H2D copy in flight into re-grown storages
+    OFFLOADED = "offloaded"  # device bytes released; the D2H copy may still be in flight
+    RELOADING = "reloading"  # storages regrown; the H2D copy may still be in flight
 
 
 @dataclass(slots=True, eq=False)
@@ -55,46 +140,60 @@ class UnitActivations:
     key: UnitKey
     state: UnitState = UnitState.CAPTURING
     movable: dict[int, torch.UntypedStorage] = field(default_factory=dict)
-    """Storages this unit may move, by id (strong references: a storage shrunk to zero bytes
+    """Storages this unit moves, by id (strong references: a storage shrunk to zero bytes
     costs nothing, and holding it is what lets it be grown back in place)."""
     sizes: dict[int, int] = field(default_factory=dict)
-    shadowed: set[int] = field(default_factory=set)
-    """Storages copied out but kept on the device: candidates whose ownership is still being
-    observed (first iteration). Copying them anyway sizes the host pool for the steady state."""
     host: dict[int, torch.Tensor] = field(default_factory=dict)
-    transfer: object | None = None
+    d2h: object | None = None
+    """The device -> host copy of this unit (until its host copy has been read back)."""
+    h2d: object | None = None
+    candidates: dict[int, torch.UntypedStorage] = field(default_factory=dict)
+    """While capturing: storages that passed the pack-time screen, decided at seal."""
+    holders: Counter = field(default_factory=Counter)
+    """While capturing: how many saved tensors of this unit hold each storage."""
+    vetoed: set[int] = field(default_factory=set)
     kept: dict[int, weakref.ref] = field(default_factory=dict)
     """Every storage the unit's saved tensors use (measuring only), movable or not."""
+    skipped_released: int = 0
+    """Candidate storages already released by their owner when the forward returned."""
+    skipped_shared: int = 0
+    """Candidate storages referenced outside this unit's saved tensors (caches)."""
 
-    def add(self, storage: torch.UntypedStorage, *, shadow: bool = False) -> None:
-        sid = id(storage)
-        if sid not in self.movable:
-            self.movable[sid] = storage
-            self.sizes[sid] = storage.nbytes()
-            if shadow:
-                self.shadowed.add(sid)
-
-    def exclude(self, storage: torch.UntypedStorage) -> None:
-        self.movable.pop(id(storage), None)
-        self.sizes.pop(id(storage), None)
-        self.shadowed.discard(id(storage))
-
-    def freed_storages(self):
-        return [s for sid, s in self.movable.items() if sid not in self.shadowed]
+    @property
+    def nbytes(self) -> int:
+        return sum(self.sizes.values())
 
 
-class _Saved:
-    """What the pack hook returns for a tensor of an offloadable unit."""
+class _Held:
+    """What the pack hook returns: the tensor, its version at save, the unit that saved it."""
 
-    __slots__ = ("unit", "tensor")
+    __slots__ = ("tensor", "version", "unit")
 
-    def __init__(self, unit: UnitActivations, tensor: torch.Tensor) -> None:
-        self.unit = unit
+    def __init__(self, tensor: torch.Tensor, version: int, unit: UnitActivations | None) -> None:
         self.tensor = tensor
+        self.version = version
+        self.unit = unit
+
+
+class _HeldParameter(_Held):
+    __slots__ = ()
+
+
+def _check_version(held: _Held) -> None:
+    now = held.tensor._version
+    if now != held.version:
+        t = held.tensor
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an "
+            f"inplace operation: [{t.type()} {list(t.shape)}] is at version {now}; expected "
+            f"version {held.version} instead. (Checked by megatron-offload, since autograd "
+            "does not check versions while saved-tensor hooks are installed.) Hint: find the "
+            "in-place write to this tensor after it was saved, or clone() it before writing."
+        )
 
 
 class ActivationStore:
-    """Classifies saved tensors per unit and keeps the per-unit records."""
+    """Screens saved tensors per unit, decides what moves, keeps the per-unit records."""
 
     def __init__(
         self,
@@ -107,124 +206,114 @@ class ActivationStore:
         self.device_type = device_type
         self.tracker = tracker
         self.units: dict[UnitKey, UnitActivations] = {}
-        self.iteration = 0
-        # Storages that outlive a unit: never moved. Weak, so they do not pin memory.
+        # Model parameters and buffers: never candidates (a fast path, the reference count
+        # rule would keep them too). Weak, so a rebuilt model's old storages can go.
         self._persistent = StorageWeakSet()
-        # Storages without grad_fn packed in this iteration -> the unit that packed them first.
-        self._first_owner: dict[int, tuple[weakref.ref, UnitKey]] = {}
-
-    # ----------------------------------------------------------------- iteration boundaries
-    def begin_iteration(self, iteration: int) -> None:
-        self.iteration = iteration
-        # Anything still alive from the previous iteration is a cache, not an activation.
-        for ref, _ in self._first_owner.values():
-            storage = ref()
-            if storage is not None and storage.nbytes() > 0:
-                self._persistent.add(storage)
-        self._first_owner.clear()
 
     def add_persistent(self, tensors) -> None:
-        """Never move these tensors' storages (model parameters, buffers, caches)."""
+        """Never move these tensors' storages (model parameters, buffers)."""
         for t in tensors:
             if isinstance(t, torch.Tensor):
                 self._persistent.add(t.untyped_storage())
 
     def drop_all(self) -> None:
-        """Forget every unit (after a fault); restores nothing."""
+        """Forget every unit (after a fault, once their storages were restored)."""
         self.units.clear()
-        self._first_owner.clear()
 
     # --------------------------------------------------------------------------- capture
     @contextlib.contextmanager
-    def capture(self, key: UnitKey, *, offload: bool, inputs: tuple = ()):
-        """Run a unit's forward under saved-tensor hooks.
-
-        ``offload``: record movable storages for this unit. ``inputs``: the tensors the
-        schedule handed to this forward (received activations); they belong to the unit even
-        though they carry no ``grad_fn``.
-        """
+    def capture(self, key: UnitKey, *, offload: bool):
+        """Run a unit's forward under saved-tensor hooks (``offload``: screen candidates)."""
         if key in self.units:
             raise RuntimeError(f"unit (chunk, microbatch) = {key} captured twice in one iteration")
         unit = UnitActivations(key=key)
         self.units[key] = unit
-        owned_inputs = {
-            id(t.untyped_storage()) for t in inputs if isinstance(t, torch.Tensor)
-        }
         tracker = self.tracker
 
         def pack(t: torch.Tensor):
-            # Parameters and their views (weight.t() saved by a linear) are not activations.
-            if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter):
-                return t.detach()
+            if isinstance(t, torch.nn.Parameter):
+                return _HeldParameter(t, t._version, None)
+            held = _Held(t.detach(), t._version, unit)
+            if isinstance(t._base, torch.nn.Parameter):  # weight.t() saved by a linear
+                return held
             storage = t.untyped_storage()
             if storage in self._persistent:
-                return t.detach()
+                return held
             if tracker is not None and t.device.type == self.device_type:
                 tracker.track(storage)
                 unit.kept[id(storage)] = weakref.ref(storage)
-            movable = self._movable(t, storage, key, owned_inputs) if offload else None
-            if movable is not None:
-                unit.add(storage, shadow=movable == "shadow")
-                return _Saved(unit, t.detach())
-            return t.detach()
+            if offload:
+                sid = id(storage)
+                unit.holders[sid] += 1
+                if self._screen(t, storage):
+                    unit.candidates.setdefault(sid, storage)
+                else:
+                    unit.vetoed.add(sid)
+            return held
 
-        def unpack(saved):
-            if isinstance(saved, _Saved):
-                if saved.unit.state not in (UnitState.RESIDENT, UnitState.CAPTURING):
-                    raise RuntimeError(
-                        f"activation of unit (chunk, microbatch) = {saved.unit.key} used while "
-                        f"{saved.unit.state.value}: its reload was not issued before its "
-                        "backward (schedule order and offload plan disagree)"
-                    )
-                return saved.tensor
-            return saved
+        def unpack(held):
+            if isinstance(held, _HeldParameter):
+                _check_version(held)
+                _note_unpacked_parameter(held.tensor)
+                return held.tensor
+            unit_ = held.unit
+            if unit_.state not in (UnitState.RESIDENT, UnitState.CAPTURING) and (
+                id(held.tensor.untyped_storage()) in unit_.movable
+            ):
+                raise RuntimeError(
+                    f"activation of unit (chunk, microbatch) = {unit_.key} used while "
+                    f"{unit_.state.value}: its reload was not issued before its backward "
+                    "(schedule order and offload plan disagree)"
+                )
+            _check_version(held)
+            return held.tensor
 
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield unit
         if unit.state is UnitState.CAPTURING:
             unit.state = UnitState.RESIDENT
 
-    def seal(self, unit: UnitActivations, inputs, outputs, *, offload: bool) -> None:
-        """After the unit's forward returned ``outputs``.
+    def _screen(self, t: torch.Tensor, storage: torch.UntypedStorage) -> bool:
+        """Pack-time checks that do not depend on what happens later in the forward."""
+        if type(t) is not torch.Tensor or t.device.type != self.device_type:
+            return False
+        if getattr(t, _KEEP_ATTR, False) or not storage.resizable():
+            return False
+        return storage.nbytes() >= max(self.min_offload_bytes, 1)
 
-        The chunk output may still be read by an asynchronous send: it is never freed here
-        (Megatron's deallocate_pipeline_outputs releases it once sent). The received inputs
-        move with the unit even when no layer saved them: the schedule holds them until the
-        backward, so they are this unit's memory.
+    def seal(self, unit: UnitActivations, inputs, outputs, *, offload: bool) -> None:
+        """Decide what moves, now that the unit's forward returned ``outputs``.
+
+        A candidate moves when nothing but this unit's saved tensors (and the store's own
+        handle) references its storage: nobody else can then read it before the backward.
+        The chunk output never moves (an asynchronous send may still read it; Megatron's
+        deallocate_pipeline_outputs releases it). The received inputs always move, unless
+        they are the output too.
         """
-        output_ids = {id(out.untyped_storage()) for out in outputs}
-        for out in outputs:
-            unit.exclude(out.untyped_storage())
+        candidates, holders, vetoed = unit.candidates, unit.holders, unit.vetoed
+        unit.candidates, unit.holders, unit.vetoed = {}, Counter(), set()
         if not offload:
             return
-        owned = {id(t.untyped_storage()) for t in inputs}
+        excluded = vetoed | {id(out.untyped_storage()) for out in outputs}
         for t in inputs:
             storage = t.untyped_storage()
-            if id(storage) not in output_ids and self._movable(t, storage, unit.key, owned) == "move":
-                unit.add(storage)
-
-    def _movable(self, t: torch.Tensor, storage, key: UnitKey, owned_inputs: set[int]):
-        """None: stays. "move": offload and free. "shadow": copy out, keep on the device."""
-        if type(t) is not torch.Tensor or t.device.type != self.device_type:
-            return None
-        if getattr(t, _KEEP_ATTR, False) or not storage.resizable():
-            return None
-        if storage.nbytes() < self.min_offload_bytes or storage.nbytes() == 0:
-            return None
-        if t.grad_fn is not None or id(storage) in owned_inputs:
-            return "move"
-        # No grad_fn: an intermediate of a custom Function, data, a mask -- or a cache.
-        sid = id(storage)
-        seen = self._first_owner.get(sid)
-        if seen is not None and seen[0]() is storage:
-            if seen[1] != key:  # shared by two units: a cache
-                self._persistent.add(storage)
-                for unit in self.units.values():
-                    unit.exclude(storage)
-                return None
-        else:
-            self._first_owner[sid] = (weakref.ref(storage), key)
-        return "move" if self.iteration > 0 else "shadow"
+            sid = id(storage)
+            if sid not in excluded and self._screen(t, storage):
+                unit.movable[sid] = storage
+                unit.sizes[sid] = storage.nbytes()
+        for sid, storage in candidates.items():
+            if sid in excluded or sid in unit.movable:
+                continue
+            size = storage.nbytes()
+            if size == 0:
+                unit.skipped_released += 1
+                continue
+            # + 1: the Python storage object in ``candidates`` holds a reference too.
+            if storage_use_count(storage) > holders[sid] + 1:
+                unit.skipped_shared += 1
+                continue
+            unit.movable[sid] = storage
+            unit.sizes[sid] = size
 
     def release(self, key: UnitKey) -> UnitActivations:
         """The unit's backward finished: forget it (its storages are autograd's to free)."""

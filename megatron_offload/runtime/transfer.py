@@ -1,80 +1,25 @@
 """How bytes move between device and host: a reusable host buffer pool and two backends.
 
 Mechanism only: this module never decides what to offload or when (see ``policy.py`` and
-``offloader.py``). Both backends move whole storages (``torch.UntypedStorage``) so that every
+``offloader.py``); host buffers come from ``host_pool.py``. Both backends move whole storages (``torch.UntypedStorage``) so that every
 view of a storage travels once and comes back in place.
 
 - :class:`CudaTransferBackend`: one D2H and one H2D stream (full duplex), CUDA events order
-  copies against the compute stream, host buffers are pinned.
+  copies against the compute stream, host buffers are pinned (``host_pool.py``), and a source
+  is freed as soon as its copy is enqueued (``record_stream``).
 - :class:`CpuTransferBackend`: the same contract with synchronous copies into a separate host
   pool. Used on machines without a GPU so that everything but the overlap is exercised.
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-#: Host buffers are rounded up to this many bytes so that slightly different sizes share a
-#: size class and the pool reaches a fixed point after the first iteration.
-HOST_BUFFER_ALIGNMENT = 4096
-
-
 def byte_view(storage: torch.UntypedStorage) -> torch.Tensor:
     """A flat uint8 tensor over the whole storage (no copy)."""
     return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
-
-
-class HostBufferPool:
-    """Host buffers allocated on first use and reused every iteration.
-
-    Pinned allocation (cudaHostAlloc) costs milliseconds and synchronizes the device, so a
-    buffer is never freed while the pool lives: released buffers go to a free list per size
-    class and the next request of that class takes one. Because every iteration asks for the
-    same sizes in the same order, the pool stops growing after the first iteration.
-    """
-
-    def __init__(self, *, pin_memory: bool) -> None:
-        self.pin_memory = pin_memory
-        self._free: dict[int, list[torch.Tensor]] = defaultdict(list)
-        self._in_use: dict[int, torch.Tensor] = {}  # id(view) -> backing buffer
-        self.capacity_bytes = 0
-        self.num_buffers = 0
-
-    @staticmethod
-    def size_class(nbytes: int) -> int:
-        return max(HOST_BUFFER_ALIGNMENT, -(-nbytes // HOST_BUFFER_ALIGNMENT) * HOST_BUFFER_ALIGNMENT)
-
-    def acquire(self, nbytes: int) -> torch.Tensor:
-        """A host uint8 tensor of exactly ``nbytes`` (a view into a pooled buffer)."""
-        size = self.size_class(nbytes)
-        free = self._free[size]
-        if free:
-            backing = free.pop()
-        else:
-            backing = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin_memory)
-            self.capacity_bytes += size
-            self.num_buffers += 1
-        view = backing[:nbytes]
-        self._in_use[id(view)] = backing
-        return view
-
-    def release(self, view: torch.Tensor) -> None:
-        backing = self._in_use.pop(id(view))
-        self._free[backing.numel()].append(backing)
-
-    @property
-    def in_use_bytes(self) -> int:
-        return sum(b.numel() for b in self._in_use.values())
-
-    def clear(self) -> None:
-        """Drop every buffer (after a fault, or at shutdown)."""
-        self._free.clear()
-        self._in_use.clear()
-        self.capacity_bytes = 0
-        self.num_buffers = 0
 
 
 @dataclass(slots=True)
@@ -92,8 +37,18 @@ class TransferBackend(Protocol):
     def device_to_host(self, pairs: list[tuple[torch.UntypedStorage, torch.Tensor]]) -> Transfer:
         """Copy each device storage into its host buffer, ordered after the compute issued so far."""
 
-    def host_to_device(self, pairs: list[tuple[torch.UntypedStorage, torch.Tensor]]) -> Transfer:
-        """Copy each host buffer back into its (already re-allocated) device storage."""
+    def release_sources(self, transfer: Transfer, storages: list[torch.UntypedStorage]) -> None:
+        """Free the device bytes of ``storages`` now, although ``transfer`` may still read them:
+        the memory must not be reused before the copy has read it."""
+
+    def host_to_device(
+        self, pairs: list[tuple[torch.UntypedStorage, torch.Tensor]], after: Transfer | None
+    ) -> Transfer:
+        """Copy each host buffer back into its (already regrown) device storage, once
+        ``after`` (the copy that filled the host buffers) has finished."""
+
+    def poll(self) -> None:
+        """Called at every op boundary (a fake asynchronous backend advances its clock)."""
 
     def is_done(self, transfer: Transfer) -> bool:
         """True when the copies finished (non-blocking)."""
@@ -123,12 +78,19 @@ class CpuTransferBackend:
             nbytes += host.numel()
         return Transfer(event=None, nbytes=nbytes)
 
-    def host_to_device(self, pairs):
+    def release_sources(self, transfer, storages):
+        for storage in storages:
+            storage.resize_(0)
+
+    def host_to_device(self, pairs, after=None):
         nbytes = 0
         for storage, host in pairs:
             byte_view(storage).copy_(host)
             nbytes += host.numel()
         return Transfer(event=None, nbytes=nbytes)
+
+    def poll(self) -> None:
+        return None
 
     def is_done(self, transfer: Transfer) -> bool:
         return True
@@ -151,11 +113,14 @@ class CudaTransferBackend:
         self.d2h_stream = torch.cuda.Stream(device=self.device)
         self.h2d_stream = torch.cuda.Stream(device=self.device)
 
-    def _copy_on(self, stream, pairs, to_host: bool) -> Transfer:
-        # The copy must see everything compute has produced (D2H) or allocated (H2D) so far.
+    def _copy_on(self, stream, pairs, to_host: bool, after: Transfer | None = None) -> Transfer:
+        # The copy must see everything compute has produced (D2H) or allocated (H2D) so far,
+        # and a reload must not read a host buffer its offload is still writing.
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(self.device))
         stream.wait_event(ready)
+        if after is not None and after.event is not None:
+            stream.wait_event(after.event)
         nbytes = 0
         with torch.cuda.stream(stream):
             for storage, host in pairs:
@@ -171,8 +136,18 @@ class CudaTransferBackend:
     def device_to_host(self, pairs):
         return self._copy_on(self.d2h_stream, pairs, to_host=True)
 
-    def host_to_device(self, pairs):
-        return self._copy_on(self.h2d_stream, pairs, to_host=False)
+    def release_sources(self, transfer, storages):
+        # The caching allocator keeps a freed block that another stream used until that
+        # stream's queued work has passed it: free at once, reuse only after the copy.
+        for storage in storages:
+            byte_view(storage).record_stream(self.d2h_stream)
+            storage.resize_(0)
+
+    def host_to_device(self, pairs, after=None):
+        return self._copy_on(self.h2d_stream, pairs, to_host=False, after=after)
+
+    def poll(self) -> None:
+        return None
 
     def is_done(self, transfer: Transfer) -> bool:
         return transfer.event is None or transfer.event.query()

@@ -260,3 +260,44 @@ def test_unsupported_megatron_version_is_refused():
 def test_bad_config_names_the_flag(kwargs, flag):
     with pytest.raises(ValueError, match=flag):
         OffloadConfig(**kwargs)
+
+
+# ------------------------------------------------------------- review F11 (in-process)
+def test_uninstall_during_an_iteration_is_refused():
+    runtime = megatron_core.install(OffloadConfig(policy="full"))
+    runtime.active = True  # what the patched schedule sets while its steps run
+    try:
+        with pytest.raises(RuntimeError, match="between iterations"):
+            megatron_core.uninstall()
+    finally:
+        runtime.active = False
+        megatron_core.uninstall()
+    from megatron.core.pipeline_parallel import schedules
+
+    assert not hasattr(schedules.forward_step, "__wrapped__")
+
+
+def test_training_step_from_a_schedule_fetched_before_install_is_an_error():
+    """A schedule function bound before install() calls the patched forward_step with the
+    runtime inactive: that would train without offloading, silently."""
+    import torch
+    from megatron.core.pipeline_parallel import schedules
+
+    megatron_core.install(OffloadConfig(policy="full"))
+    try:
+        with pytest.raises(RuntimeError, match=r"fetched .*before install\(\)"):
+            schedules.forward_step(
+                forward_step_func=None, data_iterator=None, model=None, num_microbatches=1,
+                input_tensor=None, forward_data_store=[], config=None, cp_group_size=1,
+                current_microbatch=0,
+            )
+        with torch.no_grad():  # an evaluation pass (forward only, no grad) passes through
+            with pytest.raises(Exception) as info:
+                schedules.forward_step(
+                    forward_step_func=None, data_iterator=None, model=None,
+                    num_microbatches=1, input_tensor=None, forward_data_store=[], config=None,
+                    cp_group_size=1, current_microbatch=0,
+                )
+            assert "before install" not in str(info.value)  # reached Megatron's own code
+    finally:
+        megatron_core.uninstall()

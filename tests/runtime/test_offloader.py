@@ -9,7 +9,7 @@ from megatron_offload.config import OffloadConfig
 from megatron_offload.policy import unit_lifespans, units_to_offload
 from megatron_offload.runtime.offloader import ActivationOffloader, ScheduleMismatchError, iteration
 from megatron_offload.runtime.store import mark_not_offloadable
-from megatron_offload.runtime.transfer import CpuTransferBackend, HostBufferPool
+from megatron_offload.runtime.transfer import CpuTransferBackend
 from megatron_offload.schedule.ir import Op
 
 HIDDEN = 64
@@ -107,18 +107,16 @@ def test_lifespans_and_policy():
 
 def test_full_offload_is_bitwise_identical_and_frees_memory():
     order = order_1f1b(warmup=3, microbatches=6)
-    reference = run(make_model(), order)
+    reference = run(make_model(), order, iterations=3)
     offloader = offloader_for()
     offload = units_to_offload(order, offloader.config)
-    got = run(make_model(), order, offloader, offload, iterations=2)
-    assert all(torch.equal(a, b) for a, b in zip(reference[0], got[0]))
-    # Iteration 0 keeps tensors without grad_fn (LayerNorm mean/rstd here) until sharing has
-    # been observed once; from iteration 1 on those move too.
-    stats = offloader.iteration_stats[1]
-    assert stats.offloaded_units == 6
-    assert stats.offloaded_bytes == stats.reloaded_bytes > 0
-    first = offloader.iteration_stats[0]  # copied the candidates too, but kept them
-    assert first.offloaded_bytes == stats.offloaded_bytes > first.reloaded_bytes
+    got = run(make_model(), order, offloader, offload, iterations=3)
+    for it in range(3):  # every iteration, each against its own reference
+        assert all(torch.equal(a, b) for a, b in zip(reference[it], got[it])), it
+    for stats in offloader.iteration_stats:  # iteration 0 included: nothing is only shadowed
+        assert stats.offloaded_units == 6
+        assert stats.offloaded_bytes == stats.reloaded_bytes > 0
+    stats = offloader.iteration_stats[-1]
 
     baseline = offloader_for(policy="none")
     run(make_model(), order, baseline, set())
@@ -156,7 +154,7 @@ def test_small_parameters_and_marked_tensors_stay():
     unit = offloader.store.units[(0, 0)]
     sizes = sorted(unit.sizes.values())
     assert sizes and min(sizes) > TOKENS * HIDDEN * 4  # only the 4x-wide MLP tensors moved
-    assert all(not isinstance(s, torch.nn.Parameter) for s in unit.movable.values())
+    assert not {id(p.untyped_storage()) for p in model.parameters()} & set(unit.movable)
     offloader.abort()
 
     offloader = offloader_for()
@@ -211,17 +209,10 @@ def test_fault_mid_iteration_leaves_nothing_and_next_iteration_is_exact():
     with pytest.raises(RuntimeError, match="injected fault"):
         run(make_model(), order, offloader, offload, fault_at=(0, 4))
     assert offloader.holds_no_tensors()
+    assert offloader.pool.in_use_bytes == 0
     reference = run(make_model(), order)
     got = run(make_model(), order, offloader, offload)
     assert all(torch.equal(a, b) for a, b in zip(reference[0], got[0]))
-
-
-def test_pool_size_classes_are_reused():
-    pool = HostBufferPool(pin_memory=False)
-    a = pool.acquire(5000)
-    pool.release(a)
-    b = pool.acquire(4100)  # same 8 KiB class
-    assert pool.num_buffers == 1 and b.numel() == 4100
 
 
 def test_runtime_schedule_is_valid_ir_with_copies_where_the_runtime_makes_them():
