@@ -11,6 +11,7 @@ import importlib
 import sys
 
 COMMANDS: dict[str, str] = {
+    "plan": "megatron_offload.cli_plan",
     "simulate": "megatron_offload.cli_simulate",
     "train": "megatron_offload.train",
 }

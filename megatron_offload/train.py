@@ -80,6 +80,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="saved tensors below this stay on the device (0 on CPU: the demo model is tiny)",
     )
     offload.add_argument(
+        "--offload-host-budget-gib", type=float, default=None,
+        help="most host memory the offload pool of one rank may hold (default: half the "
+        "node's available RAM divided by the ranks on the node)",
+    )
+    offload.add_argument(
         "--offload-report", action=argparse.BooleanOptionalAction, default=True,
         help="measure resident activation bytes per rank (weak references to storages)",
     )
@@ -151,6 +156,7 @@ def _offload_config(args, parser) -> OffloadConfig | None:
             offload_chunks=args.offload_chunks,
             min_offload_bytes=args.offload_min_bytes,
             measure_memory=args.offload_report,
+            host_budget_gib=args.offload_host_budget_gib,
             backend="cpu" if args.device == "cpu" else "auto",
         )
     except ValueError as error:

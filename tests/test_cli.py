@@ -15,7 +15,7 @@ TRAIN_FLAGS = {
     "--num-layers-per-virtual-pipeline-stage", "--train-iters", "--nproc", "--device", "--seed", "--lr",
     "--no-baseline", "--json", "--pipeline-offload", "--no-pipeline-offload",
     "--offload-policy", "--offload-chunks", "--offload-min-bytes", "--offload-report",
-    "--no-offload-report",
+    "--no-offload-report", "--offload-host-budget-gib",
 }
 
 

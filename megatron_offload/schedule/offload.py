@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -131,14 +131,15 @@ def plan_offload(
     *,
     chunks: int | None = None,
     units: Iterable[tuple[int, int, int]] | None = None,
-    memory_target: int | None = None,
+    memory_target: int | Sequence[int] | None = None,
     baseline: Simulation | None = None,
 ) -> OffloadPlan:
     """Insert offload/reload ops into ``schedule`` (which must have none).
 
     Candidates: units of model chunks ``< chunks`` (--offload-chunks K), or the explicit
     ``units`` as (rank, chunk, microbatch), or all units. ``memory_target``: stop offloading on
-    a rank once its simulated peak is at most this many units.
+    a rank once its simulated peak is at most this many units (one number for every rank, or
+    one per rank; ranks sharing a link aim at the lower of their targets).
     """
     if schedule.has_offload:
         raise ValueError("plan_offload takes a schedule without offload ops; use schedule.without_offload()")
@@ -146,8 +147,12 @@ def plan_offload(
         raise ValueError(f"--offload-chunks {chunks} must lie in 0..--vpp ({schedule.vpp})")
     if chunks is not None and units is not None:
         raise ValueError("give candidate chunks or candidate units, not both")
-    if memory_target is not None and memory_target < 0:
-        raise ValueError(f"memory target {memory_target} units must be >= 0")
+    if memory_target is not None:
+        targets = [memory_target] if isinstance(memory_target, int) else list(memory_target)
+        if not isinstance(memory_target, int) and len(targets) != schedule.pp:
+            raise ValueError(f"memory target has {len(targets)} values for {schedule.pp} ranks; give one or one per rank")
+        if any(t < 0 for t in targets):
+            raise ValueError(f"memory target {memory_target} units must be >= 0")
     with gc_paused():
         return _plan_offload(schedule, costs, chunks, units, memory_target, baseline)
 
@@ -196,7 +201,8 @@ def _plan_offload(schedule, costs, chunks, units, memory_target, baseline) -> Of
             chosen = _greedy_by_full_checks(check, priority)
         kept = priority[chosen[priority]]  # in priority order
         if memory_target is not None:
-            kept = _meet_target(check, kept, rank_of, unit_of, info, memory_target, d2h_of, h2d_of)
+            target = memory_target if isinstance(memory_target, int) else min(memory_target[r] for r in ranks)
+            kept = _meet_target(check, kept, rank_of, unit_of, info, target, d2h_of, h2d_of)
         mask = np.zeros(len(unit_of), dtype=bool)
         mask[kept] = True
         for r in ranks:

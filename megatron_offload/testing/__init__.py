@@ -3,10 +3,15 @@
 - ``cpu_shims``: ``apply_cpu_shims()`` / ``remove_cpu_shims()`` / ``cpu_shims.cpu_shims()``, the
   targeted, reversible patches that let megatron-core run on CPU (incl. the gloo
   async-send keep-alive that makes ``overlap_p2p_comm`` + ``deallocate_pipeline_outputs``
-  safe).
+  safe, a CPU stand-in of apex's fused wgrad kernel, CPU state for megatron-core's
+  optimizers, and the few Transformer Engine names 0.16.1 uses without checking for TE).
 - ``pool``: ``WorkerPool(world_size)`` and ``session_pool(world_size)``.
-- ``gpt``: ``TinyGPTCase`` and the tiny GPTModel factory (layout-independent weights).
-- ``reference``: ``run_case`` (runs in a pool worker), ``merge_ranks``, ``compare_runs``.
+- ``gpt``: ``TinyGPTCase`` and the tiny GPTModel factory (layout-independent weights); knobs
+  for what real Megatron-LM GPU jobs use (fused wgrad, overlapped grad reduce / param gather,
+  distributed optimizer, bf16, Llama-style layers, selective recompute, MoE, variable
+  sequence length).
+- ``reference``: ``run_case`` (runs in a pool worker; plain SGD or megatron-core's Adam),
+  ``merge_ranks``, ``compare_runs``, ``compare_runs_per_rank``.
 
 Importing this package does not import megatron-core; the workers do.
 """
@@ -16,7 +21,9 @@ from megatron_offload.testing.pool import (
     PoolClosed, PoolTimeout, WorkerDied, WorkerError, WorkerPool, close_session_pools,
     session_pool,
 )
-from megatron_offload.testing.reference import SAFE_FAULT_PP2_M4, compare_runs, merge_ranks
+from megatron_offload.testing.reference import (
+    SAFE_FAULT_PP2_M4, compare_runs, compare_runs_per_rank, merge_ranks,
+)
 
 RUN_CASE = "megatron_offload.testing.reference:run_case"
 """The pool task target of ``reference.run_case``."""
@@ -24,5 +31,6 @@ RUN_CASE = "megatron_offload.testing.reference:run_case"
 __all__ = [
     "apply_cpu_shims", "remove_cpu_shims", "TinyGPTCase", "WorkerPool",
     "session_pool", "close_session_pools", "WorkerError", "WorkerDied", "PoolTimeout",
-    "PoolClosed", "compare_runs", "merge_ranks", "SAFE_FAULT_PP2_M4", "RUN_CASE",
+    "PoolClosed", "compare_runs", "compare_runs_per_rank", "merge_ranks", "SAFE_FAULT_PP2_M4",
+    "RUN_CASE",
 ]

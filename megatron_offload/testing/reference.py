@@ -4,12 +4,19 @@
 (``pool.run("megatron_offload.testing.reference:run_case", case=case)``): it (re)initializes
 megatron-core's parallel state for the case, builds the tiny GPT, and runs ``iterations``
 training iterations through ``megatron.core.pipeline_parallel.get_forward_backward_func()``
-(forward and backward, finalize_model_grads included), then a plain SGD step on
-``param.main_grad``. It records per iteration the loss (last pipeline stage) and every
-gradient by layout-independent name, and returns them as CPU tensors.
+(forward and backward, finalize_model_grads included), then an optimizer step: by default
+a plain SGD step on ``param.main_grad``; with ``case.optimizer="adam"`` megatron-core's own
+optimizer (``get_megatron_optimizer``: FP32Optimizer, Float16OptimizerWithFloat16Params for
+bf16, or DistributedOptimizer), driven as Megatron-LM's ``train_step`` drives it
+(``zero_grad_buffer`` + ``optimizer.zero_grad()`` before, ``optimizer.step()`` after,
+``config.grad_scale_func = optimizer.scale_loss``). It records per iteration the loss (last
+pipeline stage), every gradient (``main_grad``) by layout-independent name as this rank
+holds it, and the optimizer's returned grad norm, and returns them as CPU tensors.
 
 ``merge_ranks(per_rank)`` folds the ranks' records into one layout-independent record;
-``compare_runs(a, b)`` lists every bitwise difference (empty = identical).
+``compare_runs(a, b)`` lists every bitwise difference (empty = identical);
+``compare_runs_per_rank(a, b)`` compares two runs of the same layout rank by rank (also
+with the distributed optimizer, whose ranks hold different partially reduced gradients).
 
 Fault injection (``fault={"iteration": i, "forward_raises_at": {pp_rank: microbatch}}``):
 during iteration ``i`` the forward step function raises ``InjectedFault`` on pipeline rank
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import gc
 import os
+import struct
 import time
 from typing import Any
 
@@ -181,9 +189,11 @@ class _ForwardStep:
 
 # --- one run --------------------------------------------------------------------------------
 
-def _zero_grads(chunks: list) -> None:
+def _zero_grads(chunks: list, optimizer=None) -> None:
     for chunk in chunks:
         chunk.zero_grad_buffer()
+    if optimizer is not None:
+        optimizer.zero_grad()
 
 
 def _collect_grads(chunks: list, case: TinyGPTCase) -> dict[str, torch.Tensor]:
@@ -197,6 +207,12 @@ def _collect_grads(chunks: list, case: TinyGPTCase) -> dict[str, torch.Tensor]:
     return grads
 
 
+def _collect_params(chunks: list, case: TinyGPTCase) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone().cpu()
+            for chunk in chunks
+            for name, param in global_param_names(chunk, tied=case.tie_embeddings).items()}
+
+
 @torch.no_grad()
 def _sgd_step(chunks: list, lr: float) -> None:
     for chunk in chunks:
@@ -206,18 +222,125 @@ def _sgd_step(chunks: list, lr: float) -> None:
                 param.data.add_(grad, alpha=-lr)
 
 
-def _one_iteration(case, chunks, fb_func, iteration, dp_rank, pp_rank, fault_at):
+def build_optimizer(case: TinyGPTCase, chunks: list):
+    """megatron-core's optimizer for ``case`` (``case.optimizer == "adam"``), as Megatron-LM
+    builds it: Adam (torch's AdamW without apex/TE), weight decay 0.1, betas (0.9, 0.95),
+    ``clip_grad``, bf16 with fp32 main params, optionally the distributed optimizer. Sets
+    ``config.grad_scale_func = optimizer.scale_loss`` like Megatron-LM's training loop."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.utils import get_model_config
+
+    from megatron_offload.testing.cpu_shims import cuda_tensor_type_names
+
+    config = OptimizerConfig(
+        optimizer="adam", lr=case.lr, min_lr=case.lr, weight_decay=0.1,
+        adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=case.clip_grad,
+        bf16=case.bf16, params_dtype=torch.bfloat16 if case.bf16 else torch.float32,
+        use_distributed_optimizer=case.use_distributed_optimizer,
+        overlap_param_gather=case.overlap_param_gather,
+    )
+    with cuda_tensor_type_names():
+        optimizer = get_megatron_optimizer(config, chunks, use_gloo_process_groups=False)
+    get_model_config(chunks[0]).grad_scale_func = optimizer.scale_loss
+    return optimizer
+
+
+def _optimizer_step(optimizer) -> tuple[bool, float | None]:
+    from megatron_offload.testing.cpu_shims import cuda_tensor_type_names
+
+    with cuda_tensor_type_names():
+        success, grad_norm, _ = optimizer.step()
+    return bool(success), (None if grad_norm is None else float(grad_norm))
+
+
+def model_facts(case: TinyGPTCase, chunks: list, optimizer) -> dict[str, Any]:
+    """What the built model, DDP and optimizer really are on this rank (so that a test can
+    tell that a knob took effect instead of being silently ignored)."""
+    from megatron.core.transformer.module import Float16Module
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.utils import get_model_config
+
+    from megatron_offload.testing.gpt import unwrap
+
+    config = get_model_config(chunks[0])
+    layers = [layer for chunk in chunks for layer in unwrap(chunk).decoder.layers]
+    params = [p for chunk in chunks for p in chunk.parameters()]
+    return {
+        "optimizer": None if optimizer is None else type(optimizer).__name__,
+        # get_megatron_optimizer (0.16.1) always returns a ChainedOptimizer
+        "optimizers": [type(o).__name__ for o in getattr(optimizer, "chained_optimizers", [])],
+        "param_dtypes": sorted({str(p.dtype) for p in params}),
+        "main_grad_dtypes": sorted({str(p.main_grad.dtype) for p in params
+                                    if getattr(p, "main_grad", None) is not None}),
+        "float16_module": [isinstance(chunk.module, Float16Module) for chunk in chunks],
+        "bucket_groups": [len(chunk.bucket_groups) for chunk in chunks],
+        "ddp": {k: getattr(chunks[0].ddp_config, k) for k in (
+            "overlap_grad_reduce", "overlap_param_gather", "align_param_gather",
+            "use_distributed_optimizer", "grad_reduce_in_fp32")},
+        "grad_sync_func": config.grad_sync_func is not None,
+        "param_sync_func": config.param_sync_func is not None,
+        "gradient_accumulation_fusion": bool(config.gradient_accumulation_fusion),
+        "layers": len(layers),
+        "recompute_input_layernorm": sum(bool(getattr(l, "recompute_input_layernorm", False))
+                                         for l in layers),
+        "recompute_pre_mlp_layernorm": sum(
+            bool(getattr(l, "recompute_pre_mlp_layernorm", False)) for l in layers),
+        "recompute_mlp": sum(bool(getattr(l, "recompute_mlp", False)) for l in layers),
+        "recompute_granularity": config.recompute_granularity,
+        "recompute_modules": list(config.recompute_modules or []),
+        "moe_layers": sum(isinstance(l.mlp, MoELayer) for l in layers),
+        "rotary": any(getattr(unwrap(c), "rotary_pos_emb", None) is not None for c in chunks),
+        "normalization": config.normalization,
+        "gated_linear_unit": bool(config.gated_linear_unit),
+        "num_query_groups": config.num_query_groups,
+    }
+
+
+def _float_bytes(value: float | None) -> bytes | None:
+    return None if value is None else struct.pack("<d", value)
+
+
+class _ParamGatherHooks:
+    """Megatron-LM's handling of ``overlap_param_gather`` forward pre-hooks: off (and
+    ``config.param_sync_func`` None) for the first iteration, on after its optimizer step
+    (``training.py``: ``disable_forward_pre_hook(model, param_sync=False)`` before the loop,
+    ``enable_forward_pre_hook`` once ``iteration == start_iteration`` succeeded)."""
+
+    def __init__(self, case: TinyGPTCase, chunks: list):
+        from megatron.core.utils import get_model_config
+
+        self.active = case.overlap_param_gather
+        self.chunks = chunks
+        self.config = get_model_config(chunks[0])
+        self.param_sync_func = None
+        if self.active:
+            for chunk in chunks:
+                chunk.disable_forward_pre_hook(param_sync=False)
+            self.param_sync_func = self.config.param_sync_func
+            self.config.param_sync_func = None
+
+    def after_first_step(self) -> None:
+        if self.active:
+            for chunk in self.chunks:
+                chunk.enable_forward_pre_hook()
+            self.config.param_sync_func = self.param_sync_func
+            self.active = False
+
+
+def _one_iteration(case, chunks, fb_func, iteration, dp_rank, pp_rank, fault_at,
+                   optimizer=None):
     data = [_MicrobatchIterator(case, iteration, dp_rank) for _ in chunks]
     forward_step = _ForwardStep(case, chunks, pp_rank, fault_at)
-    _zero_grads(chunks)
+    _zero_grads(chunks, optimizer)
+    seq_length = case.seq_length_at(iteration)
     store = fb_func(
         forward_step_func=forward_step,
         data_iterator=data if len(chunks) > 1 else data[0],
         model=chunks,
         num_microbatches=case.microbatches,
-        seq_length=case.seq_length,
+        seq_length=seq_length,
         micro_batch_size=case.micro_batch_size,
-        decoder_seq_length=case.seq_length,
+        decoder_seq_length=seq_length,
         forward_only=False,
     )
     return store
@@ -239,9 +362,14 @@ def run_case(case: TinyGPTCase | dict, iterations: int = 3, offload_config=None,
 
     Returns ``{"rank", "pp_rank", "dp_rank", "dp_size", "case", "iterations": [ {"loss":
     float | None, "loss_bytes": bytes | None, "microbatch_losses": list[float] | None,
-    "grads": {global name: tensor}} ], "faults": [str], "timing": {...}}`` and, with
-    ``offload_config``, ``"offload_stats": [runtime.iteration_stats[-1].as_dict(), ...]``.
-    Loss fields are None except on the last pipeline stage. With both ``fault`` and
+    "grads": {global name: tensor}, "grad_norm": float | None, "grad_norm_bytes": bytes |
+    None, "step_ok": bool | None, "seq_length": int} ], "final_params": {global name:
+    tensor}, "facts": model_facts(...) + {"fused_wgrad_calls": int}, "faults": [str],
+    "timing": {...}}`` and, with ``offload_config``,
+    ``"offload_stats": [runtime.iteration_stats[-1].as_dict(), ...]``. Loss fields are None
+    except on the last pipeline stage; ``grad_norm`` / ``step_ok`` are None with the plain SGD
+    step. ``grads`` are taken after the schedule returned (finalize_model_grads done), before
+    the optimizer step; ``final_params`` after the last step. With both ``fault`` and
     ``offload_config``, ``"offload_clean_after_fault"`` says whether the plugin's runtime
     held no tensor and was not mid-iteration right after the faulted attempt.
     ``keep_async_send_storage=False`` runs without the Trap 2 shim (to show it is needed).
@@ -249,6 +377,8 @@ def run_case(case: TinyGPTCase | dict, iterations: int = 3, offload_config=None,
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_offload.testing import cpu_shims
 
     if isinstance(case, dict):
         case = TinyGPTCase(**case)
@@ -261,11 +391,16 @@ def run_case(case: TinyGPTCase | dict, iterations: int = 3, offload_config=None,
         dp_size = parallel_state.get_data_parallel_world_size()
         is_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         chunks = build_model(case)
+        optimizer = build_optimizer(case, chunks) if case.megatron_optimizer else None
+        facts = model_facts(case, chunks, optimizer)  # before the first iteration's hooks
+        param_gather_hooks = _ParamGatherHooks(case, chunks)
         t_built = time.perf_counter()
         result: dict[str, Any] = {
             "rank": dist.get_rank(), "pp_rank": pp_rank, "dp_rank": dp_rank,
             "dp_size": dp_size, "case": case.as_dict(), "iterations": [], "faults": [],
+            "facts": facts,
         }
+        fused_before = sum(cpu_shims.fused_wgrad_calls().values())
         fault_iteration = None if fault is None else fault["iteration"]
         fault_at = None
         if fault is not None:
@@ -285,7 +420,8 @@ def run_case(case: TinyGPTCase | dict, iterations: int = 3, offload_config=None,
                 ts = time.perf_counter()
                 if it == fault_iteration:
                     try:
-                        _one_iteration(case, chunks, fb_func, it, dp_rank, pp_rank, fault_at)
+                        _one_iteration(case, chunks, fb_func, it, dp_rank, pp_rank, fault_at,
+                                       optimizer)
                     except InjectedFault as exc:
                         result["faults"].append(f"iteration {it}: {exc}")
                     else:
@@ -296,23 +432,35 @@ def run_case(case: TinyGPTCase | dict, iterations: int = 3, offload_config=None,
                     if runtime is not None:
                         result["offload_clean_after_fault"] = _runtime_holds_nothing(runtime)
                     fb_func = get_forward_backward_func()
-                store = _one_iteration(case, chunks, fb_func, it, dp_rank, pp_rank, None)
-                step_times.append(time.perf_counter() - ts)
+                store = _one_iteration(case, chunks, fb_func, it, dp_rank, pp_rank, None,
+                                       optimizer)
+                step_times.append(time.perf_counter() - ts)  # forward-backward only
                 record: dict[str, Any] = {"loss": None, "loss_bytes": None,
-                                          "microbatch_losses": None}
+                                          "microbatch_losses": None,
+                                          "seq_length": case.seq_length_at(it)}
                 if is_last:
                     losses = torch.stack([d["lm loss"] for d in store]).cpu()
                     record["microbatch_losses"] = losses.tolist()
                     record["loss"] = float(losses.mean())
                     record["loss_bytes"] = losses.numpy().tobytes()
                 record["grads"] = _collect_grads(chunks, case)
-                result["iterations"].append(record)
                 if runtime is not None:
                     result["offload_stats"].append(runtime.iteration_stats[-1].as_dict())
-                _sgd_step(chunks, case.lr)
+                if optimizer is None:
+                    _sgd_step(chunks, case.lr)
+                    record["step_ok"], record["grad_norm"] = None, None
+                else:
+                    record["step_ok"], record["grad_norm"] = _optimizer_step(optimizer)
+                    if it == 0:
+                        param_gather_hooks.after_first_step()
+                record["grad_norm_bytes"] = _float_bytes(record["grad_norm"])
+                result["iterations"].append(record)
         finally:
             if offload_config is not None:
                 uninstall()
+        result["final_params"] = _collect_params(chunks, case)
+        result["facts"]["fused_wgrad_calls"] = (
+            sum(cpu_shims.fused_wgrad_calls().values()) - fused_before)
         result["timing"] = {"build_s": t_built - t0, "step_s": step_times,
                             "total_s": time.perf_counter() - t0, "pid": os.getpid()}
         return result
@@ -459,6 +607,64 @@ def compare_runs(a, b) -> list[str]:
     return out
 
 
+def _tensor_diffs(where: str, ta: dict, tb: dict) -> list[str]:
+    out = []
+    for name in sorted(set(ta) - set(tb)):
+        out.append(f"{where}: {name} only in a")
+    for name in sorted(set(tb) - set(ta)):
+        out.append(f"{where}: {name} only in b")
+    for name in sorted(set(ta) & set(tb)):
+        ga, gb = ta[name], tb[name]
+        if not _same(ga, gb):
+            detail = ""
+            if ga is not None and gb is not None and ga.shape == gb.shape:
+                diff = (ga.double() - gb.double()).abs().max().item()
+                detail = f" (max abs diff {diff:.3e})"
+            out.append(f"{where}: {name} differs{detail}")
+    return out
+
+
+def compare_runs_per_rank(a: list[dict], b: list[dict]) -> list[str]:
+    """Every bitwise mismatch between two runs of the same layout, rank by rank.
+
+    Per rank and iteration: the loss bytes (last stage), the sequence length, every
+    gradient as that rank holds it (name set, dtype, shape, bytes), the optimizer's grad
+    norm (bytes of the float) and step success; per rank the parameters after the last
+    step. Unlike ``compare_runs`` nothing is merged, so runs whose data-parallel ranks hold
+    different gradients (distributed optimizer: only the own shard is fully reduced) compare
+    too. Empty list = identical.
+    """
+    out = []
+    if len(a) != len(b):
+        return [f"ranks: {len(a)} != {len(b)}"]
+    for ra, rb in zip(sorted(a, key=lambda r: r["rank"]), sorted(b, key=lambda r: r["rank"])):
+        rank = ra["rank"]
+        if rb["rank"] != rank or (ra["pp_rank"], ra["dp_rank"]) != (rb["pp_rank"], rb["dp_rank"]):
+            out.append(f"rank {rank}: layouts differ ({ra['pp_rank']}, {ra['dp_rank']}) vs "
+                       f"({rb['pp_rank']}, {rb['dp_rank']})")
+            continue
+        if len(ra["iterations"]) != len(rb["iterations"]):
+            out.append(f"rank {rank}: iterations {len(ra['iterations'])} != "
+                       f"{len(rb['iterations'])}")
+        for it, (ia, ib) in enumerate(zip(ra["iterations"], rb["iterations"])):
+            where = f"rank {rank} iteration {it}"
+            if ia.get("seq_length") != ib.get("seq_length"):
+                out.append(f"{where}: seq_length {ia.get('seq_length')} vs {ib.get('seq_length')}")
+            if ia["loss_bytes"] != ib["loss_bytes"]:
+                out.append(f"{where}: loss differs: {_loss_repr(ia['loss_bytes'])} vs "
+                           f"{_loss_repr(ib['loss_bytes'])}")
+            if ia.get("grad_norm_bytes") != ib.get("grad_norm_bytes"):
+                out.append(f"{where}: grad norm differs: {ia.get('grad_norm')!r} vs "
+                           f"{ib.get('grad_norm')!r}")
+            if ia.get("step_ok") != ib.get("step_ok"):
+                out.append(f"{where}: step_ok {ia.get('step_ok')} vs {ib.get('step_ok')}")
+            out += _tensor_diffs(f"{where}: grad", ia["grads"], ib["grads"])
+        if "final_params" in ra or "final_params" in rb:
+            out += _tensor_diffs(f"rank {rank} after the last step: param",
+                                 ra.get("final_params", {}), rb.get("final_params", {}))
+    return out
+
+
 def _loss_repr(raw: bytes | None) -> str:
     if raw is None:
         return "None"
@@ -467,7 +673,8 @@ def _loss_repr(raw: bytes | None) -> str:
 
 
 __all__ = [
-    "run_case", "ensure_cpu_shims", "merge_ranks", "compare_runs", "init_parallel_state",
+    "run_case", "ensure_cpu_shims", "merge_ranks", "compare_runs", "compare_runs_per_rank",
+    "build_optimizer", "model_facts", "init_parallel_state",
     "release_parallel_state", "run_forward_only", "InjectedFault",
     "SAFE_FAULT_PP2_M4",
 ]

@@ -111,3 +111,38 @@ def test_forward_only_runner_without_plugin(pool2):
     assert ranks[0]["losses_unpatched"] == [] and len(ranks[1]["losses_unpatched"]) == 4
     assert all(r["losses_patched"] == r["losses_unpatched"] and r["stats_recorded"] == 0
                for r in ranks)
+
+
+def _record(rank=0, loss=1.0, grad=None, norm=0.5, param=None):
+    import struct
+
+    import torch
+
+    grad = torch.arange(6, dtype=torch.float32) if grad is None else grad
+    param = torch.ones(3) if param is None else param
+    it = {"loss": loss, "loss_bytes": struct.pack("<f", loss), "seq_length": 32,
+          "grads": {"w": grad}, "grad_norm": norm, "grad_norm_bytes": struct.pack("<d", norm),
+          "step_ok": True}
+    return {"rank": rank, "pp_rank": rank, "dp_rank": 0, "iterations": [it, dict(it)],
+            "final_params": {"w": param}}
+
+
+def test_compare_runs_per_rank_sees_one_bit_anywhere():
+    import torch
+
+    from megatron_offload.testing.reference import compare_runs_per_rank
+
+    base = [_record(0), _record(1)]
+    assert compare_runs_per_rank(base, [_record(0), _record(1)]) == []
+    flipped = torch.arange(6, dtype=torch.float32)
+    flipped.view(torch.int32)[3] ^= 1  # one ulp in one element
+    for other, needle in [
+        ([_record(0), _record(1, loss=1.0000001)], "rank 1 iteration 0: loss differs"),
+        ([_record(0, grad=flipped), _record(1)], "rank 0 iteration 0: grad: w differs"),
+        ([_record(0), _record(1, norm=0.5000000000000001)], "grad norm differs"),
+        ([_record(0, param=torch.tensor([1.0, 1.0, -1.0])), _record(1)],
+         "after the last step: param: w differs"),
+        ([_record(0)], "ranks: 2 != 1"),
+    ]:
+        diffs = compare_runs_per_rank(base, other)
+        assert any(needle in d for d in diffs), (needle, diffs)

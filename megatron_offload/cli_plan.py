@@ -1,0 +1,282 @@
+"""``megatron-offload plan``: what fits, what to offload, with which schedule, at what cost.
+
+Paste the Megatron-LM arguments of the job you run and name the GPU:
+
+    megatron-offload plan --num-layers 80 --hidden-size 8192 ... --bf16 --gpu h100-80g
+
+Megatron-LM flags the planner does not use are accepted and listed as ignored. Prints a table
+per pipeline rank (activation memory without and with the plan, static and host memory), the
+predicted iteration time and slowdown, and the choice with its reasons; ``--json`` prints one
+JSON object instead; ``--out FILE.svg|png`` draws the planned schedule. Pure Python (no torch).
+Exit status: 0 when the job fits, 1 when it does not, 2 for bad flags.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+NAME = "plan"
+
+MEGATRON_FLAGS: dict[str, dict] = {
+    # model
+    "--num-layers": dict(type=int, required=True),
+    "--hidden-size": dict(type=int, required=True),
+    "--ffn-hidden-size": dict(type=int),
+    "--num-attention-heads": dict(type=int, required=True),
+    "--num-query-groups": dict(type=int),
+    "--group-query-attention": dict(action="store_true"),
+    "--kv-channels": dict(type=int),
+    "--seq-length": dict(type=int, required=True),
+    "--max-position-embeddings": dict(type=int),
+    "--vocab-size": dict(type=int),
+    "--make-vocab-size-divisible-by": dict(type=int, default=128),
+    "--swiglu": dict(action="store_true"),
+    "--normalization": dict(choices=("LayerNorm", "RMSNorm"), default="LayerNorm"),
+    "--disable-bias-linear": dict(action="store_false", dest="add_bias_linear"),
+    "--position-embedding-type": dict(choices=("learned_absolute", "rope", "none"), default="learned_absolute"),
+    "--use-rotary-position-embeddings": dict(action="store_true"),
+    "--untie-embeddings-and-output-weights": dict(action="store_true"),
+    "--hidden-dropout": dict(type=float, default=0.1),
+    "--attention-dropout": dict(type=float, default=0.1),
+    "--attention-softmax-in-fp32": dict(action="store_true"),
+    "--bf16": dict(action="store_true"),
+    "--fp16": dict(action="store_true"),
+    "--transformer-impl": dict(choices=("transformer_engine", "local"), default="transformer_engine"),
+    "--attention-backend": dict(choices=("auto", "flash", "fused", "unfused", "local"), default="auto"),
+    "--use-flash-attn": dict(action="store_true"),
+    "--no-bias-gelu-fusion": dict(action="store_false", dest="bias_gelu_fusion"),
+    "--no-bias-swiglu-fusion": dict(action="store_false", dest="bias_swiglu_fusion"),
+    "--no-rope-fusion": dict(action="store_false", dest="apply_rope_fusion"),
+    "--no-masked-softmax-fusion": dict(action="store_false", dest="masked_softmax_fusion"),
+    # batch and parallelism
+    "--micro-batch-size": dict(type=int, default=1),
+    "--global-batch-size": dict(type=int),
+    "--tensor-model-parallel-size": dict(type=int, default=1),
+    "--pipeline-model-parallel-size": dict(type=int, default=1),
+    "--num-layers-per-virtual-pipeline-stage": dict(type=int),
+    "--num-virtual-stages-per-pipeline-rank": dict(type=int),
+    "--microbatch-group-size-per-virtual-pipeline-stage": dict(type=int, dest="microbatch_group_size_per_vp_stage"),
+    "--sequence-parallel": dict(action="store_true"),
+    "--context-parallel-size": dict(type=int, default=1),
+    # recomputation
+    "--recompute-granularity": dict(choices=("full", "selective")),
+    "--recompute-method": dict(choices=("uniform", "block")),
+    "--recompute-num-layers": dict(type=int),
+    "--recompute-modules": dict(nargs="*"),
+    "--recompute-activations": dict(action="store_true"),
+    "--distribute-saved-activations": dict(action="store_true"),
+    # optimizer
+    "--use-distributed-optimizer": dict(action="store_true"),
+    "--accumulate-allreduce-grads-in-fp32": dict(action="store_true", default=None),
+    "--optimizer": dict(choices=("adam", "sgd"), default="adam"),
+}
+"""Megatron-LM flags the planner reads, with Megatron-LM's dests and defaults."""
+
+PLANNER_FLAGS = {
+    "--gpu", "--gpu-memory-gib", "--gpu-tflops", "--host-link-gbps", "--host-memory-gib", "--gpus-per-node",
+    "--memory-budget-gib", "--memory-reserve-gib", "--host-memory-fraction", "--world-size", "--data-parallel-size",
+    "--padded-vocab-size", "--offload-schedule", "--no-recompute-fallback", "--offload-min-bytes", "--json", "--out",
+}
+
+_WARN_IF_GIVEN = {
+    "--num-experts": "MoE layers are not modelled: predictions assume dense MLPs",
+    "--decoder-first-pipeline-num-layers": "uneven pipeline stages are not modelled: layers are spread evenly",
+    "--decoder-last-pipeline-num-layers": "uneven pipeline stages are not modelled: layers are spread evenly",
+    "--fp8-format": "FP8 activations are not modelled: bytes are those of the bf16/fp16 run",
+    "--multi-latent-attention": "multi-latent attention is not modelled",
+}
+
+
+class _KeepUnknownParser(argparse.ArgumentParser):
+    """A subparser that keeps the flags it does not know in ``args.ignored_flags`` instead of
+    failing: pasted Megatron-LM command lines carry many flags the planner does not use."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        namespace.ignored_flags = list(getattr(namespace, "ignored_flags", None) or []) + list(extras)
+        return namespace, []
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from .hardware import PRESETS
+
+    parser = subparsers.add_parser(NAME, help="plan offload for a Megatron-LM job under a memory budget", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.__class__ = _KeepUnknownParser
+    megatron = parser.add_argument_group("Megatron-LM flags (as in the job's command line)")
+    for flag, spec in MEGATRON_FLAGS.items():
+        megatron.add_argument(flag, **spec)
+    hw = parser.add_argument_group("hardware")
+    hw.add_argument("--gpu", choices=tuple(PRESETS), help="GPU preset (see python -m megatron_offload.hardware)")
+    hw.add_argument("--gpu-memory-gib", type=float, help="GPU memory, GiB (overrides the preset)")
+    hw.add_argument("--gpu-tflops", type=float, help="compute rate the job achieves, dense bf16 TFLOP/s (overrides the preset)")
+    hw.add_argument("--host-link-gbps", type=float,
+                    help="host link per direction per GPU with all GPUs of the node copying, GB/s (overrides the preset)")
+    hw.add_argument("--host-memory-gib", type=float, help="host RAM per node, GiB (default: the preset's, else this machine's)")
+    hw.add_argument("--gpus-per-node", type=int, help="GPUs (local ranks) per node (default: the preset's, 8)")
+    budget = parser.add_argument_group("budget and search")
+    budget.add_argument("--memory-budget-gib", "--offload-memory-budget-gib", type=float, dest="memory_budget_gib",
+                        help="GPU memory the job may use, GiB (default: GPU memory minus --memory-reserve-gib)")
+    budget.add_argument("--memory-reserve-gib", type=float, help="GPU memory kept out of the budget (default 2 GiB + 5%%)")
+    budget.add_argument("--host-memory-fraction", type=float, default=0.5,
+                        help="share of host RAM offload may pin (default 0.5, the runtime's default host budget)")
+    budget.add_argument("--world-size", type=int, help="GPUs in the job (data-parallel size = world / (TP x PP x CP))")
+    budget.add_argument("--data-parallel-size", type=int, help="data-parallel size (default from --world-size, else 1)")
+    budget.add_argument("--padded-vocab-size", type=int, help="vocabulary as padded by Megatron (default: --vocab-size padded)")
+    budget.add_argument("--offload-schedule", choices=("auto", "megatron", "gis"), default="auto",
+                        help="schedules to consider: megatron (Megatron's own orders), gis (generalized interleaving), auto (both)")
+    budget.add_argument("--no-recompute-fallback", action="store_true", help="keep the job's recomputation (no recompute ladder)")
+    budget.add_argument("--offload-min-bytes", type=int, default=64 * 1024, help="the runtime's threshold (default 64 KiB)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help="print one JSON object")
+    out.add_argument("--out", help="draw the planned schedule: FILE.svg or FILE.png (needs matplotlib)")
+    parser.set_defaults(_parser=parser)
+    return parser
+
+
+def _ignored(tokens: list[str]) -> list[str]:
+    """Unknown tokens as flags with their values: ['--lr 3e-4', '--use-mcore-models', ...]."""
+    groups: list[str] = []
+    for token in tokens:
+        if token.startswith("-") and not _is_number(token) or not groups:
+            groups.append(token)
+        else:
+            groups[-1] += " " + token
+    return groups
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+        return True
+    except ValueError:
+        return False
+
+
+def _job(args):
+    from .costmodel import JobSpec
+
+    per_stage = 1
+    if args.data_parallel_size is not None and args.world_size is not None:
+        raise ValueError("give --world-size or --data-parallel-size, not both")
+    if args.world_size is not None:
+        per_stage = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
+        if args.world_size % per_stage:
+            raise ValueError(f"--world-size {args.world_size} must divide by TP x PP x CP = {per_stage}")
+        args.data_parallel_size = args.world_size // per_stage
+    if args.fp16 and args.bf16:
+        raise ValueError("--fp16 and --bf16 exclude each other")
+    if args.use_rotary_position_embeddings:
+        args.position_embedding_type = "rope"
+    if args.group_query_attention and args.num_query_groups is None:
+        raise ValueError("--group-query-attention needs --num-query-groups")
+    if args.num_query_groups is not None and not args.group_query_attention:
+        args.ignored_flags = list(getattr(args, "ignored_flags", []) or [])  # Megatron-LM ignores it too
+        args.gqa_warning = True
+    if args.use_flash_attn:
+        args.attention_backend = "flash"
+    overrides = {}
+    if args.vocab_size is None and args.padded_vocab_size is None:
+        overrides["vocab_size"] = 50257
+    return JobSpec.from_megatron_args(args, **overrides)
+
+
+def _check(args):
+    from .hardware import hardware_from_args
+
+    if args.out is not None and not args.out.lower().endswith((".svg", ".png")):
+        raise ValueError(f"--out {args.out!r} must end in .svg or .png")
+    job = _job(args)
+    hardware = hardware_from_args(args.gpu, gpu_memory_gib=args.gpu_memory_gib, gpu_tflops=args.gpu_tflops,
+                                  host_link_gbps=args.host_link_gbps, host_memory_gib=args.host_memory_gib,
+                                  gpus_per_node=args.gpus_per_node)
+    families = ("megatron", "gis") if args.offload_schedule == "auto" else (args.offload_schedule,)
+    return job, hardware, families
+
+
+def run(args) -> int:
+    from .planner import plan_job
+
+    ignored = _ignored(getattr(args, "ignored_flags", []) or [])
+    warnings = [f"{flag.split()[0]}: {_WARN_IF_GIVEN[flag.split()[0]]}" for flag in ignored if flag.split()[0] in _WARN_IF_GIVEN]
+    try:
+        job, hardware, families = _check(args)
+        plan = plan_job(job, hardware, memory_budget_gib=args.memory_budget_gib, reserve_gib=args.memory_reserve_gib,
+                        host_memory_gib=args.host_memory_gib, host_memory_fraction=args.host_memory_fraction, families=families,
+                        allow_recompute=not args.no_recompute_fallback, min_offload_bytes=args.offload_min_bytes)
+    except ValueError as error:
+        args._parser.error(str(error))  # exits with status 2 and the usage line
+    if getattr(args, "gqa_warning", False):
+        warnings.append("--num-query-groups without --group-query-attention: Megatron-LM ignores it (plain multi-head attention); "
+                        "add --group-query-attention")
+    if args.vocab_size is None and args.padded_vocab_size is None:
+        warnings.append("--vocab-size not given: assumed 50257 (GPT-2); give the tokenizer's vocabulary for exact output-layer bytes")
+    if args.out:
+        from .schedule.render import render_figure
+
+        chosen = plan.chosen or plan.baseline
+        render_figure(chosen.simulation, args.out, title=f"planned: {chosen.label()}")
+    if args.json:
+        report = plan.to_json()
+        report["ignored_flags"] = ignored
+        report["warnings"] = warnings
+        json.dump(report, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(format_plan(plan, ignored, warnings))
+        if args.out:
+            print(f"wrote {args.out}")
+    return 0 if plan.fits else 1
+
+
+def format_plan(plan, ignored: list[str] = (), warnings: list[str] = ()) -> str:
+    from .costmodel import GiB
+
+    job, hw = plan.job, plan.hardware
+    chosen = plan.chosen or plan.baseline
+    setting = chosen.setting
+    g = lambda b: f"{b / GiB:7.2f}"  # noqa: E731
+    lines = [
+        f"job: {job.num_layers} layers, hidden {job.hidden_size}, ffn {job.ffn}, {job.num_attention_heads} heads / "
+        f"{job.query_groups} groups, seq {job.seq_length}, micro batch {job.micro_batch_size}, {job.dtype}; "
+        f"TP {job.tp}{' +SP' if job.sequence_parallel else ''}, PP {job.pp} x {job.vpp} chunks, CP {job.context_parallel_size}, "
+        f"DP {job.data_parallel_size}, {job.microbatches} microbatches per iteration",
+        f"hardware: {hw.describe()}",
+        f"unit (one chunk, one microbatch): {job.layers_per_chunk} layers, {setting.typical.total / GiB:.3f} GiB "
+        f"({setting.typical.offloadable / GiB:.3f} GiB offloadable); forward {setting.forward_s * 1e3:.1f} ms, "
+        f"backward {setting.backward_s * 1e3:.1f} ms; k = {setting.k:.3f}",
+        "",
+        "rank | activations GiB     | static GiB | working | total GiB           | host GiB | offloaded",
+        "     | without  with plan  | (p+g+opt)  | GiB     | without  with plan  | pinned   | units",
+    ]
+    for rank in range(job.pp):
+        lines.append(
+            f"{rank:>4} | {g(plan.baseline.activation_bytes[rank])}  {g(chosen.activation_bytes[rank])}    | "
+            f"{g(setting.static[rank].total)}    | {g(setting.working[rank])} | {g(plan.baseline.memory_bytes[rank])}  "
+            f"{g(chosen.memory_bytes[rank])}    | {g(chosen.host_bytes[rank])}  | {len(chosen.offloaded[rank]):>5}"
+        )
+    lines.append(f"budget {plan.budget_bytes / GiB:.2f} GiB per GPU; host {chosen.host_bytes_per_node / GiB:.1f} GiB pinned per node "
+                 f"of {plan.host_budget_bytes_per_node / GiB:.0f} GiB allowed")
+    lines.append(f"predicted iteration time {plan.iteration_time_s:.3f} s (as given {plan.baseline_iteration_time_s:.3f} s): "
+                 f"slowdown {plan.slowdown:+.2%}")
+    if plan.fits:
+        policy, chunks = plan.offload_policy()
+        lines.append(f"PLAN: {chosen.label()}  [--offload-policy {policy}{f' --offload-chunks {chunks}' if chunks else ''}"
+                     f"{' --offload-schedule gis --offload-group-size ' + str(chosen.group_size) if chosen.kind == 'gis' else ''}"
+                     f"{' ' + ' '.join(setting.recompute.megatron_flags()) if setting.level else ''}]")
+    else:
+        lines.append(f"DOES NOT FIT: {'at least ' if plan.missing_is_lower_bound else ''}{plan.missing_bytes / GiB:.2f} GiB missing on the worst rank"
+                     + (f" and {plan.missing_host_bytes_per_node / GiB:.1f} GiB of host memory per node" if plan.missing_host_bytes_per_node else ""))
+        if plan.remedy is not None:
+            lines.append(f"cheapest change that fits: {plan.remedy.change}")
+    lines.append("why:")
+    lines += [f"  - {reason}" for reason in plan.reasons]
+    for note in plan.notes:
+        lines.append(f"note: {note}")
+    for warning in warnings:
+        lines.append(f"warning: {warning}")
+    if ignored:
+        lines.append("ignored by the planner: " + " ".join(ignored))
+    lines.append(f"(planned in {plan.planning_s:.2f} s)")
+    return "\n".join(lines)

@@ -1,0 +1,769 @@
+"""Memory budget -> Plan: schedule, group size, what to offload, recompute fallback, predictions.
+
+:func:`plan_job` searches, for one job (:class:`~megatron_offload.costmodel.JobSpec`) on one kind
+of hardware (:class:`~megatron_offload.hardware.Hardware`):
+
+- the schedule: Megatron's own (1F1B, or interleaved with its group size, default g = p) and
+  generalized interleaving (GIS) with g in {ceil(p/2), ceil(2p/3), p} (v > 1 only: with one chunk
+  per rank GIS is 1F1B);
+- the recomputation: the job's own, then a ladder of cheaper-to-costlier additions (core_attn
+  with unfused attention, layernorm, mlp; then full) as a fallback;
+- the offload set: none, or units of model chunks < K for K = 1..v, each rank offloading only the
+  longest-lived units it needs to meet the budget (:func:`schedule.offload.plan_offload` with a
+  memory target; it keeps only copies the link can hide, so offload never slows compute in the
+  model).
+
+Every candidate is scored with the simulator (makespan) and byte-weighted memory sweeps
+(:mod:`schedule.memory`): per rank, static state (parameters, gradients, optimizer) + working
+memory + the peak of saved activations, against the budget (GPU memory minus a reserve), and
+host bytes per node (per-rank pinned bytes x GPUs per node) against the host budget. The plan is
+the fastest candidate that fits; at equal time: less recomputation, fewer offloaded units,
+Megatron's schedule before GIS, larger groups. When nothing fits, the plan says how many GiB are
+missing on the worst rank and re-plans the job with changes (smaller micro batch, more pipeline
+stages, recomputation if it was not allowed) to find the cheapest that fits.
+
+Search cost is kept low by ordering: baselines (no offload) are simulated first and sorted by
+makespan; offload never shortens a makespan, so once a candidate fits, combinations whose
+baseline is slower are skipped.
+
+Not modelled: embedding and output-layer compute in the pipeline timing (per-rank times are
+uniform per chunk), data-parallel communication and the optimizer step (outside the pipeline
+makespan), p2p latency.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .costmodel import (
+    DEFAULT_MIN_OFFLOAD_BYTES,
+    RECOMPUTE_MODULES,
+    GiB,
+    JobSpec,
+    Recompute,
+    StaticBytes,
+    UnitBytes,
+    layer_flops,
+    offload_ratio,
+    static_bytes,
+    unit_bytes,
+    working_bytes,
+)
+from .hardware import Hardware, host_memory_from_proc
+from .schedule.catalog import check_schedule_args, make_schedule
+from .schedule.costs import CostModel
+from .schedule.ir import Schedule
+from .schedule.memory import byte_peaks
+from .schedule.offload import plan_offload
+from .schedule.simulate import Simulation, simulate
+
+Family = Literal["megatron", "gis"]
+FAMILIES: tuple[str, ...] = ("megatron", "gis")
+
+NORM_RECOMPUTE_FLOP_EQUIVALENT = 600
+"""Recomputing a norm is memory-bound: it reads and writes ~2 T h d bytes. At the ~150 FLOP per
+byte of an H100 (989 TFLOP/s over 6.7 TB/s) that costs about 600 FLOP-equivalents per element of
+width h per token (bf16). Used so that ``--recompute-modules layernorm`` is not free."""
+
+_TOLERANCE = 1e-6
+
+
+def default_reserve_gib(gpu_memory_gib: float) -> float:
+    """GPU memory kept out of the budget: ~2 GiB of CUDA context, NCCL and cuBLAS workspaces,
+    plus 5% for the caching allocator's fragmentation."""
+    return 2.0 + 0.05 * gpu_memory_gib
+
+
+# ---- inputs per recompute level ----------------------------------------------------------------
+
+@dataclass(kw_only=True, slots=True)
+class Setting:
+    """Everything that depends on the recomputation: bytes per unit, times, k."""
+
+    recompute: Recompute
+    level: int
+    """Position in the recompute ladder (0 = the job's own setting)."""
+    units: list[list[UnitBytes]]
+    """Per rank, per model chunk: bytes of one unit."""
+    typical: UnitBytes
+    """A unit of a middle stage (no embedding / loss tensors): what k is computed from."""
+    static: list[StaticBytes]
+    working: list[int]
+    forward_s: float
+    backward_s: float
+    k: float
+    costs: CostModel
+
+    @property
+    def floor(self) -> list[float]:
+        """Per rank, the least any plan holds: static state, working memory and one unit (the
+        one in its backward; the rank's smallest)."""
+        return [s.total + w + min(u.total for u in row) for s, w, row in zip(self.static, self.working, self.units)]
+
+
+def recompute_ladder(job: JobSpec) -> list[Recompute]:
+    """The job's recomputation, then cumulatively cheaper-first additions (core_attn where
+    attention is unfused, layernorm, mlp), then full recomputation of every layer.
+    ``mlp`` is skipped with biased linears (megatron-core 0.16.1 recurses without end in
+    CheckpointFunction.backward when the fc2 bias goes through the checkpoint)."""
+    own = job.recompute
+    if own.granularity == "full":
+        return [own]
+    ladder = [own]
+    modules = list(own.modules) if own.granularity == "selective" else []
+    steps = ([] if job.uses_flash else ["core_attn"]) + ["layernorm"] + ([] if job.add_bias_linear else ["mlp"])
+    for step in steps:
+        if step not in modules:
+            modules.append(step)
+        ordered = tuple(m for m in RECOMPUTE_MODULES if m in modules) + tuple(m for m in modules if m not in RECOMPUTE_MODULES)
+        candidate = Recompute(granularity="selective", modules=ordered)
+        if candidate not in ladder:
+            ladder.append(candidate)
+    ladder.append(Recompute(granularity="full", method="uniform", num_layers=1))
+    return ladder
+
+
+def _setting(job: JobSpec, hardware: Hardware, recompute: Recompute, level: int, min_offload_bytes: int,
+             calibration: list[list[float]] | None) -> Setting:
+    p, v = job.pp, job.vpp
+    units = []
+    for rank in range(p):
+        row = []
+        for chunk in range(v):
+            unit = unit_bytes(job, rank, chunk, recompute, min_offload_bytes)
+            if calibration is not None:
+                factor = calibration[rank][chunk]
+                unit = UnitBytes(total=int(unit.total * factor), offloadable=int(unit.offloadable * factor))
+            row.append(unit)
+        units.append(row)
+    typical = unit_bytes(job, -1, -1, recompute, min_offload_bytes)
+    if calibration is not None:
+        middle = calibration[min(1, p - 1)][0]
+        typical = UnitBytes(total=int(typical.total * middle), offloadable=int(typical.offloadable * middle))
+    flops = layer_flops(job, recompute)
+    norm_extra = 0.0
+    if recompute.has("layernorm"):
+        norm_extra = 2 * NORM_RECOMPUTE_FLOP_EQUIVALENT * job.tokens * job.sp_width
+    rate = hardware.achieved_tflops * 1e12
+    forward_s = job.layers_per_chunk * flops.forward / rate
+    backward_s = job.layers_per_chunk * (flops.backward + norm_extra) / rate
+    k = offload_ratio(typical.offloadable, forward_s + backward_s, hardware.host_link_gbps) if typical.offloadable else 0.0
+    costs = CostModel(forward_time=forward_s, backward_time=backward_s, offload_ratio=k, offload_share=0.5)
+    return Setting(recompute=recompute, level=level, units=units, typical=typical,
+                   static=[static_bytes(job, r) for r in range(p)], working=[working_bytes(job, r, recompute) for r in range(p)],
+                   forward_s=forward_s, backward_s=backward_s, k=k, costs=costs)
+
+
+# ---- candidates -----------------------------------------------------------------------------------
+
+@dataclass(kw_only=True, slots=True)
+class Candidate:
+    """One scored (schedule, group size, recomputation, offload) combination."""
+
+    kind: str
+    """``1f1b``, ``interleaved`` or ``gis``."""
+    group_size: int | None
+    setting: Setting
+    offload_chunks: int
+    """K: offload candidates are units of model chunks < K (0 = no offload)."""
+    schedule: Schedule
+    """The schedule with its offload (O) and reload (R) ops: what the runtime should run."""
+    simulation: Simulation
+    offloaded: list[list[tuple[int, int]]]
+    """Per rank, the (chunk, microbatch) units offloaded, longest-lived first."""
+    activation_bytes: list[float]
+    """Per rank: peak saved-activation bytes on the device."""
+    memory_bytes: list[float]
+    """Per rank: static + working + peak activations."""
+    host_bytes: list[float]
+    """Per rank: peak pinned host bytes."""
+    host_bytes_per_node: float
+    gpu_fits: bool
+    host_fits: bool
+
+    @property
+    def fits(self) -> bool:
+        return self.gpu_fits and self.host_fits
+
+    @property
+    def family(self) -> str:
+        return "gis" if self.kind == "gis" else "megatron"
+
+    @property
+    def makespan(self) -> float:
+        return self.simulation.makespan
+
+    @property
+    def offloaded_count(self) -> int:
+        return sum(len(units) for units in self.offloaded)
+
+    def excess(self, budget_bytes: float) -> float:
+        """Bytes over the GPU budget on the worst rank (<= 0 when it fits)."""
+        return max(self.memory_bytes) - budget_bytes
+
+    def label(self) -> str:
+        group = f" g={self.group_size}" if self.kind != "1f1b" and self.group_size is not None else ""
+        offload = "no offload" if self.offload_chunks == 0 else f"offload chunks<{self.offload_chunks} ({self.offloaded_count} units)"
+        return f"{self.kind}{group}, recompute {self.setting.recompute.label}, {offload}"
+
+    def sort_key(self) -> tuple:
+        """Tie-breaks at equal makespan: less recomputation, fewer offloaded units, Megatron's
+        schedule, larger groups."""
+        return (self.setting.level, self.offloaded_count, 0 if self.family == "megatron" else 1, -(self.group_size or 0))
+
+
+def _better(a: Candidate, b: Candidate | None) -> bool:
+    if b is None:
+        return True
+    if not math.isclose(a.makespan, b.makespan, rel_tol=_TOLERANCE):
+        return a.makespan < b.makespan
+    return a.sort_key() < b.sort_key()
+
+
+def schedule_shapes(job: JobSpec, families: Sequence[str] = FAMILIES) -> tuple[list[tuple[str, int | None]], list[str]]:
+    """The (kind, group size) pairs to try, and why others were left out."""
+    p, v, m = job.pp, job.vpp, job.microbatches
+    shapes: list[tuple[str, int | None]] = []
+    notes = []
+    if "megatron" in families:
+        kind = "interleaved" if v > 1 else "1f1b"
+        group = job.microbatch_group_size_per_vp_stage if v > 1 else None
+        try:
+            g = check_schedule_args(kind, p, v, m, group)
+            shapes.append((kind, g))
+        except ValueError as error:
+            notes.append(f"Megatron's {kind} schedule refuses this job: {error}")
+    if "gis" in families and v > 1:
+        for g in sorted({math.ceil(p / 2), math.ceil(2 * p / 3), p}, reverse=True):
+            if 1 <= g <= m and ("gis", g) not in shapes:
+                shapes.append(("gis", g))
+    if "gis" in families and v == 1 and not shapes:
+        shapes.append(("gis", min(p, m)))
+    return shapes, notes
+
+
+# ---- the plan --------------------------------------------------------------------------------------
+
+@dataclass(kw_only=True, slots=True)
+class Remedy:
+    """A change to the job that makes it fit, with the plan that then fits."""
+
+    change: str
+    """Human-readable, e.g. "--micro-batch-size 1"."""
+    flags: dict
+    """Megatron-LM flag -> new value."""
+    extra_gpus: int
+    """GPUs the change needs beyond the job's (0 = same GPU count)."""
+    plan: "Plan"
+
+
+@dataclass(kw_only=True, slots=True)
+class Plan:
+    """The planner's answer for one job, hardware and budget. Byte lists are per pipeline rank."""
+
+    job: JobSpec
+    hardware: Hardware
+    fits: bool
+    chosen: Candidate | None
+    """The plan's candidate (None only when no schedule could be built at all)."""
+    baseline: Candidate
+    """The job as given: Megatron's schedule, its own recomputation, no offload."""
+    budget_bytes: float
+    reserve_bytes: float
+    host_budget_bytes_per_node: float
+    host_memory_source: str
+    missing_bytes: float
+    """GPU bytes over the budget on the worst rank of the closest candidate (0 when it fits)."""
+    missing_host_bytes_per_node: float
+    remedy: Remedy | None
+    remedies_tried: list[str]
+    reasons: list[str]
+    alternatives: list[Candidate]
+    """Other scored candidates, best first (for the report)."""
+    missing_is_lower_bound: bool = False
+    """True when no candidate was scored because even the floor is over budget: then
+    ``missing_bytes`` is floor - budget, the least that is missing."""
+    floor_bytes: list[float] = field(default_factory=list)
+    """Per rank, the least any searched plan can hold (static + working + one unit, at the
+    recomputation that makes it smallest): below it nothing fits whatever is offloaded."""
+    planning_s: float = 0.0
+    evaluated: int = 0
+    """Candidates scored (simulated and swept) by this search, remedies not counted."""
+    notes: list[str] = field(default_factory=list)
+
+    # -- what the runtime needs ------------------------------------------------------------------
+    @property
+    def schedule(self) -> Schedule | None:
+        return None if self.chosen is None else self.chosen.schedule
+
+    @property
+    def schedule_kind(self) -> str | None:
+        return None if self.chosen is None else self.chosen.kind
+
+    @property
+    def group_size(self) -> int | None:
+        return None if self.chosen is None else self.chosen.group_size
+
+    @property
+    def offload_chunks(self) -> int:
+        return 0 if self.chosen is None else self.chosen.offload_chunks
+
+    @property
+    def offloaded_units(self) -> list[list[tuple[int, int]]]:
+        return [] if self.chosen is None else self.chosen.offloaded
+
+    @property
+    def recompute(self) -> Recompute:
+        return self.job.recompute if self.chosen is None else self.chosen.setting.recompute
+
+    @property
+    def k(self) -> float:
+        return (self.chosen or self.baseline).setting.k
+
+    def offload_policy(self) -> tuple[str, int | None]:
+        """The runtime's coarse equivalent: ("none", None), ("chunks", K) or ("full", None).
+        The exact per-rank set is :attr:`offloaded_units`."""
+        if self.offload_chunks == 0:
+            return "none", None
+        if self.offload_chunks == self.job.vpp:
+            return "full", None
+        return "chunks", self.offload_chunks
+
+    # -- predictions ------------------------------------------------------------------------------
+    @property
+    def iteration_time_s(self) -> float:
+        return (self.chosen or self.baseline).makespan
+
+    @property
+    def baseline_iteration_time_s(self) -> float:
+        return self.baseline.makespan
+
+    @property
+    def slowdown(self) -> float:
+        """Predicted iteration time / the job as given (Megatron's schedule, no offload) - 1."""
+        return self.iteration_time_s / self.baseline_iteration_time_s - 1.0
+
+    def to_json(self) -> dict:
+        chosen = self.chosen or self.baseline
+        gib = lambda values: [round(x / GiB, 3) for x in values]  # noqa: E731
+        return {
+            "fits": self.fits,
+            "k": round(chosen.setting.k, 4),
+            "schedule": chosen.kind,
+            "group_size": chosen.group_size,
+            "offload_chunks": chosen.offload_chunks,
+            "predicted_peak_activation_gib": gib(chosen.activation_bytes),
+            "predicted_peak_memory_gib": gib(chosen.memory_bytes),
+            "predicted_slowdown": round(self.slowdown, 5),
+            "host_memory_gib_per_node": round(chosen.host_bytes_per_node / GiB, 3),
+            # beyond architecture.md's keys
+            "recompute": chosen.setting.recompute.label,
+            "recompute_flags": chosen.setting.recompute.megatron_flags(),
+            "offload_policy": list(self.offload_policy()),
+            "offloaded_units_per_rank": [len(units) for units in chosen.offloaded],
+            "offloaded_units_fraction": round(chosen.simulation.offloaded_fraction, 4),
+            "host_memory_gib_per_rank": gib(chosen.host_bytes),
+            "predicted_peak_activation_gib_without": gib(self.baseline.activation_bytes),
+            "predicted_peak_memory_gib_without": gib(self.baseline.memory_bytes),
+            "static_memory_gib": gib([s.total for s in chosen.setting.static]),
+            "working_memory_gib": gib(chosen.setting.working),
+            "unit_gib": [[round(u.total / GiB, 4) for u in row] for row in chosen.setting.units],
+            "iteration_time_s": round(self.iteration_time_s, 6),
+            "baseline_iteration_time_s": round(self.baseline_iteration_time_s, 6),
+            "forward_time_per_unit_s": chosen.setting.forward_s,
+            "backward_time_per_unit_s": chosen.setting.backward_s,
+            "budget_gib": round(self.budget_bytes / GiB, 3),
+            "reserve_gib": round(self.reserve_bytes / GiB, 3),
+            "host_budget_gib_per_node": round(self.host_budget_bytes_per_node / GiB, 3),
+            "host_memory_source": self.host_memory_source,
+            "missing_gib": round(self.missing_bytes / GiB, 3),
+            "missing_is_lower_bound": self.missing_is_lower_bound,
+            "floor_gib": gib(self.floor_bytes),
+            "missing_host_gib_per_node": round(self.missing_host_bytes_per_node / GiB, 3),
+            "remedy": None if self.remedy is None else {
+                "change": self.remedy.change, "flags": self.remedy.flags, "extra_gpus": self.remedy.extra_gpus,
+                "schedule": self.remedy.plan.schedule_kind, "group_size": self.remedy.plan.group_size,
+                "offload_chunks": self.remedy.plan.offload_chunks, "recompute": self.remedy.plan.recompute.label,
+                "iteration_time_s": round(self.remedy.plan.iteration_time_s, 6),
+                "predicted_peak_memory_gib": gib((self.remedy.plan.chosen or self.remedy.plan.baseline).memory_bytes),
+            },
+            "remedies_tried": self.remedies_tried,
+            "pp": self.job.pp, "vpp": self.job.vpp, "tp": self.job.tp, "cp": self.job.context_parallel_size,
+            "dp": self.job.data_parallel_size, "microbatches": self.job.microbatches,
+            "hardware": self.hardware.name,
+            "reasons": self.reasons,
+            "notes": self.notes,
+            "planning_s": round(self.planning_s, 4),
+            "candidates_evaluated": self.evaluated,
+        }
+
+
+# ---- search -------------------------------------------------------------------------------------------
+
+class _Search:
+    def __init__(self, job, hardware, budget_bytes, host_budget_node, min_offload_bytes, calibration):
+        self.job, self.hardware = job, hardware
+        self.budget, self.host_budget = budget_bytes, host_budget_node
+        self.min_offload_bytes, self.calibration = min_offload_bytes, calibration
+        self.schedules: dict[tuple[str, int | None], Schedule] = {}
+        self.settings: dict[Recompute, Setting] = {}
+        self.scored: list[Candidate] = []
+
+    def setting(self, recompute: Recompute, level: int) -> Setting:
+        if recompute not in self.settings:
+            self.settings[recompute] = _setting(self.job, self.hardware, recompute, level, self.min_offload_bytes, self.calibration)
+        return self.settings[recompute]
+
+    def schedule(self, kind: str, group: int | None) -> Schedule:
+        key = (kind, group)
+        if key not in self.schedules:
+            job = self.job
+            self.schedules[key] = make_schedule(kind, job.pp, job.vpp, job.microbatches, group if kind != "1f1b" else None)
+        return self.schedules[key]
+
+    def score(self, kind, group, setting: Setting, sim: Simulation, chunks: int, offloaded) -> Candidate:
+        totals = [[u.total for u in row] for row in setting.units]
+        moved = [[u.offloadable for u in row] for row in setting.units]
+        device, host = byte_peaks(sim, totals, moved)
+        memory = [s.total + w + a for s, w, a in zip(setting.static, setting.working, device)]
+        host_node = max(host) * self.hardware.gpus_per_node if host else 0.0
+        candidate = Candidate(kind=kind, group_size=group, setting=setting, offload_chunks=chunks, schedule=sim.schedule,
+                              simulation=sim, offloaded=offloaded, activation_bytes=device, memory_bytes=memory, host_bytes=host,
+                              host_bytes_per_node=host_node, gpu_fits=max(memory) <= self.budget,
+                              host_fits=host_node <= self.host_budget)
+        self.scored.append(candidate)
+        return candidate
+
+    def target_units(self, setting: Setting, baseline: Candidate) -> list[int]:
+        """Per rank, the resident units that fit the budget: what is left after static and
+        working memory, the rank's largest stage extra (embedding / loss tensors of its first or
+        last chunk) and the small tensors offloaded units leave behind, over a middle unit's bytes."""
+        unit = max(setting.typical.total, 1)
+        targets = []
+        for rank, (static, working) in enumerate(zip(setting.static, setting.working)):
+            extra = max(0, max(u.total for u in setting.units[rank]) - setting.typical.total)
+            kept = setting.typical.kept * baseline.simulation.peak_units[rank]
+            targets.append(max(0, int((self.budget - static.total - working - extra - kept) // unit)))
+        return targets
+
+    def run(self, shapes, settings: list[Setting]) -> tuple[Candidate | None, list[tuple]]:
+        """Level by level of the recompute ladder (each level's backward is longer, so a shape's
+        makespan only grows from one level to the next: a shape whose makespan at a lower level
+        already reaches the best plan's is not simulated again); within a level, combinations by
+        makespan, stopping at the first slower than the best plan."""
+        combos = []
+        best: Candidate | None = None
+        floor: dict[tuple, float] = {}  # shape -> makespan at the last level simulated
+        for setting in settings:
+            level = []
+            for kind, group in shapes:
+                if best is not None and floor.get((kind, group), 0.0) >= best.makespan * (1 - _TOLERANCE):
+                    continue
+                base = simulate(self.schedule(kind, group), setting.costs)
+                floor[(kind, group)] = base.makespan
+                level.append((base.makespan, 0 if kind != "gis" else 1, -(group or 0), kind, group, setting, base))
+            level.sort(key=lambda c: c[:3])
+            combos += level
+            for makespan, _, _, kind, group, setting, base in level:
+                if best is not None and makespan > best.makespan * (1 + _TOLERANCE):
+                    break
+                candidate = self.score(kind, group, setting, base, 0, [[] for _ in range(self.job.pp)])
+                if candidate.fits:
+                    if _better(candidate, best):
+                        best = candidate
+                    continue
+                if best is not None and math.isclose(makespan, best.makespan, rel_tol=_TOLERANCE) and best.offloaded_count == 0:
+                    continue  # an equally fast plan without offload exists
+                candidate = self._offload_search(kind, group, setting, candidate)
+                if candidate is not None and _better(candidate, best):
+                    best = candidate
+        return best, combos
+
+    def _offload_search(self, kind, group, setting: Setting, baseline: Candidate) -> Candidate | None:
+        """The fitting candidate with the fewest offload chunks K for one combination, or None.
+
+        First the most this combination can shed (every chunk a candidate, no memory target):
+        if that does not fit, no K does. Then the smallest K whose pass, aiming at the budget
+        in units, fits (binary search: a larger K only adds candidates)."""
+        v = self.job.vpp
+        target = self.target_units(setting, baseline)
+        most = self._pass(kind, group, setting, baseline, v, None)
+        if not most.gpu_fits:
+            return None
+        fitting = most if most.fits else None
+        low, high = 1, v  # invariant: K = high fits (with or without target), every K < low does not
+        aimed: dict[int, Candidate] = {}
+        while low <= high:
+            chunks = (low + high) // 2
+            candidate = aimed[chunks] = self._aimed(kind, group, setting, baseline, chunks, target)
+            if candidate is not None and candidate.fits:
+                fitting, high = candidate, chunks - 1
+            else:
+                low = chunks + 1
+        return fitting
+
+    def _aimed(self, kind, group, setting: Setting, baseline: Candidate, chunks: int, target: list[int]) -> Candidate | None:
+        """Offload candidates of chunks < K only until each rank is down to ``target`` units; if
+        the pass meets its target but the bytes (first / last stage extras) still exceed the
+        budget, aim once more, lower by the excess."""
+        candidate = self._pass(kind, group, setting, baseline, chunks, target)
+        if candidate.fits or any(p > t for p, t in zip(candidate.simulation.peak_units, target)) or not candidate.host_fits:
+            return candidate
+        excess_units = math.ceil(candidate.excess(self.budget) / max(setting.typical.offloadable, 1))
+        lower = self._pass(kind, group, setting, baseline, chunks, [max(0, t - max(1, excess_units)) for t in target])
+        if lower.fits or not lower.host_fits:
+            return lower
+        return self._pass(kind, group, setting, baseline, chunks, None)  # every candidate of chunks < K
+
+    def _pass(self, kind, group, setting: Setting, baseline: Candidate, chunks: int, target: list[int] | None) -> Candidate:
+        base = baseline.simulation
+        plan = plan_offload(base.schedule, setting.costs, chunks=chunks, memory_target=target, baseline=base)
+        sim = simulate(plan.schedule, setting.costs, no_offload_makespan=base.makespan)
+        return self.score(kind, group, setting, sim, chunks, plan.offloaded)
+
+
+def plan_job(
+    job: JobSpec,
+    hardware: Hardware,
+    *,
+    memory_budget_gib: float | None = None,
+    reserve_gib: float | None = None,
+    host_memory_gib: float | None = None,
+    host_memory_fraction: float = 0.5,
+    families: Sequence[str] = FAMILIES,
+    allow_recompute: bool = True,
+    measured_unit_bytes: Sequence[Sequence[float]] | None = None,
+    min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES,
+    remedies: bool = True,
+) -> Plan:
+    """Plan ``job`` on ``hardware``.
+
+    - ``memory_budget_gib``: the GPU budget for everything the job holds (static state, working
+      memory, activations); default GPU memory minus ``reserve_gib`` (default
+      :func:`default_reserve_gib`).
+    - ``host_memory_gib``: host RAM per node; default the hardware's, else this machine's
+      /proc/meminfo. Offload may pin ``host_memory_fraction`` of it (the runtime's default host
+      budget is half the node's RAM).
+    - ``families``: schedules allowed (``megatron``: Megatron's own orders, which the runtime
+      follows today; ``gis``: generalized interleaving).
+    - ``allow_recompute``: search the recompute ladder (else only the job's own setting).
+    - ``measured_unit_bytes[r][c]``: bytes of one unit of chunk c on pipeline rank r as the
+      runtime measured them for the job's own recomputation; each (rank, chunk) cost-model value
+      is scaled by measured / predicted, for every recompute level.
+    - ``min_offload_bytes``: the runtime's threshold; smaller saved tensors stay on the device.
+    - ``remedies``: when nothing fits, re-plan with changes to find the cheapest that fits.
+    """
+    started = time.perf_counter()
+    if not 0 < host_memory_fraction <= 1:
+        raise ValueError(f"--host-memory-fraction {host_memory_fraction} must lie in (0, 1]")
+    families = tuple(families)
+    unknown = set(families) - set(FAMILIES)
+    if unknown or not families:
+        raise ValueError(f"--offload-schedule {','.join(sorted(unknown)) or '(none)'}: choose from {', '.join(FAMILIES)}")
+    reserve = default_reserve_gib(hardware.gpu_memory_gib) if reserve_gib is None else reserve_gib
+    if memory_budget_gib is not None:
+        if not memory_budget_gib > 0:
+            raise ValueError(f"--memory-budget-gib {memory_budget_gib} must be > 0")
+        budget = memory_budget_gib * GiB
+        reserve_bytes = max(0.0, hardware.gpu_memory_gib * GiB - budget)
+    else:
+        if not 0 <= reserve < hardware.gpu_memory_gib:
+            raise ValueError(f"--memory-reserve-gib {reserve} must lie in [0, GPU memory {hardware.gpu_memory_gib:g} GiB)")
+        budget = (hardware.gpu_memory_gib - reserve) * GiB
+        reserve_bytes = reserve * GiB
+    if host_memory_gib is not None:
+        host_gib, host_source = host_memory_gib, "--host-memory-gib"
+    elif hardware.host_memory_gib is not None:
+        host_gib, host_source = hardware.host_memory_gib, f"hardware {hardware.name}"
+    else:
+        host_gib, host_source = host_memory_from_proc(), "/proc/meminfo of this machine"
+        if host_gib is None:
+            raise ValueError("host RAM unknown: give --host-memory-gib (RAM per node)")
+    host_budget = host_gib * GiB * host_memory_fraction
+    calibration = None
+    if measured_unit_bytes is not None:
+        calibration = []
+        for rank in range(job.pp):
+            row = []
+            for chunk in range(job.vpp):
+                predicted = unit_bytes(job, rank, chunk, job.recompute, min_offload_bytes).total
+                row.append(float(measured_unit_bytes[rank][chunk]) / predicted if predicted else 1.0)
+            calibration.append(row)
+
+    search = _Search(job, hardware, budget, host_budget, min_offload_bytes, calibration)
+    shapes, notes = schedule_shapes(job, families)
+    if not shapes:
+        raise ValueError("no schedule can run this job: " + "; ".join(notes) + " (allow --offload-schedule gis, or change "
+                         "--global-batch-size / --micro-batch-size)")
+    ladder = recompute_ladder(job) if allow_recompute else [job.recompute]
+    # The job as given, for "without the plan" and the slowdown.
+    own_shapes, own_notes = schedule_shapes(job, ("megatron",))
+    own_kind, own_group = own_shapes[0] if own_shapes else shapes[0]
+    own_setting = search.setting(job.recompute, 0)
+    own_sim = simulate(search.schedule(own_kind, own_group), own_setting.costs)
+    baseline = search.score(own_kind, own_group, own_setting, own_sim, 0, [[] for _ in range(job.pp)])
+    search.scored.clear()
+
+    # Recompute levels whose floor (static + working + one unit) is over budget on some rank
+    # cannot fit whatever the schedule and offload: not simulated.
+    settings = [search.setting(recompute, level) for level, recompute in enumerate(ladder)]
+    viable = [setting for setting in settings if max(setting.floor) <= budget]
+    best, combos = search.run(shapes, viable)
+    scored = sorted(search.scored, key=lambda c: (not c.fits, c.makespan, c.sort_key()))
+    plan = Plan(job=job, hardware=hardware, fits=best is not None, chosen=best, baseline=baseline, budget_bytes=budget,
+                reserve_bytes=reserve_bytes, host_budget_bytes_per_node=host_budget, host_memory_source=host_source,
+                missing_bytes=0.0, missing_host_bytes_per_node=0.0, remedy=None, remedies_tried=[], reasons=[],
+                alternatives=[c for c in scored if c is not best][:8], notes=notes + [n for n in own_notes if n not in notes])
+    lowest = min(settings, key=lambda setting: max(setting.floor))
+    plan.floor_bytes = lowest.floor
+    if best is None:
+        if search.scored:
+            closest = min(search.scored, key=lambda c: (max(0.0, c.excess(budget)), max(0.0, c.host_bytes_per_node - host_budget), c.makespan))
+            plan.chosen = closest
+            plan.missing_bytes = max(0.0, closest.excess(budget))
+            plan.missing_host_bytes_per_node = max(0.0, closest.host_bytes_per_node - host_budget)
+        else:  # even the floor is over budget: what is missing is at least this
+            plan.chosen = None
+            plan.missing_bytes = max(lowest.floor) - budget
+            plan.missing_is_lower_bound = True
+        if remedies:
+            plan.remedy, plan.remedies_tried = _find_remedy(job, hardware, memory_budget_gib=memory_budget_gib, reserve_gib=reserve_gib,
+                                                             host_memory_gib=host_gib, host_memory_fraction=host_memory_fraction,
+                                                             families=families, allow_recompute=allow_recompute,
+                                                             min_offload_bytes=min_offload_bytes)
+    plan.evaluated = len(search.scored)
+    plan.reasons = _reasons(plan, combos)
+    plan.planning_s = time.perf_counter() - started
+    return plan
+
+
+# ---- remedies ------------------------------------------------------------------------------------------
+
+def _remedy_jobs(job: JobSpec, allow_recompute: bool) -> list[tuple[str, dict, int, JobSpec]]:
+    """Changed jobs to try: (description, flags, extra GPUs, job)."""
+    out = []
+    if not allow_recompute and job.recompute.granularity != "full":
+        full = Recompute(granularity="full", method="uniform", num_layers=1)
+        out.append(("full recompute: " + " ".join(full.megatron_flags()), {"--recompute-granularity": "full"}, 0,
+                    job.with_changes(recompute=full)))
+    gbs = job.global_batch_size or job.micro_batch_size * job.data_parallel_size
+    mbs = job.micro_batch_size // 2
+    while mbs >= 1:
+        if gbs % (mbs * job.data_parallel_size) == 0:
+            out.append((f"--micro-batch-size {mbs}", {"--micro-batch-size": mbs}, 0,
+                        job.with_changes(micro_batch_size=mbs, global_batch_size=gbs)))
+            break
+        mbs //= 2
+    for factor in (2, 4):
+        p = job.pp * factor
+        if p > job.num_layers:
+            break
+        v = next((v for v in range(job.vpp, 0, -1) if job.num_layers % (p * v) == 0), None)
+        if v is None:
+            continue
+        dp, extra = job.data_parallel_size, 0
+        if dp % factor == 0 and gbs % (job.micro_batch_size * dp // factor) == 0:
+            dp //= factor
+        else:
+            extra = job.world_size * (factor - 1)
+        flags = {"--pipeline-model-parallel-size": p}
+        if v != job.vpp:
+            flags["--num-virtual-stages-per-pipeline-rank"] = v
+        where = "same GPUs, data-parallel size " + str(dp) if extra == 0 else f"{extra} more GPUs"
+        change = f"--pipeline-model-parallel-size {p}" + (f" with {v} virtual stages per rank" if v != job.vpp else "") + f" ({where})"
+        try:
+            changed = job.with_changes(pipeline_model_parallel_size=p, virtual_stages=v, data_parallel_size=dp, global_batch_size=gbs,
+                                       microbatch_group_size_per_vp_stage=None)
+        except ValueError:
+            continue
+        out.append((change, flags, extra, changed))
+    return out
+
+
+def _find_remedy(job: JobSpec, hardware: Hardware, **kwargs) -> tuple[Remedy | None, list[str]]:
+    best: Remedy | None = None
+    tried = []
+    for change, flags, extra, changed in sorted(_remedy_jobs(job, kwargs["allow_recompute"]), key=lambda item: item[2]):
+        if best is not None and extra > best.extra_gpus:
+            tried.append(f"{change}: not tried (needs more GPUs than a change that fits)")
+            continue
+        try:
+            plan = plan_job(changed, hardware, remedies=False, **kwargs)
+        except ValueError as error:
+            tried.append(f"{change}: cannot plan ({error})")
+            continue
+        if not plan.fits:
+            tried.append(f"{change}: still {plan.missing_bytes / GiB:.2f} GiB short on the worst rank")
+            continue
+        # Cost: GPUs first, then time for the same global batch.
+        tried.append(f"{change}: fits, {plan.iteration_time_s:.3f} s per iteration ({plan.schedule_kind}, "
+                     f"recompute {plan.recompute.label}, offload K={plan.offload_chunks})")
+        remedy = Remedy(change=change, flags=flags, extra_gpus=extra, plan=plan)
+        if best is None or (extra, plan.iteration_time_s) < (best.extra_gpus, best.plan.iteration_time_s):
+            best = remedy
+    return best, tried
+
+
+# ---- explanation -------------------------------------------------------------------------------------
+
+def _reasons(plan: Plan, combos) -> list[str]:
+    gib = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+    budget = plan.budget_bytes
+    base = plan.baseline
+    worst = max(range(len(base.memory_bytes)), key=base.memory_bytes.__getitem__)
+    reasons = [f"budget {gib(budget)} per GPU ({plan.hardware.gpu_memory_gib:g} GiB - {gib(plan.reserve_bytes)} reserve); "
+               f"host budget {gib(plan.host_budget_bytes_per_node)} per node ({plan.host_memory_source})"]
+    setting = base.setting
+    reasons.append(f"k = {setting.k:.3f}: a unit ({plan.job.layers_per_chunk} layers, {gib(setting.typical.offloadable)} "
+                   f"offloadable) takes {setting.typical.offloadable / plan.hardware.link_bytes_per_s * 2 * 1e3:.1f} ms to copy "
+                   f"out and back, {(setting.forward_s + setting.backward_s) * 1e3:.1f} ms to compute"
+                   + (" (k <= 1: the link keeps up with compute)" if setting.k <= 1 else " (k > 1: only long-lived units can be hidden)"))
+    verdict = "fits" if base.fits else f"needs {gib(base.memory_bytes[worst])} on rank {worst}"
+    reasons.append(f"as given ({base.label()}): {verdict}")
+    chosen = plan.chosen
+    if chosen is None:
+        rank = max(range(len(plan.floor_bytes)), key=plan.floor_bytes.__getitem__)
+        reasons.append(f"does not fit: at least {gib(plan.missing_bytes)} missing on rank {rank}: its parameters, gradients and optimizer "
+                       f"state, working memory and a single unit already need {gib(plan.floor_bytes[rank])}, whatever is "
+                       "offloaded or recomputed")
+        reasons += _remedy_reasons(plan)
+        return reasons
+    if plan.fits:
+        if chosen is base or (chosen.kind, chosen.group_size, chosen.setting.level, chosen.offload_chunks) == (base.kind, base.group_size, 0, 0):
+            reasons.append("chosen: the job as given, no offload needed")
+        else:
+            reasons.append(f"chosen: {chosen.label()}: worst rank {gib(max(chosen.memory_bytes))}, slowdown {plan.slowdown:+.2%}")
+            if chosen.offload_chunks:
+                per_rank = ", ".join(str(len(u)) for u in chosen.offloaded)
+                reasons.append(f"offloaded units per rank: {per_rank} (longest-lived first, chunks < {chosen.offload_chunks}); "
+                               f"host {gib(chosen.host_bytes_per_node)} per node")
+            if chosen.setting.level:
+                reasons.append(f"recompute {chosen.setting.recompute.label}: offload alone cannot reach the budget at this speed")
+        shape = lambda c: (c.kind, c.group_size, c.setting.level)  # noqa: E731
+        same = [c for c in plan.alternatives if c.fits and math.isclose(c.makespan, chosen.makespan, rel_tol=_TOLERANCE)
+                and shape(c) != shape(chosen)]
+        as_given = shape(chosen) == shape(base) and chosen.offload_chunks == 0
+        if same and not as_given:
+            reasons.append(f"also fits at the same predicted time: {same[0].label()} (worst rank {gib(max(same[0].memory_bytes))}); "
+                           "the plan prefers less recomputation, fewer offloaded units, then Megatron's own schedule")
+        faster = [c for c in plan.alternatives if c.makespan < chosen.makespan * (1 - _TOLERANCE)]
+        if faster:
+            f = min(faster, key=lambda c: c.makespan)
+            reasons.append(f"faster but over budget: {f.label()} ({gib(max(f.memory_bytes))} on the worst rank)")
+    else:
+        reasons.append(f"does not fit: {gib(plan.missing_bytes)} missing on the worst rank even with {chosen.label()}"
+                       + (f"; host memory {gib(plan.missing_host_bytes_per_node)} short per node" if plan.missing_host_bytes_per_node else ""))
+        reasons += _remedy_reasons(plan)
+    return reasons
+
+
+def _remedy_reasons(plan: Plan) -> list[str]:
+    if plan.remedy is not None:
+        return [f"cheapest change that fits: {plan.remedy.change} -> {plan.remedy.plan.chosen.label()}, "
+                f"{plan.remedy.plan.iteration_time_s:.3f} s per iteration"]
+    if plan.remedies_tried:
+        return ["no tried change fits: " + "; ".join(plan.remedies_tried)]
+    return []

@@ -1,0 +1,63 @@
+"""Memory of a simulated schedule in bytes rather than units (pure Python + numpy, no torch).
+
+The simulator counts units (one chunk's activations for one microbatch). A planner needs bytes,
+and units differ: the first stage's chunk 0 also keeps the embedding's tensors, the last stage's
+last chunk the loss's, and an offloaded unit leaves its small tensors on the device. Given the
+bytes of a unit of each (rank, chunk), these functions sweep the same events as the simulator:
+
+- device: a unit holds ``total`` bytes from the start of its forward to the end of its
+  backward, except while offloaded: from the end of its offload copy to the start of its reload
+  it holds only ``total - moved`` (what the runtime keeps on the device);
+- host: an offloaded unit holds ``moved`` bytes of host memory from the start of its offload copy
+  to the end of its reload (the host buffer is taken when the copy starts and returned when the
+  reload has finished).
+At equal times releases count before reservations (the simulator's convention), so with equal
+weights the device peak is ``peak_units x bytes``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .ir import KIND_B, KIND_F, KIND_O, KIND_R
+from .simulate import Simulation
+
+
+def _peak(times: list[np.ndarray], deltas: list[np.ndarray]) -> float:
+    if not times:
+        return 0.0
+    time = np.concatenate(times)
+    delta = np.concatenate(deltas)
+    order = np.lexsort((delta, time))  # by time, then releases (negative) first
+    level = np.cumsum(delta[order])
+    return float(max(0.0, level.max(initial=0.0)))
+
+
+def byte_peaks(sim: Simulation, total: Sequence[Sequence[float]], moved: Sequence[Sequence[float]] | None = None) -> tuple[list[float], list[float]]:
+    """Per rank, the peak device bytes and the peak host bytes of ``sim``'s schedule.
+
+    ``total[r][c]``: bytes of one unit of model chunk ``c`` on rank ``r``; ``moved[r][c]``:
+    the part of it an offload moves (default: all of it). Host peaks are 0 without offload.
+    """
+    schedule = sim.schedule
+    units, m = schedule.units_per_rank, schedule.microbatches
+    programs = schedule.program()
+    device, host = [], []
+    for rank in range(schedule.pp):
+        codes = np.asarray(programs[rank], dtype=np.int64)
+        start = np.asarray(sim.start[rank], dtype=float)
+        end = np.asarray(sim.end[rank], dtype=float)
+        kind, unit = np.divmod(codes, units)
+        chunk = unit // m
+        weight = np.asarray(total[rank], dtype=float)[chunk]
+        move = weight if moved is None else np.asarray(moved[rank], dtype=float)[chunk]
+        f, b, o, r = kind == KIND_F, kind == KIND_B, kind == KIND_O, kind == KIND_R
+        times = [start[f], end[b], end[o], start[r]]
+        deltas = [weight[f], -weight[b], -move[o], move[r]]
+        device.append(_peak(times, deltas))
+        if np.any(o):
+            host.append(_peak([start[o], end[r]], [move[o], -move[r]]))
+        else:
+            host.append(0.0)
+    return device, host
