@@ -77,6 +77,8 @@ PLANNER_FLAGS = {
     "--gpu", "--gpu-memory-gib", "--gpu-tflops", "--host-link-gbps", "--host-memory-gib", "--gpus-per-node",
     "--memory-budget-gib", "--memory-reserve-gib", "--host-memory-fraction", "--world-size", "--data-parallel-size",
     "--padded-vocab-size", "--offload-schedule", "--no-recompute-fallback", "--offload-min-bytes", "--json", "--out",
+    "--offload-memory-budget-gib", "--offload-memory-budget-scope", "--offload-memory-reserve-gib", "--offload-prefetch",
+    "--offload-policy",
 }
 
 _WARN_IF_GIVEN = {
@@ -116,8 +118,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     hw.add_argument("--host-memory-gib", type=float, help="host RAM per node, GiB (default: the preset's, else this machine's)")
     hw.add_argument("--gpus-per-node", type=int, help="GPUs (local ranks) per node (default: the preset's, 8)")
     budget = parser.add_argument_group("budget and search")
-    budget.add_argument("--memory-budget-gib", "--offload-memory-budget-gib", type=float, dest="memory_budget_gib",
-                        help="GPU memory the job may use, GiB (default: GPU memory minus --memory-reserve-gib)")
+    budget.add_argument("--memory-budget-gib", type=float, dest="memory_budget_gib",
+                        help="GPU memory the job may use, GiB (default: GPU memory minus --memory-reserve-gib; with "
+                             "--offload-memory-budget-scope device: --offload-memory-budget-gib)")
     budget.add_argument("--memory-reserve-gib", type=float, help="GPU memory kept out of the budget (default 2 GiB + 5%%)")
     budget.add_argument("--host-memory-fraction", type=float, default=0.5,
                         help="share of host RAM offload may pin (default 0.5, the runtime's default host budget)")
@@ -128,6 +131,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="schedules to consider: megatron (Megatron's own orders), gis (generalized interleaving), auto (both)")
     budget.add_argument("--no-recompute-fallback", action="store_true", help="keep the job's recomputation (no recompute ladder)")
     budget.add_argument("--offload-min-bytes", type=int, default=64 * 1024, help="the runtime's threshold (default 64 KiB)")
+    auto = parser.add_argument_group("policy auto (the runtime's flags: what --offload-policy auto will choose)")
+    auto.add_argument("--offload-memory-budget-gib", type=float, dest="offload_memory_budget_gib",
+                      help="the runtime's budget: resident activations per rank, GiB (default: the largest value that keeps "
+                           "every rank within the GPU budget)")
+    auto.add_argument("--offload-memory-budget-scope", choices=("activations", "device"), default="activations",
+                      help="what --offload-memory-budget-gib counts (device: the whole GPU; static, working memory and "
+                           "--offload-memory-reserve-gib are subtracted per rank)")
+    auto.add_argument("--offload-memory-reserve-gib", type=float, default=2.0,
+                      help="with --offload-memory-budget-scope device: GiB kept out of the budget (default 2)")
+    auto.add_argument("--offload-prefetch", type=int, default=1, help="the runtime's reload distance in ops (default 1)")
+    auto.add_argument("--offload-policy", choices=("auto", "none", "full", "chunks"),
+                      help="accepted from a pasted job's flags; the report always shows policy auto")
     out = parser.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print one JSON object")
     out.add_argument("--out", help="draw the planned schedule: FILE.svg or FILE.png (needs matplotlib)")
@@ -196,15 +211,21 @@ def _check(args):
 
 
 def run(args) -> int:
-    from .planner import plan_job
+    from .planner import auto_for_plan, plan_job
 
     ignored = _ignored(getattr(args, "ignored_flags", []) or [])
     warnings = [f"{flag.split()[0]}: {_WARN_IF_GIVEN[flag.split()[0]]}" for flag in ignored if flag.split()[0] in _WARN_IF_GIVEN]
     try:
         job, hardware, families = _check(args)
-        plan = plan_job(job, hardware, memory_budget_gib=args.memory_budget_gib, reserve_gib=args.memory_reserve_gib,
+        gpu_budget = args.memory_budget_gib
+        if gpu_budget is None and args.offload_memory_budget_scope == "device":
+            gpu_budget = args.offload_memory_budget_gib
+        plan = plan_job(job, hardware, memory_budget_gib=gpu_budget, reserve_gib=args.memory_reserve_gib,
                         host_memory_gib=args.host_memory_gib, host_memory_fraction=args.host_memory_fraction, families=families,
                         allow_recompute=not args.no_recompute_fallback, min_offload_bytes=args.offload_min_bytes)
+        auto = auto_for_plan(plan, memory_budget_gib=args.offload_memory_budget_gib, scope=args.offload_memory_budget_scope,
+                             reserve_gib=args.offload_memory_reserve_gib, prefetch_distance=args.offload_prefetch,
+                             min_offload_bytes=args.offload_min_bytes)
     except ValueError as error:
         args._parser.error(str(error))  # exits with status 2 and the usage line
     if getattr(args, "gqa_warning", False):
@@ -217,20 +238,59 @@ def run(args) -> int:
 
         chosen = plan.chosen or plan.baseline
         render_figure(chosen.simulation, args.out, title=f"planned: {chosen.label()}")
+    auto_refused = auto is not None and args.offload_memory_budget_gib is not None and not auto.fits
     if args.json:
         report = plan.to_json()
+        report["auto"] = None if auto is None else auto_json(auto)
         report["ignored_flags"] = ignored
         report["warnings"] = warnings
         json.dump(report, sys.stdout)
         sys.stdout.write("\n")
     else:
-        print(format_plan(plan, ignored, warnings))
+        print(format_plan(plan, ignored, warnings, auto))
         if args.out:
             print(f"wrote {args.out}")
-    return 0 if plan.fits else 1
+    return 0 if plan.fits and not auto_refused else 1
 
 
-def format_plan(plan, ignored: list[str] = (), warnings: list[str] = ()) -> str:
+def auto_json(auto) -> dict:
+    """The ``auto`` key of ``--json``: what --offload-policy auto chooses per rank."""
+    from .costmodel import GiB
+
+    gib = lambda b: round(b / GiB, 4)  # noqa: E731
+    return {
+        "memory_budget_gib": [gib(c.budget_bytes) for c in auto.ranks],
+        "flags": auto.notes[-1] if auto.notes else "",
+        "fits": auto.fits,
+        "offloaded_units_per_rank": [len(c.offload) for c in auto.ranks],
+        "units_per_rank": [c.units for c in auto.ranks],
+        "offloaded_units_per_chunk": [[c.per_chunk().get(k, 0) for k in range(len(auto.unit_bytes[0]))] for c in auto.ranks],
+        "predicted_peak_activation_gib": [gib(c.peak_bytes) for c in auto.ranks],
+        "predicted_peak_activation_gib_without": [gib(c.peak_without_bytes) for c in auto.ranks],
+        "floor_activation_gib": [gib(c.floor_bytes) for c in auto.ranks],
+        "least_budget_gib": gib(auto.least_budget_bytes),
+    }
+
+
+def format_auto(auto) -> list[str]:
+    """The report's "policy auto" lines."""
+    from .costmodel import GiB
+
+    if auto is None:
+        return ["policy auto: not available (Megatron's own schedule cannot run this job)"]
+    flags = auto.notes[-1] if auto.notes else ""
+    lines = [f"policy auto ({flags}; the runtime's selection on Megatron's order, cost-model bytes, resident activations "
+             f"at op boundaries):"]
+    for choice in auto.ranks:
+        lines.append("  " + auto.rank_line(choice))
+    if not auto.fits:
+        lines.append("  policy auto would refuse to start: " + auto.does_not_fit_message())
+    else:
+        lines.append(f"  (least budget any rank needs: {auto.least_budget_bytes / GiB:.2f} GiB, with every unit offloaded)")
+    return lines
+
+
+def format_plan(plan, ignored: list[str] = (), warnings: list[str] = (), auto=None) -> str:
     from .costmodel import GiB
 
     job, hw = plan.job, plan.hardware
@@ -270,6 +330,8 @@ def format_plan(plan, ignored: list[str] = (), warnings: list[str] = ()) -> str:
                      + (f" and {plan.missing_host_bytes_per_node / GiB:.1f} GiB of host memory per node" if plan.missing_host_bytes_per_node else ""))
         if plan.remedy is not None:
             lines.append(f"cheapest change that fits: {plan.remedy.change}")
+    if auto is not None or plan.baseline.kind in ("1f1b", "interleaved"):
+        lines += format_auto(auto)
     lines.append("why:")
     lines += [f"  - {reason}" for reason in plan.reasons]
     for note in plan.notes:

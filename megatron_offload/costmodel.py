@@ -361,13 +361,18 @@ class Term:
     tensor_bytes: float
     count: int = 1
     doc: str = field(default="", compare=False)
+    moves: bool = True
+    """False for what the runtime keeps on the device whatever its size, because something
+    besides the unit's saved tensors references it when the forward returns (its
+    reference-count rule, ``runtime/store.py``): shared caches, checkpoint inputs megatron-core
+    holds twice."""
 
     @property
     def bytes(self) -> float:
         return self.tensor_bytes * self.count
 
     def scaled(self, factor: float) -> "Term":
-        return Term(self.name, self.tensor_bytes, self.count * factor, self.doc)
+        return Term(self.name, self.tensor_bytes, self.count * factor, self.doc, self.moves)
 
 
 def _norm_terms(job: JobSpec, which: str, recompute: Recompute) -> list[Term]:
@@ -382,15 +387,20 @@ def _norm_terms(job: JobSpec, which: str, recompute: Recompute) -> list[Term]:
       the d-byte input is not kept), the fp32 rsqrt per token, the fp32 normalized tensor and
       the d-byte output (measured on CPU, fp32 and bf16).
     - ``--recompute-modules layernorm`` (norm1 and norm2 only): Megatron's CheckpointWithoutOutput
-      keeps the input and releases the output after the linear used it: input only.
+      keeps the input (d bytes, also for local RMSNorm: its fp32 upcast is recomputed) and
+      releases the output after the linear used it: input only.
     """
     T, hs, d = job.tokens, job.sp_width, job.act_bytes
     stat = 4 if job.device == "cuda" else d
     local_rms = job.transformer_impl == "local" and job.normalization == "RMSNorm"
+    if which != "final_norm" and recompute.has("layernorm"):
+        # The checkpoint keeps the norm's d-byte input itself (the fp32 upcast of local
+        # RMSNorm happens inside the recomputed forward).
+        # Measured: the runtime finds these inputs referenced besides the saved tensors and
+        # keeps them (except the unit's received input, which it always moves: unit_terms).
+        return [Term(f"{which}_input", T * hs * d, doc="norm input kept by the checkpoint", moves=False)]
     in_bytes = 4 if local_rms else d
     terms = [Term(f"{which}_input", T * hs * in_bytes, doc="norm input (layer input / residual)")]
-    if which != "final_norm" and recompute.has("layernorm"):
-        return terms
     terms.append(Term(f"{which}_output", T * hs * d, doc="norm output, saved by the next linear"))
     if job.normalization == "LayerNorm":
         terms.append(Term(f"{which}_stats", T * stat, 2, doc="mean and rstd per token"))
@@ -512,11 +522,15 @@ def layer_terms(job: JobSpec, recompute: Recompute | None = None) -> list[Term]:
 
 
 def first_stage_terms(job: JobSpec) -> list[Term]:
-    """Embedding (first pipeline stage, model chunk 0): the token ids the lookup keeps (int64),
+    """Embedding (first pipeline stage, model chunk 0): the token ids the lookup keeps (int64;
+    with micro batch 1 the storage of s + 1 ids Megatron-LM's batch slices them from),
     the position ids with learned positions, the embedding dropout mask. The embedding output
     is layer 1's norm1 input (counted there)."""
     T = job.tokens
-    terms = [Term("input_ids", T * 8, doc="token ids kept by the embedding lookup")]
+    # Megatron-LM's get_batch takes tokens[:, :-1].contiguous() of s + 1 tokens: with one row
+    # that is already contiguous, a view of the whole s + 1 storage (measured).
+    ids = T + 1 if job.micro_batch_size == 1 and job.context_parallel_size == 1 else T
+    terms = [Term("input_ids", ids * 8, doc="token ids kept by the embedding lookup")]
     if job.tp > 1:
         terms.append(Term("vocab_mask", T * 1, doc="vocab-parallel embedding: out-of-shard mask"))
     if job.position_embedding_type == "learned_absolute":
@@ -544,14 +558,33 @@ def unit_shared_terms(job: JobSpec, recompute: Recompute | None = None) -> list[
     if not job.uses_flash:
         terms.append(Term("attention_mask", job.seq_length * job.seq_length * 1, doc="causal mask (bool), shared by the chunk's layers"))
     if recompute.granularity == "full" and job.position_embedding_type == "rope":
-        terms.append(Term("rotary_freqs", job.seq_length // job.context_parallel_size * job.head_dim * 4, doc="RoPE table kept by the checkpoints"))
+        terms.append(Term("rotary_freqs", job.seq_length // job.context_parallel_size * job.head_dim * 4, doc="RoPE table kept by the checkpoints",
+                          moves=False))  # a cache shared by the units: stays
     return terms
+
+
+def received_input_terms(job: JobSpec, rank: int, chunk: int, recompute: Recompute | None = None) -> list[Term]:
+    """The hidden state a unit receives from the previous stage (every unit but the first
+    stage's chunk 0). The runtime counts it as the unit's memory (the schedule holds it until
+    the backward). Usually it is the first layer's norm input (or a full-recompute checkpoint's
+    input), already a term; not with the local spec's RMSNorm in 16 bits, which keeps an fp32
+    upcast of its input instead, so the d-byte tensor received is one more storage (measured)."""
+    recompute = job.recompute if recompute is None else recompute
+    if rank == 0 and chunk == 0:
+        return []
+    upcast = job.transformer_impl == "local" and job.normalization == "RMSNorm" and job.act_bytes != 4
+    if upcast and recompute.granularity != "full" and not recompute.has("layernorm"):
+        return [Term("received_input", job.tokens * job.sp_width * job.act_bytes,
+                     doc="hidden state received from the previous stage (the norm keeps an fp32 copy)")]
+    return []
 
 
 def unit_terms(job: JobSpec, rank: int, chunk: int, recompute: Recompute | None = None) -> list[Term]:
     """Everything one unit (model chunk ``chunk`` of pipeline rank ``rank``, one microbatch)
     keeps: its layers (full recompute: the checkpoint inputs plus the layers that are not
-    recomputed), the per-unit terms and the first / last stage terms."""
+    recomputed), the per-unit terms (causal mask, received input where it is an extra storage)
+    and the first / last stage terms. What the runtime measures as the unit's bytes
+    (``IterationStats.unit_bytes``: its saved storages plus its received input, not its output)."""
     recompute = job.recompute if recompute is None else recompute
     n = job.layers_per_chunk
     if recompute.granularity == "full":
@@ -564,7 +597,13 @@ def unit_terms(job: JobSpec, rank: int, chunk: int, recompute: Recompute | None 
         terms += [term.scaled(plain) for term in layer_terms(job, NO_RECOMPUTE)] if plain else []
     else:
         terms = [term.scaled(n) for term in layer_terms(job, recompute)]
+    if recompute.granularity != "full" and recompute.has("layernorm") and not (rank == 0 and chunk == 0):
+        # The first layer's norm1 input is the received input: the runtime moves it.
+        terms = [term.scaled((n - 1) / n) if term.name == "norm1_input" else term for term in terms]
+        terms.append(Term("received_input", job.tokens * job.sp_width * job.act_bytes,
+                          doc="received input (first layer's norm1 input), always moved"))
     terms += unit_shared_terms(job, recompute)
+    terms += received_input_terms(job, rank, chunk, recompute)
     if rank == 0 and chunk == 0:
         terms += first_stage_terms(job)
     if rank == job.pp - 1 and chunk == job.vpp - 1:
@@ -588,7 +627,7 @@ class UnitBytes:
 
 def split_bytes(terms: list[Term], min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES) -> UnitBytes:
     total = sum(term.bytes for term in terms)
-    movable = sum(term.bytes for term in terms if term.tensor_bytes >= min_offload_bytes)
+    movable = sum(term.bytes for term in terms if term.moves and term.tensor_bytes >= min_offload_bytes)
     return UnitBytes(total=int(round(total)), offloadable=int(round(movable)))
 
 
@@ -600,6 +639,16 @@ def unit_bytes(job: JobSpec, rank: int, chunk: int, recompute: Recompute | None 
 def layer_bytes(job: JobSpec, recompute: Recompute | None = None) -> int:
     """Saved bytes of one layer for one microbatch (no full recompute; see :func:`unit_terms`)."""
     return int(round(sum(term.bytes for term in layer_terms(job, recompute))))
+
+
+def overhead_bytes(job: JobSpec, rank: int) -> float:
+    """Resident activation bytes the runtime measures on a rank beyond its units' own: up to
+    two received hidden states (T x h_sp x d each) whose unit's backward already ran but which
+    megatron-core's schedule still references until its next exchange (measured on CPU, 1F1B
+    and interleaved; not on the first stage without interleaving, which receives nothing)."""
+    if rank == 0 and job.vpp == 1:
+        return 0.0
+    return 2.0 * job.tokens * job.sp_width * job.act_bytes
 
 
 # ---- parameters, gradients, optimizer -----------------------------------------------------------

@@ -59,6 +59,8 @@ class OffloadRuntime:
     passthrough: int = 0
     """Forward-only passes in progress: their forward_step calls run unpatched."""
     originals: dict = field(default_factory=dict)
+    auto: dict = field(default_factory=dict)
+    """Policy auto: the planner's decision per schedule shape (``integration.auto``)."""
 
     @property
     def iteration_stats(self) -> Sequence[IterationStats]:
@@ -214,15 +216,30 @@ def _patched_schedule(runtime: OffloadRuntime, name: str, original):
         refuse_unsupported(config)
         runtime.config.check_against_model(len(chunks))
         order = predict_rank_order(name, kwargs, config, len(chunks))
+        offload = choose_offload_set(runtime, name, kwargs, config, chunks, order)
         offloader = _offloader_for(runtime, chunks, order.rank)
         runtime.active = True
         try:
-            with iteration(offloader, order.ops, units_to_offload(order.ops, runtime.config)):
+            with iteration(offloader, order.ops, offload):
                 return original(*args, **kwargs)
         finally:
             runtime.active = False
 
     return _mark(schedule, original)
+
+
+# ------------------------------------------------------- the hook where the offload set is chosen
+def choose_offload_set(runtime: OffloadRuntime, name: str, kwargs, config, chunks, order: "RankOrder"):
+    """This rank's (chunk, microbatch) units to offload in this call: the policy's rule
+    (``policy.units_to_offload``), or for ``--offload-policy auto`` the planner's choice for
+    this job and budget (``integration.auto``, decided at the first call of each schedule
+    shape; raises before the first step when the budget cannot be met)."""
+    if runtime.config.policy != "auto":
+        return units_to_offload(order.ops, runtime.config)
+    from megatron_offload.integration.auto import auto_offload_units
+
+    group = None if name == "forward_backward_no_pipelining" else _pipeline_group(kwargs)
+    return set(auto_offload_units(runtime, name, kwargs, config, chunks, order, group))
 
 
 def _offloader_for(runtime: OffloadRuntime, chunks, rank: int) -> ActivationOffloader:

@@ -366,7 +366,9 @@ def run_case(case: TinyGPTCase | dict, iterations: int = 3, offload_config=None,
     None, "step_ok": bool | None, "seq_length": int} ], "final_params": {global name:
     tensor}, "facts": model_facts(...) + {"fused_wgrad_calls": int}, "faults": [str],
     "timing": {...}}`` and, with ``offload_config``,
-    ``"offload_stats": [runtime.iteration_stats[-1].as_dict(), ...]``. Loss fields are None
+    ``"offload_stats": [runtime.iteration_stats[-1].as_dict(), ...]`` and ``"offload_plan"``:
+    policy auto's decisions (``integration.auto.AutoDecision.report()``, one per schedule
+    shape; [] for other policies). Loss fields are None
     except on the last pipeline stage; ``grad_norm`` / ``step_ok`` are None with the plain SGD
     step. ``grads`` are taken after the schedule returned (finalize_model_grads done), before
     the optimizer step; ``final_params`` after the last step. With both ``fault`` and
@@ -457,6 +459,7 @@ def run_case(case: TinyGPTCase | dict, iterations: int = 3, offload_config=None,
                 result["iterations"].append(record)
         finally:
             if offload_config is not None:
+                result["offload_plan"] = [d.report() for d in runtime.auto.values()]
                 uninstall()
         result["final_params"] = _collect_params(chunks, case)
         result["facts"]["fused_wgrad_calls"] = (

@@ -26,7 +26,7 @@ PLAN_FLAGS = {
     "--gpu", "--gpu-memory-gib", "--gpu-tflops", "--host-link-gbps", "--host-memory-gib", "--gpus-per-node",
     "--memory-budget-gib", "--offload-memory-budget-gib", "--memory-reserve-gib", "--host-memory-fraction", "--world-size",
     "--data-parallel-size", "--padded-vocab-size", "--offload-schedule", "--no-recompute-fallback", "--offload-min-bytes",
-    "--json", "--out",
+    "--json", "--out", "--offload-memory-budget-scope", "--offload-memory-reserve-gib", "--offload-prefetch", "--offload-policy",
 }
 JSON_KEYS = {"k", "schedule", "group_size", "offload_chunks", "predicted_peak_activation_gib", "predicted_peak_memory_gib",
              "predicted_slowdown", "host_memory_gib_per_node", "fits"}

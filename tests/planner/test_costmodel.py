@@ -128,7 +128,8 @@ def test_local_spec_matches_measured_bytes(case, per_layer, rest):
     job = _measured_job(case)
     one_layer_model = sum(t.bytes for t in cm.unit_terms(job, 0, 0))
     middle = job.with_changes(num_layers=3, pipeline_model_parallel_size=3)
-    layer = sum(t.bytes for t in cm.unit_terms(middle, 1, 0)) - sum(t.bytes for t in cm.unit_shared_terms(job))
+    per_unit = cm.unit_shared_terms(job) + cm.received_input_terms(middle, 1, 0)
+    layer = sum(t.bytes for t in cm.unit_terms(middle, 1, 0)) - sum(t.bytes for t in per_unit)
     assert layer == per_layer
     assert one_layer_model - layer == rest
 
