@@ -76,6 +76,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     offload.add_argument("--offload-policy", choices=POLICIES, default="full")
     offload.add_argument("--offload-chunks", type=int, default=None, help="K for policy chunks")
     offload.add_argument(
+        "--offload-memory-budget-gib", type=float, default=None,
+        help="policy auto: the most activation memory one rank may keep resident (saved "
+        "activations + received inputs, GiB); the planner picks the fewest units that fit",
+    )
+    offload.add_argument(
         "--offload-min-bytes", type=int, default=0,
         help="saved tensors below this stay on the device (0 on CPU: the demo model is tiny)",
     )
@@ -154,6 +159,7 @@ def _offload_config(args, parser) -> OffloadConfig | None:
         return OffloadConfig(
             policy=args.offload_policy,
             offload_chunks=args.offload_chunks,
+            memory_budget_gib=args.offload_memory_budget_gib,
             min_offload_bytes=args.offload_min_bytes,
             measure_memory=args.offload_report,
             host_budget_gib=args.offload_host_budget_gib,
@@ -256,6 +262,10 @@ def summarize(case, baseline, with_offload, mismatches, offload) -> dict:
         result["peak_activation_bytes"] = [s["peak_resident_bytes"] for s in last]
         result["offloaded_bytes"] = [s["offloaded_bytes"] for s in last]
         result["host_pool_bytes"] = [s["host_pool_bytes"] for s in last]
+        result["executed_ops"] = [s["executed_ops"] for s in last]
+        plans = ranks[0].get("offload_plan") or []
+        if plans:
+            result["auto_plan"] = plans[0]["log"]
     if baseline is not None and "offload_stats" in baseline[0]:
         last = [r["offload_stats"][-1] for r in _by_pp_rank(baseline)]
         result["baseline_peak_activation_bytes"] = [s["peak_resident_bytes"] for s in last]
@@ -273,9 +283,11 @@ def render_report(case, result, offload) -> str:
         f"seq {case.seq_length}, micro-batch {case.micro_batch_size} | PP={case.pp} "
         f"VPP={case.vpp or 1}, {case.microbatches} microbatches per rank | gloo on CPU",
     ]
-    picture = schedule_picture(case, offload)
+    picture = schedule_picture(case, offload, result.get("executed_ops"))
     if picture:
         lines += ["", picture]
+    if result.get("auto_plan"):
+        lines += ["", *result["auto_plan"]]
     lines += ["", "iteration  loss        grad norm   time/iter"]
     for i, (loss, norm, t) in enumerate(
         zip(result["losses"], result["grad_norms"], result["iteration_time_s"])
@@ -310,9 +322,10 @@ def render_report(case, result, offload) -> str:
     return "\n".join(lines)
 
 
-def schedule_picture(case, offload: OffloadConfig | None) -> str:
+def schedule_picture(case, offload: OffloadConfig | None, executed_ops=None) -> str:
     """The schedule this run executes, from the schedule IR: Megatron's order per rank with the
-    offloads and reloads the runtime issues (``policy.runtime_schedule``), simulated with
+    offloads and reloads the runtime issues (``policy.runtime_schedule``; for policy auto, whose
+    units the planner chose at run time, the ops each rank issued), simulated with
     backward = 2 x forward and a host link at k = 0.5."""
     from megatron_offload.policy import runtime_schedule
     from megatron_offload.schedule.costs import CostModel
@@ -322,7 +335,14 @@ def schedule_picture(case, offload: OffloadConfig | None) -> str:
 
     kind = "interleaved" if case.vpp else "1f1b"
     schedule = megatron_schedule(kind, case.pp, case.vpp or 1, case.microbatches)
-    if offload is not None:
+    if offload is not None and offload.policy == "auto":
+        if not executed_ops:
+            return ""
+        from megatron_offload.schedule.ir import Op, Schedule
+
+        ranks = tuple(tuple(Op.parse(t) for t in ops) for ops in executed_ops)
+        schedule = Schedule(ranks, schedule.vpp, schedule.microbatches, schedule.kind, schedule.group_size)
+    elif offload is not None:
         schedule = runtime_schedule(schedule, offload)
     timeline = simulate(schedule, CostModel(forward_time=1.0, backward_time=2.0, offload_ratio=0.5))
     title = "schedule (Megatron's order as run" + (

@@ -15,7 +15,7 @@ TRAIN_FLAGS = {
     "--num-layers-per-virtual-pipeline-stage", "--train-iters", "--nproc", "--device", "--seed", "--lr",
     "--no-baseline", "--json", "--pipeline-offload", "--no-pipeline-offload",
     "--offload-policy", "--offload-chunks", "--offload-min-bytes", "--offload-report",
-    "--no-offload-report", "--offload-host-budget-gib",
+    "--no-offload-report", "--offload-host-budget-gib", "--offload-memory-budget-gib",
 }
 
 
@@ -34,6 +34,7 @@ def test_train_flags_are_pinned():
     [
         (["train", "--offload-policy", "chunks"], "--offload-chunks"),
         (["train", "--offload-policy", "chunks", "--offload-chunks", "3"], "outside 0..2"),
+        (["train", "--offload-policy", "auto"], "--offload-memory-budget-gib"),
         (["train", "--num-layers", "6"], "--num-layers 6 must divide"),
         (["train", "--pp", "3"], "must divide --nproc"),
         (["train", "--device", "cuda"], "--device cuda"),

@@ -216,19 +216,16 @@ def _activation_budgets(config: OffloadConfig, job: JobSpec, chunks, rank: int, 
     ddp = getattr(chunks[0], "ddp_config", None)
     from megatron.core import parallel_state
 
-    dp = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+    # Static state as the cost model predicts it (the distributed optimizer shards over the
+    # data-parallel x context-parallel ranks); Adam assumed.
     static_job = job.with_changes(
-        data_parallel_size=1, global_batch_size=None,
+        data_parallel_size=parallel_state.get_data_parallel_world_size(), global_batch_size=None,
         use_distributed_optimizer=bool(getattr(ddp, "use_distributed_optimizer", False)),
         accumulate_allreduce_grads_in_fp32=bool(getattr(ddp, "grad_reduce_in_fp32", False)),
     )
-    # The distributed optimizer shards over data-parallel ranks; the job above has dp = 1 for
-    # its batch arithmetic, so shard by hand.
-    predicted = static_bytes(static_job, rank)
-    optimizer = predicted.optimizer / dp if static_job.use_distributed_optimizer else predicted.optimizer
     own = device_activation_budget(
         budget, allocated_bytes=torch.cuda.memory_allocated(param.device),
-        static_predicted_bytes=predicted.params + predicted.grads + optimizer,
+        static_predicted_bytes=static_bytes(static_job, rank).total,
         working_bytes_=working_bytes(job, rank), reserve_bytes=config.memory_reserve_gib * GiB)
     if job.pp == 1:
         return [own]

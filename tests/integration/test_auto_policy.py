@@ -94,7 +94,9 @@ def test_cost_model_matches_measured_unit_bytes(pool4, kwargs, capsys):
                             f"({predicted[chunk] / max(values) - 1:+.3%})")
         # The budget is safe: the predicted peak without offload is not below the measured one.
         mine = next(c for c in plan["ranks"] if c["rank"] == pp)
-        assert mine["peak_without_bytes"] >= stats["peak_saved_bytes"], (pp, mine["peak_without_bytes"], stats["peak_saved_bytes"])
+        if mine["peak_without_bytes"] < stats["peak_saved_bytes"]:
+            errors.append(f"rank {pp}: predicted peak {mine['peak_without_bytes']:.0f} below the measured "
+                          f"{stats['peak_saved_bytes']}")
         if rank["dp_rank"] == 0:
             rows.append(f"  pp rank {pp} peak without offload: measured {stats['peak_saved_bytes']} predicted "
                         f"{mine['peak_without_bytes']:.0f}")
