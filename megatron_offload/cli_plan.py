@@ -242,6 +242,8 @@ def run(args) -> int:
     if args.json:
         report = plan.to_json()
         report["auto"] = None if auto is None else auto_json(auto)
+        if auto is not None:
+            report["auto"]["caveat"] = auto_caveat(plan, auto)
         report["ignored_flags"] = ignored
         report["warnings"] = warnings
         json.dump(report, sys.stdout)
@@ -272,7 +274,18 @@ def auto_json(auto) -> dict:
     }
 
 
-def format_auto(auto) -> list[str]:
+def auto_caveat(plan, auto) -> str | None:
+    """When the link is slower than compute (k > 1) and auto offloads, copies lag: a unit's
+    device memory is reusable only once its copy has read it, so the device can hold more than
+    the op-boundary prediction (the table's time-simulated "with plan" column shows that view)."""
+    if auto is None or plan.k <= 1 or not any(c.offload for c in auto.ranks):
+        return None
+    return (f"k = {plan.k:.2f} > 1: copies lag compute, so on the GPU a unit's memory is reused only once its copy has read "
+            "it; device memory can exceed these op-boundary peaks (the table's time-simulated columns show that view): keep "
+            "headroom, or offload less per rank with a larger budget")
+
+
+def format_auto(auto, plan=None) -> list[str]:
     """The report's "policy auto" lines."""
     from .costmodel import GiB
 
@@ -287,6 +300,9 @@ def format_auto(auto) -> list[str]:
         lines.append("  policy auto would refuse to start: " + auto.does_not_fit_message())
     else:
         lines.append(f"  (least budget any rank needs: {auto.least_budget_bytes / GiB:.2f} GiB, with every unit offloaded)")
+    caveat = None if plan is None else auto_caveat(plan, auto)
+    if caveat:
+        lines.append(f"  caveat: {caveat}")
     return lines
 
 
@@ -331,7 +347,7 @@ def format_plan(plan, ignored: list[str] = (), warnings: list[str] = (), auto=No
         if plan.remedy is not None:
             lines.append(f"cheapest change that fits: {plan.remedy.change}")
     if auto is not None or plan.baseline.kind in ("1f1b", "interleaved"):
-        lines += format_auto(auto)
+        lines += format_auto(auto, plan)
     lines.append("why:")
     lines += [f"  - {reason}" for reason in plan.reasons]
     for note in plan.notes:
