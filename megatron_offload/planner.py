@@ -927,14 +927,26 @@ def choose_offload_units(order, units: Sequence[UnitBytes], budget_bytes: float,
             reduction += moved
             ends[-neg_last + 1] += moved
 
+    # Without offload and with every candidate offloaded, from the same intervals (the tests
+    # check them against the IR walk); the chosen set's peak is walked on the runtime's IR.
+    without = floor = 0.0
+    level = 0.0
+    away = [0.0] * (n + 1)
+    for unit in candidates:
+        moved = units[unit[0]].offloadable
+        away[forward_at[unit] + 1] += moved
+        away[away_until[unit] + 1] -= moved
+    gone = 0.0
+    for q in range(n):
+        level += base[q]
+        gone += away[q]
+        without = max(without, level)
+        floor = max(floor, level - gone)
     offload = frozenset(chosen)
-    every = set(candidates)
     return RankOffloadChoice(
         rank=rank, offload=offload, units=len(forward_at), candidates=len(candidates), budget_bytes=budget_bytes,
         peak_bytes=resident_peak(runtime_rank_ops(order, set(offload), prefetch_distance), units, overhead_bytes),
-        peak_without_bytes=resident_peak(runtime_rank_ops(order, set(), prefetch_distance), units, overhead_bytes),
-        floor_bytes=resident_peak(runtime_rank_ops(order, every, prefetch_distance), units, overhead_bytes),
-        overhead_bytes=overhead_bytes,
+        peak_without_bytes=without + overhead_bytes, floor_bytes=floor + overhead_bytes, overhead_bytes=overhead_bytes,
     )
 
 

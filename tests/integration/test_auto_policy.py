@@ -41,9 +41,10 @@ def _auto(budget_gib: float, **kw) -> OffloadConfig:
 
 
 # hidden / heads / groups, seq, micro batch, SwiGLU, recompute, VPP, bf16, tied: every row has a
-# first and a last stage; chunks and ranks differ in what they keep.
+# first and a last stage (with PP = 1 one unit is both); chunks and ranks differ in what they keep.
 COST_CASES = [
     pytest.param(dict(pp=4, num_layers=4, microbatches=4), id="gpt-pp4"),
+    pytest.param(dict(pp=1, num_layers=2, microbatches=2), id="gpt-pp1-dp4"),
     pytest.param(dict(pp=2, vpp=2, num_layers=4, microbatches=4, **LLAMA), id="llama-pp2vpp2"),
     pytest.param(dict(pp=4, vpp=2, num_layers=8, microbatches=8, bf16=True, **ADAM), id="gpt-pp4vpp2-bf16"),
     pytest.param(dict(pp=2, num_layers=4, microbatches=4, hidden_size=96, num_attention_heads=6, seq_length=48,

@@ -84,6 +84,9 @@ def test_unequal_bytes_still_fit_and_peak_is_the_ir_walk():
         choice = choose_offload_units(schedule.ranks[0], units, budget)
         ops = runtime_rank_ops(schedule.ranks[0], set(choice.offload), 1)
         assert choice.peak_bytes == max(_levels(ops, units))
+        every = units_to_offload(schedule.ranks[0], OffloadConfig(policy="full"))
+        assert choice.floor_bytes == max(_levels(runtime_rank_ops(schedule.ranks[0], every, 1), units))
+        assert choice.peak_without_bytes == max(_levels(runtime_rank_ops(schedule.ranks[0], set(), 1), units))
         assert choice.fits == (choice.peak_bytes <= budget)
         assert choice.fits or choice.peak_bytes == choice.floor_bytes
 
