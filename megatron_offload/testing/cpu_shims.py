@@ -221,6 +221,65 @@ class _TorchWithCpuZeros:
         return f"<cpu-shim proxy of {self._real!r}>"
 
 
+class _NoStream:
+    """A CUDA stream stand-in on CPU: waiting and recording are no-ops (CPU work is
+    synchronous)."""
+
+    def wait_event(self, event: Any = None) -> None:
+        return None
+
+    def wait_stream(self, stream: Any = None) -> None:
+        return None
+
+    def record_event(self, event: Any = None) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+
+_NO_STREAM = _NoStream()
+
+
+class _CudaWithNoStreams:
+    """``torch.cuda`` as one megatron-core module sees it: ``current_stream()`` is a
+    :class:`_NoStream`; every other attribute is the real ``torch.cuda``'s."""
+
+    def __init__(self, real_cuda):
+        object.__setattr__(self, "_real", real_cuda)
+
+    def current_stream(self, device: Any = None) -> _NoStream:
+        return _NO_STREAM
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+class _TorchWithCpuStreams(_TorchWithCpuZeros):
+    """The ``_TorchWithCpuZeros`` proxy whose ``torch.cuda.current_stream()`` is a no-op
+    stream (for ``distributed/param_and_grad_buffer.py``)."""
+
+    @property
+    def cuda(self):
+        return _CudaWithNoStreams(self._real.cuda)
+
+
+def _share_storage_by_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """CPU stand-in of megatron-core 0.17+'s ``share_storage`` C++ extension: give ``dst``'s
+    (released, zero-byte) storage ``src``'s bytes, at the storage level (no version-counter
+    bump, every view of ``dst`` sees them). It copies instead of aliasing: what 0.16's
+    ``CheckpointWithoutOutput._recompute`` did (``resize_`` + ``copy_`` of the untyped
+    storage). Values, and therefore every gradient, are the same."""
+    storage = dst.untyped_storage()
+    source = src.untyped_storage()
+    storage.resize_(source.nbytes())
+    storage.copy_(source)
+
+
+def _get_share_storage_stand_in():
+    return _share_storage_by_copy
+
+
 def _local_multi_tensor_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     """megatron.core.utils.local_multi_tensor_l2_norm with its result left on CPU."""
     l2 = [[torch.norm(tensor) for tensor in tensor_list] for tensor_list in tensor_lists]
@@ -401,7 +460,11 @@ def _targets(keep_async_send_storage: bool) -> list[tuple[Any, str, Callable[[An
     An owner may be an ``_Item`` (a mapping entry); ``make`` may return a ``_Value`` (set
     as is, unmarked). ``original`` is ``ABSENT`` when the owner lacks the name.
     """
+    from megatron_offload.integration.megatron_core import release
+
+    facts = release()  # which megatron-core release: its version switches below
     try:
+        from megatron.core.distributed import param_and_grad_buffer
         from megatron.core.optimizer import clip_grads, distrib_optimizer, grad_scaler
         from megatron.core.optimizer import optimizer as mcore_optimizer
         from megatron.core.pipeline_parallel import p2p_communication, schedules
@@ -412,20 +475,23 @@ def _targets(keep_async_send_storage: bool) -> list[tuple[Any, str, Callable[[An
         raise ImportError(
             "megatron_offload.testing.cpu_shims needs megatron.core.pipeline_parallel."
             "schedules, .p2p_communication, megatron.core.tensor_parallel.random / .layers "
-            "and megatron.core.optimizer (written against megatron-core 0.16.x; the installed "
-            f"version may differ): {exc}"
+            "and megatron.core.optimizer (written against megatron-core 0.16.x to 0.19.x; the "
+            f"installed version may differ): {exc}"
         ) from exc
-    for owner, name in ((mcore_random, "_get_cuda_rng_state"),
-                        (mcore_random, "_set_cuda_rng_state"),
-                        (p2p_communication, "_p2p_ops"), (schedules, "torch"),
-                        (mcore_layers, "_grad_accum_fusion_available"),
-                        (clip_grads, "l2_norm_impl"), (mcore_optimizer, "torch"),
-                        (clip_grads, "torch"), (distrib_optimizer, "torch"),
-                        (grad_scaler, "torch")):
+    expected = [(mcore_random, "_get_cuda_rng_state"), (mcore_random, "_set_cuda_rng_state"),
+                (p2p_communication, "_p2p_ops"), (schedules, "torch"),
+                (mcore_layers, "_grad_accum_fusion_available"), (clip_grads, "l2_norm_impl"),
+                (mcore_optimizer, "torch"), (clip_grads, "torch"), (distrib_optimizer, "torch"),
+                (grad_scaler, "torch")]
+    if facts.checkpoint_without_output_shares_storage:
+        expected.append((mcore_random, "_get_share_storage"))
+    if facts.grad_sync_reads_current_stream:
+        expected.append((param_and_grad_buffer, "torch"))
+    for owner, name in expected:
         if not hasattr(owner, name):
             raise ImportError(
-                f"{owner.__name__}.{name} not found: cpu_shims targets megatron-core 0.16.x; "
-                "the installed megatron-core version may differ"
+                f"{owner.__name__}.{name} not found: cpu_shims targets megatron-core 0.16.x to "
+                f"0.19.x (this is 0.{facts.minor}); the installed build may differ"
             )
     fused = _make_fused_wgrad_module()
     targets = [
@@ -456,8 +522,13 @@ def _targets(keep_async_send_storage: bool) -> list[tuple[Any, str, Callable[[An
             targets.append((mcore_random, name, lambda orig, v=stand_in: _Value(v)))
     if not hasattr(moe_utils, "te_general_gemm"):
         targets.append((moe_utils, "te_general_gemm", lambda orig: _Value(None)))
-    if keep_async_send_storage:
+    if keep_async_send_storage and not facts.interleaved_waits_on_sends:
         targets.append((p2p_communication, "_p2p_ops", _make_keepalive_p2p_ops))
+    if facts.checkpoint_without_output_shares_storage:
+        targets.append((mcore_random, "_get_share_storage",
+                        lambda orig: _get_share_storage_stand_in))
+    if facts.grad_sync_reads_current_stream:
+        targets.append((param_and_grad_buffer, "torch", lambda orig: _TorchWithCpuStreams(orig)))
     return targets
 
 
