@@ -1,11 +1,15 @@
-"""Reversible shims that let megatron-core 0.16.x train on a CPU-only machine (gloo).
+"""Reversible shims that let megatron-core 0.16.x to 0.19.x train on a CPU-only machine (gloo).
 
 Only for tests, the demo and CPU runs: ``apply_cpu_shims()`` does nothing when
 ``torch.cuda.is_available()`` is True. Every patch is one attribute replaced on one owner;
 the original is kept (as the replacement's ``__wrapped__`` and in a private registry) and
 ``remove_cpu_shims()`` puts every original back, exactly (same object identity).
 
-Patches, in the order they are applied (see ``_PATCHES``):
+One code path for every supported release; where releases differ, the switch is a fact of
+``megatron_offload.integration.megatron_core.RELEASES`` (the one place that knows Megatron's
+versions), named below. Line references are to 0.16.1 unless said otherwise.
+
+Patches, in the order they are applied (see ``_targets``):
 
 ``torch.cuda.current_device`` -> ``torch.device("cpu")``
     megatron-core allocates with ``device=torch.cuda.current_device()`` all over: the global
@@ -49,7 +53,9 @@ Patches, in the order they are applied (see ``_PATCHES``):
     ``deallocate_output_tensor`` cannot swap) and wraps the returned request so that the
     alias stays referenced until ``wait()`` returns. No copy is made. Process groups that
     are not gloo go to the original function untouched. ``_p2p_ops`` is looked up as a
-    module global by ``P2PCommunicator._communicate`` on every call.
+    module global by ``P2PCommunicator._communicate`` on every call. Bound only where the
+    release lacks the upstream fix (``Release.interleaved_waits_on_sends``: 0.18+ waits on
+    ``send_next_wait_handle`` before ``deallocate_output_tensor``).
 ``megatron.core.optimizer.{optimizer,clip_grads,distrib_optimizer,grad_scaler}.torch`` -> the same proxy
     megatron-core's optimizers create their small state tensors with ``device='cuda'``:
     ``MixedPrecisionOptimizer.__init__`` (``found_inf``, ``_scale_one``), ``FP32Optimizer``
@@ -93,6 +99,19 @@ Patches, in the order they are applied (see ``_PATCHES``):
     the first MoE forward dies with ``NameError: name 'te_general_gemm' is not defined``
     (``moe_utils.py:1192``). None is what the test expects for "no TE": the router then
     takes its own ``torch.mm`` / ``torch.addmm`` path.
+
+``megatron.core.tensor_parallel.random._get_share_storage`` -> a storage-level copy (0.17+,
+    ``Release.checkpoint_without_output_shares_storage``). ``CheckpointWithoutOutput.
+    _recompute`` gives the recomputed output back to the released output tensor through a C++
+    extension that ``torch.utils.cpp_extension.load_inline`` compiles on first use (it needs
+    ninja, a C++ compiler and Python headers, and about 20 s on 2 cores). The stand-in resizes
+    the released storage and copies the recomputed bytes into it at the storage level, as
+    0.16.1 did: no version-counter bump, every view sees the bytes, same values; it copies
+    where the extension aliases.
+``megatron.core.distributed.param_and_grad_buffer.torch`` -> the proxy, with
+    ``torch.cuda.current_stream()`` a no-op stream (0.19, ``Release.
+    grad_sync_reads_current_stream``): ``_ParamAndGradBucketGroup.start_grad_sync`` waits on
+    CUDA-graph wgrad events of the current stream on every grad sync.
 
 Not applied globally, but available as a context manager: ``cuda_tensor_type_names()``
 makes ``Tensor.type()`` (no arguments) of a CPU tensor answer ``torch.cuda.<T>Tensor``.
