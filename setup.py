@@ -13,8 +13,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_offload", "megatron_offload.*"]),
     # torch is deliberately not pinned here: GPU clusters bring their own CUDA build.
-    # The CPU bootstrap (scripts/bootstrap.sh) pins torch==2.13.0.
-    install_requires=["torch>=2.4", "megatron-core>=0.16,<0.17", "numpy"],
+    # The CPU bootstrap (scripts/bootstrap.sh) pins torch==2.13.0. megatron-core 0.16.x to
+    # 0.19.x are supported (integration/megatron_core.py checks it); 0.17+ need Python 3.12.
+    install_requires=["torch>=2.4", "megatron-core>=0.16,<0.20", "numpy"],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
         # NVIDIA apex is not on PyPI (the PyPI "apex" is an unrelated project): build it from

@@ -417,6 +417,7 @@ def _forward_backward(run: _Run) -> list[torch.Tensor]:
     from megatron.core.enums import ModelType
     from megatron.core.pipeline_parallel import schedules
 
+    from megatron_offload.integration.megatron_core import call_by_name
     from megatron_offload.schedule.ir import OpKind
 
     chunks, config, offloader = run.chunks, run.config, run.offloader
@@ -463,9 +464,11 @@ def _forward_backward(run: _Run) -> list[torch.Tensor]:
             received[key] = x
 
             def step(chunk=op.chunk, mb=op.microbatch, x=x):
-                return schedules.forward_step(
-                    forward_step_func, None, chunks[chunk], MICROBATCHES, x, store, config,
-                    cp_group_size=1, is_first_microbatch=mb == 0, current_microbatch=mb,
+                return call_by_name(
+                    schedules.forward_step, forward_step_func=forward_step_func,
+                    data_iterator=None, model=chunks[chunk], num_microbatches=MICROBATCHES,
+                    input_tensor=x, forward_data_store=store, config=config, cp_group_size=1,
+                    is_first_microbatch=mb == 0, current_microbatch=mb,
                     is_last_stage=chunk == last,
                 )
 
@@ -481,8 +484,11 @@ def _forward_backward(run: _Run) -> list[torch.Tensor]:
             grad = None if op.chunk == last else grad_to_previous.pop(op.microbatch)
 
             def step(key=key, output=output, grad=grad):
-                return schedules.backward_step(
-                    received[key], output, grad, ModelType.encoder_or_decoder, config
+                # model_type: 0.16 only (call_by_name drops it where the release lacks it)
+                return call_by_name(
+                    schedules.backward_step, input_tensor=received[key], output_tensor=output,
+                    output_tensor_grad=grad, model_type=ModelType.encoder_or_decoder,
+                    config=config,
                 )
 
             if offloader is None:

@@ -4,6 +4,6 @@
 # picture. Extra arguments go to `megatron-offload train` (see --help).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$ROOT/scripts/bootstrap.sh"
+VENV="$(bash "$ROOT/scripts/bootstrap.sh")"  # the default environment (Python 3.12 + megatron-core 0.19)
 cd "$ROOT"
-exec "${MEGATRON_OFFLOAD_VENV:-$ROOT/.venv}/bin/megatron-offload" train "$@"
+exec "$VENV/bin/megatron-offload" train "$@"

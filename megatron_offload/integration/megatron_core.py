@@ -1,6 +1,10 @@
 """Patches that put the offload runtime under Megatron-Core's own pipeline schedules.
 
-Supported: megatron-core >= 0.16.0, < 0.17 (checked at :func:`install`).
+Supported: megatron-core 0.16.x, 0.17.x, 0.18.x and 0.19.x (``>=0.16,<0.20``), checked once
+at :func:`install`; any other release is refused with an error naming that range. This is the
+one module that knows Megatron's internals: what differs between the supported releases is
+the table :data:`RELEASES` (one :class:`Release` per minor version, each fact read from that
+release's wheel), and every call into Megatron binds its arguments by name.
 
 :func:`install` replaces, in ``megatron.core.pipeline_parallel.schedules``:
 
@@ -10,13 +14,18 @@ Supported: megatron-core >= 0.16.0, < 0.17 (checked at :func:`install`).
 - ``forward_backward_no_pipelining``, ``forward_backward_pipelining_without_interleaving``,
   ``forward_backward_pipelining_with_interleaving``: predict this rank's op order from
   Megatron's own ``get_pp_rank_microbatches`` / ``get_schedule_table``, choose the units to
-  offload (``policy.py``), refuse unsupported modes, and leave no state behind if a step raises.
+  offload (``policy.py``), refuse unsupported modes (:func:`refuse_unsupported`) before the
+  first step, and leave no state behind if a step raises.
 
 The three schedule functions are looked up by ``get_forward_backward_func`` in the module
-globals at call time, so every caller of the getter is reached, including Megatron-LM's
-``training.py`` which binds the getter itself at import. ``forward_step``/``backward_step`` are
-module globals the schedules call by name. Forward-only passes (evaluation, inference) run the
-original code untouched. :func:`uninstall` restores every original object.
+globals at call time (0.19's ``schedule_pg_collection`` argument only chooses among them), so
+every caller of the getter is reached, including Megatron-LM's ``training.py`` which binds the
+getter itself at import and, from 0.17 on, fetches the schedule function once before its loop
+(so install before ``pretrain()``/``train()`` starts). ``forward_step``/``backward_step`` are
+module globals the schedules call by name; from 0.17 on the non-interleaved schedule binds
+``backward_func = backward_step`` when it starts, which reads the patched global too.
+Forward-only passes (evaluation, inference) run the original code untouched. :func:`uninstall`
+restores every original object.
 """
 from __future__ import annotations
 
@@ -38,8 +47,8 @@ from megatron_offload.schedule.ir import Op, OpKind
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_VERSIONS = ((0, 16),)
-SUPPORTED_TEXT = "megatron-core 0.16.x"
+SUPPORTED_RANGE = ">=0.16,<0.20"
+SUPPORTED_TEXT = "megatron-core 0.16.x to 0.19.x (>=0.16,<0.20)"
 _SCHEDULES = "megatron.core.pipeline_parallel.schedules"
 _SCHEDULE_FUNCTIONS = (
     "forward_backward_no_pipelining",
@@ -49,11 +58,95 @@ _SCHEDULE_FUNCTIONS = (
 _MARKER = "_megatron_offload_patch"
 
 
+# ------------------------------------------------------------------------ per-release facts
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Release:
+    """What differs between supported megatron-core releases, as far as the plugin and its CPU
+    harness (``testing/cpu_shims.py``) depend on it. Each fact was read from that release's
+    wheel (``megatron/core/...``); the field docstrings say where."""
+
+    minor: int
+    """0.<minor>.x"""
+
+    backward_step_takes_model_type: bool
+    """``pipeline_parallel/schedules.py`` ``backward_step(input_tensor, output_tensor,
+    output_tensor_grad, model_type, config)`` in 0.16; 0.17 dropped ``model_type``."""
+
+    multimodule_pipelines: bool
+    """0.17+: ``forward_backward_pipelining_without_interleaving`` takes a
+    ``MultiModuleProcessGroupCollection`` (``process_groups_config.py``) or a
+    ``MultiModulePipelineCommunicator`` (``pipeline_parallel/multimodule_communicator.py``,
+    no ``pp_group``) and then runs ``backward_step_multimodule``, which is not patched."""
+
+    moe_paged_stash: bool
+    """0.18+: ``TransformerConfig.moe_paged_stash`` (``transformer/moe/paged_stash.py`` installs
+    its own ``saved_tensors_hooks``) and ``moe_expert_rank_capacity_factor`` (Megatron-LM's
+    ``training.py`` then wraps the schedule in ``PagedStashRunner``, which may rerun it)."""
+
+    full_iteration_graph_field: str
+    """Where a whole-iteration CUDA graph is asked for: 0.16/0.17 ``cuda_graph_scope``
+    containing ``full_iteration`` (with ``cuda_graph_impl="local"``); 0.18+
+    ``cuda_graph_impl="full_iteration"`` (``training.py`` wraps the schedule in
+    ``FullCudaGraphWrapper``)."""
+
+    interleaved_waits_on_sends: bool
+    """0.18+: the interleaved schedule waits on ``send_next_wait_handle`` before
+    ``deallocate_output_tensor`` frees a sent output (the upstream fix of the isend/deallocate
+    race that ``cpu_shims``' keep-alive works around on gloo for 0.16/0.17)."""
+
+    checkpoint_without_output_shares_storage: bool
+    """0.17+: ``tensor_parallel/random.py`` ``CheckpointWithoutOutput._recompute`` hands the
+    recomputed output back through ``_get_share_storage()``, a C++ extension compiled on first
+    use with ``torch.utils.cpp_extension.load_inline``; 0.16 resized and copied the storage."""
+
+    grad_sync_reads_current_stream: bool
+    """0.19: ``distributed/param_and_grad_buffer.py`` ``_ParamAndGradBucketGroup.
+    start_grad_sync`` calls ``torch.cuda.current_stream()`` on every grad sync (to wait on CUDA
+    graph wgrad events); before, only with several distributed-optimizer instances."""
+
+    getter_takes_schedule_pg_collection: bool
+    """0.19: ``get_forward_backward_func(pp_size, vp_size, schedule_pg_collection)``."""
+
+    ships_megatron_training: bool
+    """0.17+: the wheel contains ``megatron/training`` (Megatron-LM's ``pretrain``)."""
+
+
+RELEASES: dict[int, Release] = {
+    16: Release(minor=16, backward_step_takes_model_type=True, multimodule_pipelines=False,
+                moe_paged_stash=False, full_iteration_graph_field="cuda_graph_scope",
+                interleaved_waits_on_sends=False,
+                checkpoint_without_output_shares_storage=False,
+                grad_sync_reads_current_stream=False,
+                getter_takes_schedule_pg_collection=False, ships_megatron_training=False),
+    17: Release(minor=17, backward_step_takes_model_type=False, multimodule_pipelines=True,
+                moe_paged_stash=False, full_iteration_graph_field="cuda_graph_scope",
+                interleaved_waits_on_sends=False,
+                checkpoint_without_output_shares_storage=True,
+                grad_sync_reads_current_stream=False,
+                getter_takes_schedule_pg_collection=False, ships_megatron_training=True),
+    18: Release(minor=18, backward_step_takes_model_type=False, multimodule_pipelines=True,
+                moe_paged_stash=True, full_iteration_graph_field="cuda_graph_impl",
+                interleaved_waits_on_sends=True,
+                checkpoint_without_output_shares_storage=True,
+                grad_sync_reads_current_stream=False,
+                getter_takes_schedule_pg_collection=False, ships_megatron_training=True),
+    19: Release(minor=19, backward_step_takes_model_type=False, multimodule_pipelines=True,
+                moe_paged_stash=True, full_iteration_graph_field="cuda_graph_impl",
+                interleaved_waits_on_sends=True,
+                checkpoint_without_output_shares_storage=True,
+                grad_sync_reads_current_stream=True,
+                getter_takes_schedule_pg_collection=True, ships_megatron_training=True),
+}
+"""The supported releases (megatron-core 0.<key>.x)."""
+
+
 @dataclass(slots=True, eq=False)
 class OffloadRuntime:
     """What :func:`install` returns: the config and this process's offloader."""
 
     config: OffloadConfig
+    release: Release
+    """The installed megatron-core's facts (checked once, at :func:`install`)."""
     offloader: ActivationOffloader | None = None
     active: bool = False
     passthrough: int = 0
@@ -77,25 +170,47 @@ def _schedules_module():
     except ImportError as error:  # pragma: no cover - depends on the install
         raise ImportError(
             f"--pipeline-offload needs megatron-core ({SUPPORTED_TEXT}); could not import "
-            f"{_SCHEDULES}: {error}. Install it with: pip install 'megatron-core>=0.16,<0.17'"
+            f"{_SCHEDULES}: {error}. Install it with: pip install 'megatron-core{SUPPORTED_RANGE}'"
         ) from error
     return schedules
+
+
+def installed_megatron_version() -> str:
+    """``megatron.core.package_info.__version__`` of the installed megatron-core."""
+    from megatron.core import package_info
+
+    return package_info.__version__
+
+
+def _minor(version: str) -> int | None:
+    parts = version.split(".")
+    if len(parts) < 2 or parts[0] != "0":
+        return None
+    digits = ""
+    for ch in parts[1]:
+        if not ch.isdigit():
+            break
+        digits += ch
+    return int(digits) if digits else None
 
 
 def check_megatron_version(version: str | None = None) -> str:
     """Raise ValueError unless the installed (or given) megatron-core version is supported."""
     if version is None:
-        from megatron.core import package_info
-
-        version = package_info.__version__
-    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
-    if parts not in SUPPORTED_VERSIONS:
+        version = installed_megatron_version()
+    if _minor(version) not in RELEASES:
         raise ValueError(
             f"megatron-core {version} is not supported by --pipeline-offload (supported: "
-            f"{SUPPORTED_TEXT}); install megatron-core==0.16.1, or run without "
-            "--pipeline-offload"
+            f"{SUPPORTED_TEXT}); install a supported release, e.g. "
+            f"pip install 'megatron-core{SUPPORTED_RANGE}', or run without --pipeline-offload"
         )
     return version
+
+
+def release(version: str | None = None) -> Release:
+    """The :class:`Release` facts of the installed (or given) megatron-core; ValueError
+    naming the supported range for any other version."""
+    return RELEASES[_minor(check_megatron_version(version))]
 
 
 def install(config: OffloadConfig) -> OffloadRuntime:
@@ -108,11 +223,11 @@ def install(config: OffloadConfig) -> OffloadRuntime:
     global _runtime
     if not isinstance(config, OffloadConfig):
         raise TypeError(f"install() takes an OffloadConfig, not {type(config).__name__}")
-    check_megatron_version()
+    facts = release()  # the one version check: unsupported releases stop here
     if _runtime is not None:
         uninstall()
     schedules = _schedules_module()
-    runtime = OffloadRuntime(config=config)
+    runtime = OffloadRuntime(config=config, release=facts)
     for name in ("forward_step", "backward_step", *_SCHEDULE_FUNCTIONS):
         original = getattr(schedules, name)
         if getattr(original, _MARKER, False):  # pragma: no cover - defensive
@@ -213,7 +328,7 @@ def _patched_schedule(runtime: OffloadRuntime, name: str, original):
         from megatron.core.utils import get_model_config
 
         config = get_model_config(chunks[0])
-        refuse_unsupported(config)
+        refuse_unsupported(config, runtime.release, schedule_kwargs=kwargs)
         runtime.config.check_against_model(len(chunks))
         order = predict_rank_order(name, kwargs, config, len(chunks))
         offload = choose_offload_set(runtime, name, kwargs, config, chunks, order)
@@ -255,35 +370,143 @@ def _offloader_for(runtime: OffloadRuntime, chunks, rank: int) -> ActivationOffl
     return runtime.offloader
 
 
-def refuse_unsupported(config) -> None:
-    """Modes whose steps bypass forward_step/backward_step or fight over saved tensors."""
+def refuse_unsupported(config, facts: Release | None = None, *, schedule_kwargs=None) -> None:
+    """Raise ValueError, naming each flag and its fix, for every mode whose steps bypass
+    ``forward_step``/``backward_step``, run them in an order the plugin does not predict, or
+    whose own code owns the saved-tensor hooks.
+
+    ``config`` is the model's ``TransformerConfig`` (read with ``getattr``: fields that a
+    release lacks count as off); ``facts`` the release (default: the installed one);
+    ``schedule_kwargs`` the keyword arguments the schedule function was called with (for the
+    multi-module pipelines of 0.17+). The patched schedules call this before their first step.
+    """
+    facts = release() if facts is None else facts
     problems = []
-    if getattr(config, "overlap_moe_expert_parallel_comm", False):
+
+    def on(name: str) -> bool:
+        value = getattr(config, name, None)
+        return value is not None and value is not False
+
+    if on("overlap_moe_expert_parallel_comm"):
         problems.append(
             "--overlap-moe-expert-parallel-comm (MoE A2A-overlap combined 1F1B runs its own "
             "forward/backward and is not offloadable): drop the flag"
         )
-    if getattr(config, "enable_cuda_graph", False) or getattr(config, "external_cuda_graph", False) or (
-        getattr(config, "cuda_graph_impl", "none") not in (None, "none")
-    ):
+    if on("hybrid_context_parallel"):
+        problems.append(
+            "--hybrid-context-parallel (its schedule runs forward_step/backward_step per packed "
+            "sub-sample group, in an order and count the plugin does not predict): drop the flag"
+        )
+    graph_impl = getattr(config, "cuda_graph_impl", "none")
+    scope = getattr(config, "cuda_graph_scope", None)
+    scopes = scope if isinstance(scope, (list, tuple)) else [scope]
+    full_iteration = graph_impl == "full_iteration" or (
+        facts.full_iteration_graph_field == "cuda_graph_scope"
+        and graph_impl == "local"
+        and any(getattr(s, "name", s) == "full_iteration" for s in scopes)
+    )
+    if full_iteration:
+        where = ("--cuda-graph-impl full_iteration"
+                 if facts.full_iteration_graph_field == "cuda_graph_impl"
+                 else "--cuda-graph-scope full_iteration")
+        problems.append(
+            f"{where} (a whole-iteration CUDA graph replays the schedule without running "
+            "forward_step/backward_step, and a captured graph cannot release and refill "
+            "activation memory): drop the flag (--cuda-graph-impl none)"
+        )
+    elif on("enable_cuda_graph") or on("external_cuda_graph") or graph_impl not in (None, "none"):
         problems.append(
             "CUDA graphs (--cuda-graph-impl / --enable-cuda-graph / --external-cuda-graph): a "
             "captured graph cannot release and refill activation memory; drop the flag"
         )
-    if getattr(config, "cpu_offloading", False):
+    if on("cpu_offloading"):
         problems.append(
             "--cpu-offloading (Megatron's layer-wise offload): only one offloading mechanism "
             "can own the saved-tensor hooks; drop --cpu-offloading"
         )
-    if getattr(config, "fine_grained_activation_offloading", False):
+    if on("fine_grained_activation_offloading"):
         problems.append(
             "--fine-grained-activation-offloading: only one offloading mechanism can own the "
             "saved-tensor hooks; drop --fine-grained-activation-offloading"
         )
-    if problems:
-        raise ValueError(
-            "--pipeline-offload cannot run with: " + "; ".join(problems)
+    if on("moe_paged_stash"):
+        problems.append(
+            "--moe-paged-stash (Megatron's MoE paged stash installs its own saved-tensor hooks "
+            "for the expert activations; only one mechanism can own them): drop --moe-paged-stash"
         )
+    if on("moe_expert_rank_capacity_factor"):
+        problems.append(
+            "--moe-expert-rank-capacity-factor (Megatron-LM then wraps the schedule in "
+            "PagedStashRunner, which reads every microbatch ahead and reruns the whole "
+            "forward-backward after a token overflow, outside the order the plugin predicts): "
+            "drop the flag"
+        )
+    if schedule_kwargs:
+        multimodule = _multimodule_argument(schedule_kwargs, facts)
+        if multimodule:
+            problems.append(
+                f"a multi-module pipeline ({multimodule} passed to the schedule, e.g. a MIMO "
+                "model with separate encoder and language-model grids: its backward runs "
+                "backward_step_multimodule, which the plugin does not patch): run it without "
+                "--pipeline-offload"
+            )
+    if problems:
+        raise ValueError("--pipeline-offload cannot run with: " + "; ".join(problems))
+
+
+def _multimodule_argument(kwargs, facts: Release) -> str | None:
+    """The name of the schedule argument that makes it a multi-module pipeline, or None."""
+    communicator = kwargs.get("p2p_communicator")
+    collection = kwargs.get("pg_collection")
+    if facts.multimodule_pipelines:
+        from megatron.core.pipeline_parallel.multimodule_communicator import (
+            MultiModulePipelineCommunicator,
+        )
+        from megatron.core.process_groups_config import MultiModuleProcessGroupCollection
+
+        if isinstance(collection, MultiModuleProcessGroupCollection):
+            return "pg_collection=MultiModuleProcessGroupCollection"
+        if isinstance(communicator, MultiModulePipelineCommunicator):
+            return "p2p_communicator=MultiModulePipelineCommunicator"
+    if communicator is not None and not hasattr(communicator, "pp_group"):
+        return f"p2p_communicator={type(communicator).__name__} without a pp_group"
+    return None
+
+
+def call_by_name(function, /, **arguments):
+    """Call a Megatron function (or ``torch.autograd.Function``, through ``apply``) with every
+    argument bound by name against the installed release's signature. An argument that the
+    signature lacks is dropped if it is one of ``_DROPPABLE`` and an error naming the
+    function otherwise: never a silent shift of positional arguments."""
+    autograd = isinstance(function, type) and issubclass(function, torch.autograd.Function)
+    signature = inspect.signature(function.forward if autograd else function)
+    names = list(signature.parameters)[1:] if autograd else list(signature.parameters)  # ctx
+    kwargs = {}
+    for name, value in arguments.items():
+        if name in names:
+            kwargs[name] = value
+        elif name not in _DROPPABLE:
+            raise TypeError(
+                f"megatron-offload: {function.__module__}.{function.__qualname__} of the "
+                f"installed megatron-core ({installed_megatron_version()}) takes no argument "
+                f"{name!r} (supported: {SUPPORTED_TEXT})"
+            )
+    if not autograd:
+        return function(**kwargs)
+    missing = [name for name in names if name not in kwargs]
+    if missing:
+        raise TypeError(
+            f"megatron-offload: {function.__qualname__}.apply of the installed megatron-core "
+            f"({installed_megatron_version()}) also needs {missing}"
+        )
+    return function.apply(*(kwargs[name] for name in names))  # apply takes them in order
+
+
+_DROPPABLE = frozenset({
+    "model_type",  # schedules.backward_step: 0.16 only
+    "gtp_remat_size",  # tensor_parallel.layers.LinearWithGradAccumulationAndAsyncCommunication: 0.19+
+})
+"""Arguments that some supported releases take and others do not (``call_by_name``)."""
 
 
 # ------------------------------------------------------------------------ order prediction
@@ -294,12 +517,12 @@ class RankOrder:
 
 
 def _pipeline_group(kwargs):
+    """The pipeline group the schedule itself uses: every supported release takes
+    ``p2p_communicator.pp_group`` when a communicator is passed (together with
+    ``pg_collection``) and builds one on ``parallel_state``'s pipeline group otherwise."""
     communicator = kwargs.get("p2p_communicator")
     if communicator is not None:
-        return communicator.pp_group
-    collection = kwargs.get("pg_collection")
-    if collection is not None and getattr(collection, "pp", None) is not None:
-        return collection.pp
+        return communicator.pp_group  # a communicator without one was refused before
     from megatron.core import parallel_state
 
     return parallel_state.get_pipeline_model_parallel_group()
@@ -320,15 +543,20 @@ def predict_rank_order(name: str, kwargs, config, num_chunks: int) -> RankOrder:
     communicator = types.SimpleNamespace(
         pp_group=group, virtual_pipeline_model_parallel_size=v if interleaved else None
     )
-    total, _, warmup, remaining = schedules.get_pp_rank_microbatches(
-        m,
-        v,
-        g,
+    total, _, warmup, remaining = call_by_name(
+        schedules.get_pp_rank_microbatches,
+        num_microbatches=m,
+        num_model_chunks=v,
+        microbatch_group_size_per_vp_stage=g,
         forward_only=False,
         overlap_moe_expert_parallel_comm=False,
         p2p_communicator=communicator,
     )
-    table = schedules.get_schedule_table(m, v, g) if interleaved else [(mb, 0) for mb in range(m)]
+    table = (
+        call_by_name(schedules.get_schedule_table, num_microbatches=m, num_model_chunks=v,
+                     microbatch_group_size_per_vp_stage=g)
+        if interleaved else [(mb, 0) for mb in range(m)]
+    )
 
     def forward(k: int) -> Op:
         microbatch, chunk = table[k]

@@ -1,10 +1,11 @@
-"""CPU test harness: megatron-core 0.16 without CUDA, on gloo, in reusable worker pools.
+"""CPU test harness: megatron-core 0.16 to 0.19 without CUDA, on gloo, in reusable worker pools.
 
 - ``cpu_shims``: ``apply_cpu_shims()`` / ``remove_cpu_shims()`` / ``cpu_shims.cpu_shims()``, the
   targeted, reversible patches that let megatron-core run on CPU (incl. the gloo
   async-send keep-alive that makes ``overlap_p2p_comm`` + ``deallocate_pipeline_outputs``
   safe, a CPU stand-in of apex's fused wgrad kernel, CPU state for megatron-core's
-  optimizers, and the few Transformer Engine names 0.16.1 uses without checking for TE).
+  optimizers, the few Transformer Engine names 0.16.1 uses without checking for TE, and
+  per-release switches for 0.17 to 0.19).
 - ``pool``: ``WorkerPool(world_size)`` and ``session_pool(world_size)``.
 - ``gpt``: ``TinyGPTCase`` and the tiny GPTModel factory (layout-independent weights); knobs
   for what real Megatron-LM GPU jobs use (fused wgrad, overlapped grad reduce / param gather,

@@ -1,11 +1,15 @@
-"""Reversible shims that let megatron-core 0.16.x train on a CPU-only machine (gloo).
+"""Reversible shims that let megatron-core 0.16.x to 0.19.x train on a CPU-only machine (gloo).
 
 Only for tests, the demo and CPU runs: ``apply_cpu_shims()`` does nothing when
 ``torch.cuda.is_available()`` is True. Every patch is one attribute replaced on one owner;
 the original is kept (as the replacement's ``__wrapped__`` and in a private registry) and
 ``remove_cpu_shims()`` puts every original back, exactly (same object identity).
 
-Patches, in the order they are applied (see ``_PATCHES``):
+One code path for every supported release; where releases differ, the switch is a fact of
+``megatron_offload.integration.megatron_core.RELEASES`` (the one place that knows Megatron's
+versions), named below. Line references are to 0.16.1 unless said otherwise.
+
+Patches, in the order they are applied (see ``_targets``):
 
 ``torch.cuda.current_device`` -> ``torch.device("cpu")``
     megatron-core allocates with ``device=torch.cuda.current_device()`` all over: the global
@@ -49,7 +53,9 @@ Patches, in the order they are applied (see ``_PATCHES``):
     ``deallocate_output_tensor`` cannot swap) and wraps the returned request so that the
     alias stays referenced until ``wait()`` returns. No copy is made. Process groups that
     are not gloo go to the original function untouched. ``_p2p_ops`` is looked up as a
-    module global by ``P2PCommunicator._communicate`` on every call.
+    module global by ``P2PCommunicator._communicate`` on every call. Bound only where the
+    release lacks the upstream fix (``Release.interleaved_waits_on_sends``: 0.18+ waits on
+    ``send_next_wait_handle`` before ``deallocate_output_tensor``).
 ``megatron.core.optimizer.{optimizer,clip_grads,distrib_optimizer,grad_scaler}.torch`` -> the same proxy
     megatron-core's optimizers create their small state tensors with ``device='cuda'``:
     ``MixedPrecisionOptimizer.__init__`` (``found_inf``, ``_scale_one``), ``FP32Optimizer``
@@ -93,6 +99,19 @@ Patches, in the order they are applied (see ``_PATCHES``):
     the first MoE forward dies with ``NameError: name 'te_general_gemm' is not defined``
     (``moe_utils.py:1192``). None is what the test expects for "no TE": the router then
     takes its own ``torch.mm`` / ``torch.addmm`` path.
+
+``megatron.core.tensor_parallel.random._get_share_storage`` -> a storage-level copy (0.17+,
+    ``Release.checkpoint_without_output_shares_storage``). ``CheckpointWithoutOutput.
+    _recompute`` gives the recomputed output back to the released output tensor through a C++
+    extension that ``torch.utils.cpp_extension.load_inline`` compiles on first use (it needs
+    ninja, a C++ compiler and Python headers, and about 20 s on 2 cores). The stand-in resizes
+    the released storage and copies the recomputed bytes into it at the storage level, as
+    0.16.1 did: no version-counter bump, every view sees the bytes, same values; it copies
+    where the extension aliases.
+``megatron.core.distributed.param_and_grad_buffer.torch`` -> the proxy, with
+    ``torch.cuda.current_stream()`` a no-op stream (0.19, ``Release.
+    grad_sync_reads_current_stream``): ``_ParamAndGradBucketGroup.start_grad_sync`` waits on
+    CUDA-graph wgrad events of the current stream on every grad sync.
 
 Not applied globally, but available as a context manager: ``cuda_tensor_type_names()``
 makes ``Tensor.type()`` (no arguments) of a CPU tensor answer ``torch.cuda.<T>Tensor``.
@@ -219,6 +238,65 @@ class _TorchWithCpuZeros:
 
     def __repr__(self) -> str:
         return f"<cpu-shim proxy of {self._real!r}>"
+
+
+class _NoStream:
+    """A CUDA stream stand-in on CPU: waiting and recording are no-ops (CPU work is
+    synchronous)."""
+
+    def wait_event(self, event: Any = None) -> None:
+        return None
+
+    def wait_stream(self, stream: Any = None) -> None:
+        return None
+
+    def record_event(self, event: Any = None) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+
+_NO_STREAM = _NoStream()
+
+
+class _CudaWithNoStreams:
+    """``torch.cuda`` as one megatron-core module sees it: ``current_stream()`` is a
+    :class:`_NoStream`; every other attribute is the real ``torch.cuda``'s."""
+
+    def __init__(self, real_cuda):
+        object.__setattr__(self, "_real", real_cuda)
+
+    def current_stream(self, device: Any = None) -> _NoStream:
+        return _NO_STREAM
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+class _TorchWithCpuStreams(_TorchWithCpuZeros):
+    """The ``_TorchWithCpuZeros`` proxy whose ``torch.cuda.current_stream()`` is a no-op
+    stream (for ``distributed/param_and_grad_buffer.py``)."""
+
+    @property
+    def cuda(self):
+        return _CudaWithNoStreams(self._real.cuda)
+
+
+def _share_storage_by_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """CPU stand-in of megatron-core 0.17+'s ``share_storage`` C++ extension: give ``dst``'s
+    (released, zero-byte) storage ``src``'s bytes, at the storage level (no version-counter
+    bump, every view of ``dst`` sees them). It copies instead of aliasing: what 0.16's
+    ``CheckpointWithoutOutput._recompute`` did (``resize_`` + ``copy_`` of the untyped
+    storage). Values, and therefore every gradient, are the same."""
+    storage = dst.untyped_storage()
+    source = src.untyped_storage()
+    storage.resize_(source.nbytes())
+    storage.copy_(source)
+
+
+def _get_share_storage_stand_in():
+    return _share_storage_by_copy
 
 
 def _local_multi_tensor_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
@@ -401,7 +479,11 @@ def _targets(keep_async_send_storage: bool) -> list[tuple[Any, str, Callable[[An
     An owner may be an ``_Item`` (a mapping entry); ``make`` may return a ``_Value`` (set
     as is, unmarked). ``original`` is ``ABSENT`` when the owner lacks the name.
     """
+    from megatron_offload.integration.megatron_core import release
+
+    facts = release()  # which megatron-core release: its version switches below
     try:
+        from megatron.core.distributed import param_and_grad_buffer
         from megatron.core.optimizer import clip_grads, distrib_optimizer, grad_scaler
         from megatron.core.optimizer import optimizer as mcore_optimizer
         from megatron.core.pipeline_parallel import p2p_communication, schedules
@@ -412,20 +494,23 @@ def _targets(keep_async_send_storage: bool) -> list[tuple[Any, str, Callable[[An
         raise ImportError(
             "megatron_offload.testing.cpu_shims needs megatron.core.pipeline_parallel."
             "schedules, .p2p_communication, megatron.core.tensor_parallel.random / .layers "
-            "and megatron.core.optimizer (written against megatron-core 0.16.x; the installed "
-            f"version may differ): {exc}"
+            "and megatron.core.optimizer (written against megatron-core 0.16.x to 0.19.x; the "
+            f"installed version may differ): {exc}"
         ) from exc
-    for owner, name in ((mcore_random, "_get_cuda_rng_state"),
-                        (mcore_random, "_set_cuda_rng_state"),
-                        (p2p_communication, "_p2p_ops"), (schedules, "torch"),
-                        (mcore_layers, "_grad_accum_fusion_available"),
-                        (clip_grads, "l2_norm_impl"), (mcore_optimizer, "torch"),
-                        (clip_grads, "torch"), (distrib_optimizer, "torch"),
-                        (grad_scaler, "torch")):
+    expected = [(mcore_random, "_get_cuda_rng_state"), (mcore_random, "_set_cuda_rng_state"),
+                (p2p_communication, "_p2p_ops"), (schedules, "torch"),
+                (mcore_layers, "_grad_accum_fusion_available"), (clip_grads, "l2_norm_impl"),
+                (mcore_optimizer, "torch"), (clip_grads, "torch"), (distrib_optimizer, "torch"),
+                (grad_scaler, "torch")]
+    if facts.checkpoint_without_output_shares_storage:
+        expected.append((mcore_random, "_get_share_storage"))
+    if facts.grad_sync_reads_current_stream:
+        expected.append((param_and_grad_buffer, "torch"))
+    for owner, name in expected:
         if not hasattr(owner, name):
             raise ImportError(
-                f"{owner.__name__}.{name} not found: cpu_shims targets megatron-core 0.16.x; "
-                "the installed megatron-core version may differ"
+                f"{owner.__name__}.{name} not found: cpu_shims targets megatron-core 0.16.x to "
+                f"0.19.x (this is 0.{facts.minor}); the installed build may differ"
             )
     fused = _make_fused_wgrad_module()
     targets = [
@@ -456,8 +541,13 @@ def _targets(keep_async_send_storage: bool) -> list[tuple[Any, str, Callable[[An
             targets.append((mcore_random, name, lambda orig, v=stand_in: _Value(v)))
     if not hasattr(moe_utils, "te_general_gemm"):
         targets.append((moe_utils, "te_general_gemm", lambda orig: _Value(None)))
-    if keep_async_send_storage:
+    if keep_async_send_storage and not facts.interleaved_waits_on_sends:
         targets.append((p2p_communication, "_p2p_ops", _make_keepalive_p2p_ops))
+    if facts.checkpoint_without_output_shares_storage:
+        targets.append((mcore_random, "_get_share_storage",
+                        lambda orig: _get_share_storage_stand_in))
+    if facts.grad_sync_reads_current_stream:
+        targets.append((param_and_grad_buffer, "torch", lambda orig: _TorchWithCpuStreams(orig)))
     return targets
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from megatron_offload.config import OffloadConfig
+from megatron_offload.integration.megatron_core import call_by_name
 from megatron_offload.policy import units_to_offload
 from megatron_offload.runtime.offloader import ActivationOffloader, iteration
 from megatron_offload.runtime.transfer import CpuTransferBackend
@@ -104,7 +105,11 @@ def test_f1_fused_wgrad_accumulation_sees_the_parameter_itself(fused_wgrad_kerne
     linear = fused_wgrad_kernel
 
     def forward(weight):
-        return lambda mb, x: linear.apply(x, weight, None, True, False, False, None, 0, None).pow(2).sum()
+        return lambda mb, x: call_by_name(
+            linear, input=x, weight=weight, bias=None, gradient_accumulation_fusion=True,
+            allreduce_dgrad=False, sequence_parallel=False, grad_output_buffer=None,
+            wgrad_deferral_limit=0, tp_group=None, gtp_remat_size=1,
+        ).pow(2).sum()
 
     plain = _fused_param()
     reference(ALL_FORWARD_FIRST, forward(plain))
