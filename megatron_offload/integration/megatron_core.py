@@ -38,7 +38,7 @@ from megatron_offload.schedule.ir import Op, OpKind
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_VERSIONS = ((0, 16),)
+SUPPORTED_VERSIONS = ((0, 16), (0, 17), (0, 18), (0, 19))
 SUPPORTED_TEXT = "megatron-core 0.16.x"
 _SCHEDULES = "megatron.core.pipeline_parallel.schedules"
 _SCHEDULE_FUNCTIONS = (
