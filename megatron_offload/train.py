@@ -47,9 +47,15 @@ CPU_FLAGS = {
     "--use-cpu-initialization": None, "--no-gradient-accumulation-fusion": None,
     "--no-bias-gelu-fusion": None, "--no-bias-dropout-fusion": None,
     "--no-masked-softmax-fusion": None, "--no-persist-layer-norm": None,
-    "--no-rope-fusion": None,
+    "--no-rope-fusion": None, "--attention-dropout": "0", "--hidden-dropout": "0",
 }
-"""Added on CPU: gloo, megatron-core's own layers, no CUDA-only fusions."""
+"""Added on CPU: gloo, megatron-core's own layers, no CUDA-only fusions, and no dropout: on
+CPU dropout draws from the process-wide CPU generator, which the data loader also draws from
+when it starts, so a resumed run would get other masks (on GPU dropout uses the CUDA
+generator, which Megatron's checkpoints restore)."""
+
+BASELINE_DROPS = ("--save", "--save-interval")
+"""The measuring run does not write checkpoints (the offload run does)."""
 
 ITERATION_MARKS = (" iteration ", "[pipeline offload]", "megatron-offload: error", "Traceback",
                    "Error")
@@ -115,6 +121,22 @@ def megatron_argv(args, megatron_flags: list[str], device: str) -> list[str]:
     if not _has(argv, "--train-iters"):
         argv += ["--train-iters", str(args.train_iters)]
     return argv
+
+
+def drop_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """``argv`` without ``flags`` and their values."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item in flags:
+            skip = True
+            continue
+        if any(item.startswith(flag + "=") for flag in flags):
+            continue
+        out.append(item)
+    return out
 
 
 def offload_argv(args, *, policy: str | None = None) -> list[str]:
@@ -367,7 +389,8 @@ def run(args, megatron_flags: list[str] | None = None) -> int:
         if args.pipeline_offload and not args.no_baseline:
             say("[train] baseline run: --pipeline-offload --offload-policy none (the hooks "
                 "measure, nothing moves) ...")
-            baseline = spawn_run(base + offload_argv(args, policy="none"), args.nproc,
+            baseline = spawn_run(drop_flags(base, BASELINE_DROPS) + offload_argv(args, policy="none"),
+                                 args.nproc,
                                  args._device, log_dir, "baseline", echo)
         policy = args.offload_policy or "full"
         say(f"[train] offload run: --offload-policy {policy} ..." if args.pipeline_offload

@@ -25,6 +25,9 @@ a ``TorchFunctionMode`` (pushed while applied): a CUDA ``device=`` becomes CPU,
     ``get_model`` (and ``training/models/dist_utils.py``) wraps the DDP set-up in a
     dedicated CUDA stream; on CPU there is one stream of work, so waits are no-ops and the
     context manager does nothing.
+``torch.cuda.set_rng_state`` -> sets the private generator of ``cpu.core``
+    ``load_checkpoint`` restores the saved "CUDA" RNG state (which ``cpu.core`` took from that
+    generator), so a resumed run continues the same random streams.
 ``megatron.training.training.get_megatron_optimizer`` -> builds, and every ``step()`` of the
     optimizer it returns runs, under ``cpu.core.cuda_tensor_type_names()``
     megatron-core's optimizers sort parameters by ``param.type() == 'torch.cuda.FloatTensor'``
@@ -101,6 +104,12 @@ class CpuStream:
 
 
 _DEFAULT_STREAM = CpuStream()
+
+
+def _cuda_set_rng_state(new_state: torch.Tensor, device: Any = "cuda") -> None:
+    """Loading a checkpoint restores the "CUDA" RNG state into the private CPU generator that
+    ``cpu.core`` gave ``torch.cuda.get_rng_state`` / ``manual_seed``."""
+    core._CPU_RNG.set_state(new_state)
 
 
 def _current_stream(device: Any = None) -> CpuStream:
@@ -182,6 +191,7 @@ def _targets() -> list[tuple[Any, str, Any]]:
         (initialize, "torch", lambda original: _TorchView()),
         (initialize, "_warmup_jit_function", _no_jit_warmup),
         (training, "get_megatron_optimizer", _optimizer_with_cuda_type_names),
+        (torch.cuda, "set_rng_state", lambda original: _cuda_set_rng_state),
         (torch.cuda, "Stream", lambda original: CpuStream),
         (torch.cuda, "current_stream", lambda original: _current_stream),
         (torch.cuda, "stream", lambda original: _stream),

@@ -200,6 +200,19 @@ def virtual_stages(args: argparse.Namespace) -> int:
     return 1
 
 
+def check_environment(args: argparse.Namespace) -> None:
+    """What would fail only at the first checkpoint, minutes or hours in."""
+    import importlib.util
+
+    if getattr(args, "save", None) and getattr(args, "ckpt_format", None) == "torch_dist" and (
+            importlib.util.find_spec("psutil") is None):
+        raise LaunchError(
+            "--save with --ckpt-format torch_dist (the default) needs psutil, which "
+            "megatron-core's checkpoint writer imports but does not declare: pip install "
+            "psutil, or add --ckpt-format torch"
+        )
+
+
 def check_release(version: str) -> None:
     from megatron_offload.integration.megatron_core import check_megatron_version
 
@@ -217,7 +230,7 @@ def preflight(script: str | os.PathLike | None, argv: list[str]) -> Launch:
     import torch
 
     help_requested = any(a in ("-h", "--help") for a in argv)
-    args, _unknown = megatron_parser().parse_known_args(argv)
+    args, unknown = megatron_parser().parse_known_args(argv)
     version = megatron_core_version()
     cpu = not torch.cuda.is_available()
     launch = Launch(
@@ -234,7 +247,16 @@ def preflight(script: str | os.PathLike | None, argv: list[str]) -> Launch:
         raise LaunchError(str(error)) from None
     if launch.config is not None:
         check_release(version)
+        if "--cpu-offloading" in unknown:
+            # Megatron-LM 0.16-0.19 enable it with --cpu-offloading-num-layers N only; a fork may
+            # still have the flag. Either way it cannot run with ours.
+            raise LaunchError(
+                f"{ENABLE_FLAG} cannot run with --cpu-offloading (Megatron's layer-wise "
+                "activation offloading): only one mechanism can own the saved-tensor hooks; "
+                f"drop --cpu-offloading or drop {ENABLE_FLAG}"
+            )
         check_offload_against_megatron(args, launch.config)
+    check_environment(args)
     if cpu:
         from megatron_offload import cpu as cpu_support
 
@@ -304,10 +326,25 @@ def with_offload_arguments(extra_args_provider: Callable | None = None) -> Calla
     def provider(parser):
         if extra_args_provider is not None:
             parser = extra_args_provider(parser)
-        return add_offload_arguments(parser)
+        return repair_help(add_offload_arguments(parser))
 
     provider._megatron_offload_arguments = True
     return provider
+
+
+def repair_help(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Escape a bare ``%`` in help texts argparse cannot format, so ``--help`` works: in
+    megatron-core 0.19.2 the help of ``--moe-paged-stash-buffer-size-factor-cuda`` ("1.10 =
+    10%)") makes Megatron's own ``--help`` raise ValueError."""
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if not action.help:
+            continue
+        try:
+            formatter._expand_help(action)
+        except (ValueError, TypeError, KeyError):
+            action.help = action.help.replace("%", "%%")
+    return parser
 
 
 def _chain_provider(original):
