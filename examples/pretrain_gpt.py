@@ -200,12 +200,12 @@ def main() -> None:
         # script keeps the model-provider API that every supported release accepts.
         warnings.filterwarnings("ignore", message=r"\s*It is recommended to use a ModelConfig")
         container = pretrain_cfg_container_from_args(args)
-    pretrain(
+    pretrain(  # by keyword: 0.18 takes model_provider third, 0.19 after forward_step_func
         container,
-        train_valid_test_datasets_provider,
-        ModelType.encoder_or_decoder,
-        forward_step,
+        train_valid_test_dataset_provider=train_valid_test_datasets_provider,
         model_provider=model_provider,
+        model_type=ModelType.encoder_or_decoder,
+        forward_step_func=forward_step,
     )
 
 

@@ -29,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-from megatron_offload.config import ENABLE_FLAG, add_offload_arguments
+from megatron_offload.config import ENABLE_FLAG, add_offload_arguments, offload_config_from_args
 
 SMALL_GPT = {
     "--num-layers": "8", "--hidden-size": "128", "--num-attention-heads": "4",
@@ -375,6 +375,18 @@ def run(args, megatron_flags: list[str] | None = None) -> int:
             parser.error("--device cuda: no GPU is visible here; use --device cpu (gloo ranks)")
     if args.nproc < 1:
         parser.error(f"--nproc {args.nproc} must be >= 1")
+    try:  # the offload flags alone; against Megatron's flags every rank checks before start
+        offload_config_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    import importlib.util
+
+    if importlib.util.find_spec("megatron.training") is None:
+        parser.error(
+            "Megatron-LM's training loop (megatron/training) is not installed: megatron-core "
+            ">= 0.17 ships it (pip install 'megatron-core>=0.17', Python >= 3.12), or put a "
+            "Megatron-LM checkout on PYTHONPATH"
+        )
     script = str(builtin_script())
     base = [script, *megatron_argv(args, megatron_flags, args._device)]
     if "RANK" in os.environ or "SLURM_PROCID" in os.environ:

@@ -14,14 +14,16 @@ fails alike, before ``torch.distributed`` is initialized.
 
 :func:`apply` then replaces, lazily imported and each restorable by :func:`remove`:
 
-- the argument API, per release, so the flags join Megatron's parser (``--help`` lists them;
-  Megatron still rejects unknown flags): megatron-core 0.16/0.17 parse inside
-  ``megatron.training.pretrain`` (``extra_args_provider=``: the script's own provider is
-  chained, Megatron-LM's ``pretrain_gpt.py`` uses the slot for ModelOpt); 0.18+ scripts call
-  ``megatron.training.arguments.parse_and_validate_args`` (same chaining) and hand ``pretrain``
-  a config container. ``pretrain`` itself is wrapped on every release to note that it ran and
-  to write the run record. Both bindings are replaced in ``megatron.training`` (the package)
-  and its submodule, before the script imports them;
+- ``megatron.training.arguments.add_megatron_arguments``: the offload flags join Megatron's
+  parser (``--help`` lists them; Megatron still rejects unknown flags). ``parse_args`` looks
+  this module global up on every call in every release 0.16-0.19, so one binding reaches each
+  release's argument API: the parse inside ``megatron.training.pretrain`` (0.16/0.17, next to
+  the script's own ``extra_args_provider``, which Megatron-LM's ``pretrain_gpt.py`` uses for
+  ModelOpt and which stays untouched), the script's ``parse_and_validate_args`` (0.18+, before
+  it builds the config container), and the early ``parse_args(ignore_unknown_args=True)`` of
+  ``ft_integration`` / ``inprocess_restart`` (0.17: the parse that answers ``--help``);
+- ``megatron.training.pretrain`` (the package's and the submodule's binding, replaced before
+  the script imports it): notes that it ran and writes the run record;
 - ``megatron.training.training.train``: logs the offload plan (every rank's units, offloaded
   units, predicted peak) through ``print_rank_0`` before the first iteration;
 - ``megatron.training.training.training_log``: at Megatron's ``--log-interval``, one line per
@@ -317,9 +319,10 @@ def _replace(st: LaunchState, owner, name: str, make: Callable[[Any], Any]) -> N
 
 def with_offload_arguments(extra_args_provider: Callable | None = None) -> Callable:
     """An ``extra_args_provider`` that runs the script's own provider (if any), then adds the
-    offload flags to Megatron's parser. Pass it where the script passes its provider:
-    ``pretrain(..., extra_args_provider=...)`` (0.16/0.17) or
-    ``parse_and_validate_args(extra_args_provider=...)`` (0.18+)."""
+    offload flags to Megatron's parser. For scripts that call the integration themselves
+    (``patches/``): pass it where the script passes its provider, ``pretrain(...,
+    extra_args_provider=...)`` (0.16/0.17) or ``parse_and_validate_args(extra_args_provider=
+    ...)`` (0.18+). The launcher does not need it (it extends ``add_megatron_arguments``)."""
     if getattr(extra_args_provider, "_megatron_offload_arguments", False):
         return extra_args_provider
 
@@ -347,35 +350,24 @@ def repair_help(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _chain_provider(original):
-    signature = inspect.signature(original)
+def _add_megatron_arguments(original):
+    def add_megatron_arguments(parser):
+        return repair_help(add_offload_arguments(original(parser)))
 
-    def wrapper(*args, **kwargs):
-        bound = signature.bind_partial(*args, **kwargs)
-        bound.arguments["extra_args_provider"] = with_offload_arguments(
-            bound.arguments.get("extra_args_provider"))
-        return original(*bound.args, **bound.kwargs)
-
-    return wrapper
+    return add_megatron_arguments
 
 
-def _pretrain(st: LaunchState, chain: bool):
+def _pretrain(st: LaunchState):
     def make(original):
-        call = _chain_provider(original) if chain else original
-
         def pretrain(*args, **kwargs):
             st.pretrain_calls += 1
-            result = call(*args, **kwargs)
+            result = original(*args, **kwargs)
             _write_record(st)
             return result
 
         return pretrain
 
     return make
-
-
-def _parse_and_validate_args(original):
-    return _chain_provider(original)
 
 
 def _train(st: LaunchState):
@@ -441,14 +433,11 @@ def apply(launch: Launch) -> LaunchState:
         from megatron_offload import cpu as cpu_support
 
         st.cpu_applied = cpu_support.apply_cpu_support()
-    chain = launch.argument_api == "extra_args_provider"
-    pretrain_make = _pretrain(st, chain)
-    _replace(st, training, "pretrain", pretrain_make)
+    _replace(st, arguments, "add_megatron_arguments", _add_megatron_arguments)
+    _replace(st, training, "pretrain", _pretrain(st))
     if getattr(package, "pretrain", None) is not None:
         st.patched.append(_Patched(package, "pretrain", package.pretrain))
         package.pretrain = training.pretrain
-    if not chain:
-        _replace(st, arguments, "parse_and_validate_args", _parse_and_validate_args)
     _replace(st, training, "train", _train(st))
     _replace(st, training, "training_log", _training_log(st))
     _replace(st, dataset_utils, "compile_helpers", _compile_helpers)

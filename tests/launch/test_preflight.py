@@ -123,7 +123,7 @@ def test_launcher_bad_input_exit_code_and_message(capsys, tmp_path):
 
 
 def test_extra_args_provider_is_chained():
-    """0.16/0.17: the script's own provider (Megatron-LM's uses the slot) runs, then ours."""
+    """For patched scripts: their own provider (Megatron-LM's uses the slot) runs, then ours."""
     calls = []
 
     def own(parser):
@@ -137,13 +137,6 @@ def test_extra_args_provider_is_chained():
     assert calls == ["own"] and {"--own-flag", ENABLE_FLAG} <= set(parser._option_string_actions)
     assert add_offload_arguments(parser) is parser  # idempotent: no second group
 
-    def pretrain(data, model, model_type, step, process_non_loss_data_func=None,
-                 extra_args_provider=None, args_defaults={}):
-        return extra_args_provider
-
-    chained = megatron_lm._chain_provider(pretrain)(1, 2, 3, 4, extra_args_provider=own)
-    assert chained(argparse.ArgumentParser()).parse_args([ENABLE_FLAG]).pipeline_offload
-    assert megatron_lm._chain_provider(pretrain)(1, 2, 3, 4) is not None
 
 
 def test_slurm_environment_maps_to_torchrun_names():
@@ -166,3 +159,16 @@ def test_bad_input_stops_every_rank_before_torch_distributed(tmp_path):
     for rank in (0, 1):
         log = (tmp_path / f"bad-rank{rank}.log").read_text()
         assert "initializing torch distributed" not in log
+
+
+def test_every_megatron_parse_sees_the_flags(clean_launch, monkeypatch):
+    """add_megatron_arguments is looked up by parse_args on every call: the parse inside
+    pretrain (0.16/0.17), parse_and_validate_args (0.18+), ft_integration's early parse."""
+    from megatron.training import arguments
+
+    megatron_lm.apply(preflight(SCRIPT, CPU))
+    monkeypatch.setattr("sys.argv", ["pretrain_gpt.py", *CPU, ENABLE_FLAG, "--offload-report"])
+    args = arguments.parse_args(ignore_unknown_args=True)
+    assert args.pipeline_offload is True and args.offload_report is True
+    megatron_lm.remove()
+    assert not hasattr(arguments.parse_args(ignore_unknown_args=True), "pipeline_offload")
