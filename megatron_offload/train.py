@@ -171,6 +171,8 @@ class _Echo:
 
     def __init__(self, verbose: bool, quiet: bool, nproc: int):
         self.verbose, self.quiet, self.nproc = verbose, quiet, nproc
+        self.plugin = True
+        """Echo the plugin's plan, picture and figures (off for the measuring baseline)."""
         self.lock = threading.Lock()
 
     def pump(self, rank: int, stream, log_file) -> None:
@@ -180,9 +182,11 @@ class _Echo:
             log_file.flush()
             if self.quiet:
                 continue
+            plugin = "[pipeline offload]" in line or line.startswith(PLAN_STARTS)
             wanted = self.verbose or (
                 rank in (0, self.nproc - 1) and any(m in line for m in ITERATION_MARKS)
-            ) or (rank == 0 and line.startswith(PLAN_STARTS))
+                and (self.plugin or not plugin)
+            ) or (self.plugin and rank == 0 and line.startswith(PLAN_STARTS))
             if wanted:
                 with self.lock:
                     sys.stderr.write(line)
@@ -401,9 +405,11 @@ def run(args, megatron_flags: list[str] | None = None) -> int:
         if args.pipeline_offload and not args.no_baseline:
             say("[train] baseline run: --pipeline-offload --offload-policy none (the hooks "
                 "measure, nothing moves) ...")
+            echo.plugin = False
             baseline = spawn_run(drop_flags(base, BASELINE_DROPS) + offload_argv(args, policy="none"),
                                  args.nproc,
                                  args._device, log_dir, "baseline", echo)
+        echo.plugin = True
         policy = args.offload_policy or "full"
         say(f"[train] offload run: --offload-policy {policy} ..." if args.pipeline_offload
             else "[train] run without offload (add --pipeline-offload to offload) ...")
