@@ -435,7 +435,9 @@ def _run_in_this_process(args, base: list[str]) -> int:
     """Under torchrun / srun: this process is one rank of a single run (no baseline)."""
     from megatron_offload import launch
 
-    record = Path(args.log_dir or tempfile.gettempdir()) / "megatron-offload-train.json"
+    folder = Path(args.log_dir or tempfile.gettempdir())
+    folder.mkdir(parents=True, exist_ok=True)
+    record = folder / "megatron-offload-train.json"
     os.environ.setdefault("MEGATRON_OFFLOAD_RECORD", str(record))
     code = launch.main(base + offload_argv(args))
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
