@@ -87,7 +87,7 @@ class Launch:
 
 def script_calls_pretrain(source: str) -> bool:
     """Whether the script's code calls something named ``pretrain`` (``pretrain(...)``,
-    ``training.pretrain(...)``), or rebinds it (``pretrain, store = wrap(pretrain)``)."""
+    ``training.pretrain(...)``, also after ``pretrain, store = wrap(pretrain)``)."""
     tree = ast.parse(source)
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
