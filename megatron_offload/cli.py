@@ -33,8 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
-    return importlib.import_module(COMMANDS[args.command]).run(args) or 0
+    args, unknown = parser.parse_known_args(argv)
+    module = importlib.import_module(COMMANDS[args.command])
+    if getattr(args, "_accepts_unknown", False):  # `train`: the rest are Megatron-LM flags
+        return module.run(args, unknown) or 0
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return module.run(args) or 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,7 +4,12 @@ Errors raise ``ValueError`` naming the command-line flag and the fix, before any
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import ast
+import functools
+import inspect
+import textwrap
+from dataclasses import dataclass, field, fields
 from typing import Literal, get_args
 
 OffloadPolicy = Literal["none", "full", "chunks", "auto"]
@@ -15,10 +20,20 @@ POLICIES: tuple[str, ...] = get_args(OffloadPolicy)
 BACKENDS: tuple[str, ...] = get_args(TransferBackendName)
 BUDGET_SCOPES: tuple[str, ...] = get_args(MemoryBudgetScope)
 
+ENABLE_FLAG = "--pipeline-offload"
+"""The switch: without it no offload flag may be given and nothing is patched."""
+
+
+def _flag(flag: str, **argparse_kwargs) -> dict:
+    """Field metadata: the command-line flag of a field and how argparse reads it. The help
+    text is the field's docstring (see :func:`add_offload_arguments`)."""
+    return {"flag": flag, "argparse": argparse_kwargs}
+
 
 @dataclass(kw_only=True, slots=True)
 class OffloadConfig:
-    policy: OffloadPolicy = "full"
+    policy: OffloadPolicy = field(
+        default="full", metadata=_flag("--offload-policy", choices=POLICIES))
     """What to offload (--offload-policy). ``none``: nothing (hooks only measure, if asked);
     ``full``: every (chunk, microbatch) unit whose backward does not directly follow its
     forward; ``chunks``: only units of model chunks < K (--offload-chunks), the longest-lived
@@ -26,11 +41,13 @@ class OffloadConfig:
     (longest-lived first) that keep this rank's resident activations within
     --offload-memory-budget-gib (``planner.choose_offload_units``)."""
 
-    offload_chunks: int | None = None
+    offload_chunks: int | None = field(
+        default=None, metadata=_flag("--offload-chunks", type=int, metavar="K"))
     """K for policy ``chunks`` (--offload-chunks): offload units of model chunks 0..K-1.
     Must lie in 0..v (v = number of virtual pipeline stages, 1 without interleaving)."""
 
-    memory_budget_gib: float | None = None
+    memory_budget_gib: float | None = field(
+        default=None, metadata=_flag("--offload-memory-budget-gib", type=float, metavar="GIB"))
     """For policy ``auto`` (--offload-memory-budget-gib): the most activation memory one rank
     may keep resident, in GiB: the bytes of saved activations plus received inputs the runtime
     measures at step boundaries (``IterationStats.peak_saved_bytes``). Parameters, gradients,
@@ -38,7 +55,9 @@ class OffloadConfig:
     (``megatron-offload plan`` prints them per rank). With ``memory_budget_scope="device"`` it
     is the whole device memory instead (GPU only)."""
 
-    memory_budget_scope: MemoryBudgetScope = "activations"
+    memory_budget_scope: MemoryBudgetScope = field(
+        default="activations",
+        metadata=_flag("--offload-memory-budget-scope", choices=BUDGET_SCOPES))
     """What --offload-memory-budget-gib counts (--offload-memory-budget-scope).
     ``activations`` (default): resident activation bytes, as above, on CPU and GPU alike.
     ``device``: total device memory; the activation budget is then the budget minus
@@ -47,29 +66,35 @@ class OffloadConfig:
     before the first optimizer step, minus the predicted working memory of a backward
     (``costmodel.working_bytes``), minus --offload-memory-reserve-gib."""
 
-    memory_reserve_gib: float = 2.0
+    memory_reserve_gib: float = field(
+        default=2.0, metadata=_flag("--offload-memory-reserve-gib", type=float, metavar="GIB"))
     """With ``memory_budget_scope="device"``: GiB kept out of the budget for the CUDA
     context's allocations outside PyTorch, NCCL buffers and allocator fragmentation
     (--offload-memory-reserve-gib)."""
 
-    min_offload_bytes: int = 64 * 1024
+    min_offload_bytes: int = field(
+        default=64 * 1024, metadata=_flag("--offload-min-bytes", type=int, metavar="BYTES"))
     """Saved tensors smaller than this stay on the device (--offload-min-bytes): a copy of a
     few KiB costs more in launch latency than it frees."""
 
-    backend: TransferBackendName = "auto"
+    backend: TransferBackendName = field(
+        default="auto", metadata=_flag("--offload-backend", choices=BACKENDS))
     """How bytes move (--offload-backend). ``cuda``: D2H/H2D streams, events, pinned pool;
     ``cpu``: synchronous copies into a separate host pool (tests, CPU runs); ``auto``: cuda
     when the model lives on a GPU, else cpu."""
 
-    measure_memory: bool = False
+    measure_memory: bool = field(
+        default=False, metadata=_flag("--offload-report", action="store_const", const=True))
     """Track every saved storage through weak references and report the peak of bytes
     really resident (--offload-report). Costs one Python call per saved tensor."""
 
-    prefetch_distance: int = 1
+    prefetch_distance: int = field(
+        default=1, metadata=_flag("--offload-prefetch", type=int, metavar="OPS"))
     """How many ops ahead a reload is started (--offload-prefetch). 1 = reload the unit
     of the next backward when the op before it starts."""
 
-    host_budget_gib: float | None = None
+    host_budget_gib: float | None = field(
+        default=None, metadata=_flag("--offload-host-budget-gib", type=float, metavar="GIB"))
     """Most host memory this rank's offload pool may hold, in GiB (--offload-host-budget-gib).
     None: half of the node's available RAM divided by the ranks on the node. The pool refuses,
     with an error naming this flag, the allocation that would cross it."""
@@ -194,9 +219,95 @@ class OffloadConfig:
         return False
 
 
+# ------------------------------------------------------------------ the command-line flags
+# One definition shared by ``megatron-offload train``, the Megatron-LM launcher
+# (``python -m megatron_offload.launch``) and the patched pretrain scripts of ``patches/``.
+
+@functools.cache
+def _field_docs() -> dict[str, str]:
+    """Each field's docstring (the string right under it in the class body), whitespace
+    collapsed: the ``--help`` text of its flag."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(OffloadConfig)))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def offload_flags() -> dict[str, str]:
+    """{flag: OffloadConfig field} for every offload flag, ``--pipeline-offload`` excluded."""
+    return {f.metadata["flag"]: f.name for f in fields(OffloadConfig) if "flag" in f.metadata}
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def add_offload_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--pipeline-offload`` and the offload flags to ``parser`` (Megatron-LM's own
+    parser in the launcher, this package's in ``megatron-offload train``), in one group.
+
+    Every offload flag defaults to None, so "given" can be told from "left at its default";
+    the defaults that apply are the OffloadConfig defaults, shown in the help. Idempotent.
+    """
+    if ENABLE_FLAG in parser._option_string_actions:
+        return parser
+    docs = _field_docs()
+    group = parser.add_argument_group(
+        "pipeline offload (megatron-offload)",
+        "PipeOffload: pipeline-parallel activations to host memory and back, bitwise "
+        "identical losses. Off unless --pipeline-offload is given.",
+    )
+    group.add_argument(
+        ENABLE_FLAG, action="store_true",
+        help="Offload and reload pipeline-parallel activations (megatron-offload plugin).",
+    )
+    for f in fields(OffloadConfig):
+        if "flag" not in f.metadata:
+            continue
+        flag = f.metadata["flag"]
+        help_text = docs.get(f.name, "").replace(f" ({flag})", "").replace("``", "")
+        help_text = help_text.replace("%", "%%")
+        if f.default is not None and f.metadata["argparse"].get("action") != "store_const":
+            help_text += f" Default: {f.default}."
+        group.add_argument(
+            flag, dest=_dest(flag), default=None, help=help_text,
+            **f.metadata["argparse"],
+        )
+    return parser
+
+
+def offload_config_from_args(args: argparse.Namespace, **overrides) -> OffloadConfig | None:
+    """The OffloadConfig the parsed flags ask for, or None without ``--pipeline-offload``.
+
+    Raises ValueError (naming the flag and the fix) for an offload flag given without
+    ``--pipeline-offload`` and for every invalid value. ``overrides`` are field values that
+    apply where the flag was not given (``megatron-offload train`` sets a few for CPU runs).
+    """
+    given = {flag: name for flag, name in offload_flags().items()
+             if getattr(args, _dest(flag), None) is not None}
+    if not getattr(args, "pipeline_offload", False):
+        if given:
+            flags = ", ".join(given)
+            raise ValueError(
+                f"{flags} given without {ENABLE_FLAG}: offloading is off unless asked for; "
+                f"add {ENABLE_FLAG}, or drop {flags}"
+            )
+        return None
+    values = dict(overrides)
+    values.update({name: getattr(args, _dest(flag)) for flag, name in given.items()})
+    return OffloadConfig(**values)
+
+
 def _require_int(flag: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{flag} {value!r} must be an integer")
 
 
-__all__ = ["OffloadConfig", "OffloadPolicy", "POLICIES", "BACKENDS", "BUDGET_SCOPES"]
+__all__ = [
+    "OffloadConfig", "OffloadPolicy", "POLICIES", "BACKENDS", "BUDGET_SCOPES", "ENABLE_FLAG",
+    "offload_flags", "add_offload_arguments", "offload_config_from_args",
+]

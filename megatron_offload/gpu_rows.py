@@ -35,7 +35,7 @@ Rows:
     megatron-core's local spec (no Transformer Engine), fp32, RoPE unfused. Megatron's fused
     wgrad needs apex's ``fused_weight_gradient_mlp_cuda``; where that CUDA extension is missing
     a stand-in (``main_grad += grad_output^T @ input``, one fp32 GEMM) is bound for the row
-    (on CPU by ``testing.cpu_shims``, which the row applies). Runs on CPU too: the CPU test
+    (on CPU by ``cpu.core``, which the row applies). Runs on CPU too: the CPU test
     suite runs it. It is the single-process proof of review item F1: saved Parameters come
     back as themselves, so Megatron's fused wgrad flags the real Parameter and DDP's
     ``overlap_grad_reduce`` hook finds its dummy grad.
@@ -179,7 +179,7 @@ def megatron_single_process(device: torch.device, dist_backend: str | None = Non
         created_group = True
     shims = contextlib.nullcontext(False)
     if device.type == "cpu":
-        from megatron_offload.testing.cpu_shims import cpu_shims
+        from megatron_offload.cpu.core import cpu_shims
 
         shims = cpu_shims()
     try:
@@ -208,7 +208,7 @@ def fused_wgrad_kernel():
     """Yields which kernel Megatron's fused wgrad accumulation uses in this row.
 
     apex's ``fused_weight_gradient_mlp_cuda`` when it is installed; else a stand-in with the
-    kernel's arithmetic (``testing.cpu_shims.wgrad_gemm_accum_fp32``: one GEMM with beta = 1 in
+    kernel's arithmetic (``cpu.core.wgrad_gemm_accum_fp32``: one GEMM with beta = 1 in
     fp32), bound into ``megatron.core.tensor_parallel.layers`` for this row only. On CPU the
     CPU shims (applied by :func:`megatron_single_process`) already bound it.
     """
@@ -216,7 +216,7 @@ def fused_wgrad_kernel():
 
     from megatron.core.tensor_parallel import layers
 
-    from megatron_offload.testing import cpu_shims
+    from megatron_offload.cpu import core as cpu_shims
 
     bound = getattr(layers, cpu_shims.FUSED_WGRAD_MODULE, None)
     if layers._grad_accum_fusion_available and bound is not None:
@@ -244,7 +244,7 @@ def fused_wgrad_kernel():
 def _optimizer_context(device: torch.device):
     """On CPU, megatron-core's optimizer asks ``param.type()`` for 'torch.cuda.*' names."""
     if device.type == "cpu":
-        from megatron_offload.testing.cpu_shims import cuda_tensor_type_names
+        from megatron_offload.cpu.core import cuda_tensor_type_names
 
         return cuda_tensor_type_names()
     return contextlib.nullcontext()
