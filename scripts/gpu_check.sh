@@ -21,8 +21,10 @@
 # install it beforehand, or the TE rows report "not run". To carry megatron-core to a machine
 # without network (its Python there, e.g. 3.12):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.16.1
+#     --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.19.2
 #   WHEELS=.whl scripts/gpu_check.sh
+# The release installed is MEGATRON_CORE_VERSION, by default 0.19.2 on Python 3.12 and later,
+# 0.16.1 before (megatron-core 0.17+ needs Python 3.12; the plugin supports 0.16 to 0.19).
 # (megatron-core needs only torch, numpy and packaging, which a CUDA torch image has.)
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,12 +40,16 @@ install_megatron_core() {
   if "$PY" -c "import megatron.core" 2>/dev/null; then
     return 0
   fi
+  local version="${MEGATRON_CORE_VERSION:-}"
+  if [ -z "$version" ]; then
+    if "$PY" -c "import sys; sys.exit(sys.version_info < (3, 12))"; then version=0.19.2; else version=0.16.1; fi
+  fi
   if [ -n "${WHEELS:-}" ]; then
-    echo "megatron-core missing: installing megatron-core==0.16.1 from $WHEELS"
-    "$PY" -m pip install -q --no-index --find-links "$WHEELS" megatron-core==0.16.1
+    echo "megatron-core missing: installing megatron-core==$version from $WHEELS"
+    "$PY" -m pip install -q --no-index --find-links "$WHEELS" "megatron-core==$version"
   else
     echo "megatron-core missing and WHEELS unset: trying the package index"
-    "$PY" -m pip install -q --retries 0 --timeout 15 megatron-core==0.16.1
+    "$PY" -m pip install -q --retries 0 --timeout 15 "megatron-core==$version"
   fi
   "$PY" -c "import megatron.core; print('megatron-core', megatron.core.__version__)" ||
     echo "megatron-core still not importable: the megatron rows will report 'not run'"

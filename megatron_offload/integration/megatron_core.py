@@ -176,9 +176,15 @@ def _schedules_module():
 
 
 def installed_megatron_version() -> str:
-    """``megatron.core.package_info.__version__`` of the installed megatron-core."""
-    from megatron.core import package_info
-
+    """``megatron.core.package_info.__version__`` of the installed megatron-core (inside a git
+    checkout 0.19 appends ``+<sha>``)."""
+    try:
+        from megatron.core import package_info
+    except ImportError as error:  # pragma: no cover - depends on the install
+        raise ImportError(
+            f"--pipeline-offload needs megatron-core ({SUPPORTED_TEXT}): {error}. Install it "
+            f"with: pip install 'megatron-core{SUPPORTED_RANGE}'"
+        ) from error
     return package_info.__version__
 
 

@@ -1,8 +1,10 @@
-"""Megatron-Core 0.16.1's pipeline orders, reproduced op for op.
+"""Megatron-Core's pipeline orders (0.16.1 to 0.19.2), reproduced op for op.
 
 What ``forward_backward_pipelining_without_interleaving`` (1F1B) and
 ``forward_backward_pipelining_with_interleaving`` run on each rank, read from
-megatron/core/pipeline_parallel/schedules.py (0.16.1):
+megatron/core/pipeline_parallel/schedules.py (0.16.1; ``get_pp_rank_microbatches`` and
+``get_schedule_table`` are unchanged through 0.19.2, and tests/schedule/test_megatron_exact.py
+checks these orders against the installed release's functions on every environment):
 
 - 1F1B: ``min(p - r - 1, m)`` warm-up forwards, then forward/backward pairs, then the
   cool-down backwards; microbatches in order.
