@@ -49,7 +49,7 @@ from megatron_offload.policy import units_to_offload
 from megatron_offload.runtime.offloader import ActivationOffloader
 from megatron_offload.runtime.host_pool import CudaHostRegisterPinner, HostBufferPool
 from megatron_offload.runtime.transfer import make_backend
-from megatron_offload.testing.single_rank import drive, interleaved_rank0_order
+from megatron_offload.single_rank import drive, interleaved_rank0_order
 
 
 def _sync(device: torch.device) -> None:

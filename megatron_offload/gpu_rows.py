@@ -544,7 +544,7 @@ def run_row(row: RowSpec | str, device: torch.device, size: RowSize = SMALL, *,
     from megatron_offload.config import OffloadConfig
     from megatron_offload.runtime.offloader import ActivationOffloader
     from megatron_offload.runtime.transfer import make_backend
-    from megatron_offload.testing.single_rank import interleaved_rank0_order
+    from megatron_offload.single_rank import interleaved_rank0_order
 
     if isinstance(row, str):
         row = next(r for r in ROWS if r.name == row)

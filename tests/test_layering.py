@@ -5,8 +5,6 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "megatron_offload"
-KNOWN = {"gpu_check.py", "gpu_rows.py"}
-"""Still drive the GPU check through testing.single_rank (to move with that check's issue)."""
 
 
 def _imports(path: Path) -> set[str]:
@@ -23,7 +21,7 @@ def test_no_product_module_imports_the_test_harness():
     offenders = [
         str(path.relative_to(PACKAGE))
         for path in PACKAGE.rglob("*.py")
-        if "testing" not in path.relative_to(PACKAGE).parts and path.name not in KNOWN
+        if "testing" not in path.relative_to(PACKAGE).parts
         and any(name.startswith("megatron_offload.testing") for name in _imports(path))
     ]
     assert offenders == []

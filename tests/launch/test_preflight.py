@@ -19,6 +19,7 @@ from _launch_flags import CPU, SCRIPT
 OFFLOAD_FLAGS = {
     "--pipeline-offload", "--offload-policy", "--offload-chunks", "--offload-min-bytes",
     "--offload-backend", "--offload-prefetch", "--offload-host-budget-gib", "--offload-report",
+    "--offload-memory-budget-gib", "--offload-memory-budget-scope", "--offload-memory-reserve-gib",
 }
 
 

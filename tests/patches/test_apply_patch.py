@@ -11,7 +11,6 @@ temporary folder (nothing fetched is kept).
 from __future__ import annotations
 
 import ast
-import os
 import subprocess
 from pathlib import Path
 
@@ -109,17 +108,6 @@ def test_unsupported_release_and_edited_file_are_refused(tmp_path):
     assert apply(tmp_path / "nowhere").returncode == 2
 
 
-@pytest.mark.skipif(not os.environ.get("MEGATRON_LM_GIT"),
-                    reason="set MEGATRON_LM_GIT to a Megatron-LM clone to check real releases")
-@pytest.mark.parametrize("minor", [16, 17, 18, 19])
-def test_patch_applies_to_the_real_release(tmp_path, minor):
-    git = ["git", "--git-dir", os.environ["MEGATRON_LM_GIT"]]
-    branch = f"core_r0.{minor}.0"
-    folder = tmp_path / branch
-    folder.mkdir()
-    archive = subprocess.run(git + ["archive", branch, "pretrain_gpt.py",
-                                    "megatron/core/package_info.py"], capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
-    done = apply(folder)
-    assert done.returncode == 0, done.stderr
-    ast.parse((folder / "pretrain_gpt.py").read_text())
+# The real release branches (a Megatron-LM clone, not reachable from CI) are checked by
+# scripts/check_releases.sh with MEGATRON_LM_GIT set: it applies each patch to the release's
+# own pretrain_gpt.py and runs it through the launcher.
