@@ -212,6 +212,10 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 except ProcessLookupError:
                     pass
 
+    def running(self) -> bool:
+        """Whether a daemon of this cluster is still alive (after :meth:`stop`: none)."""
+        return self._alive(self.ctld_pid_file) or self._alive(self.slurmd_pid_file)
+
     # ------------------------------------------------------------------ jobs
     def submit(self, script: str | Path, *sbatch_args: str, env: dict | None = None,
                cwd: str | Path | None = None) -> str:

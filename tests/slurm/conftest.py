@@ -23,3 +23,4 @@ def slurm(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+    assert not cluster.running(), f"Slurm daemons left running:\n{cluster.daemon_logs()}"
