@@ -20,7 +20,9 @@ Method (pipeoffload.md sections 2-3):
 5. Each R op goes at the latest op boundary from which its reload still ends in time (the
    earliest point the executor may start it; the reload itself starts just in time).
 
-Because every kept unit's copies are hidden, compute times do not change: offload never
+Copies that abut exactly (a reload starting when the previous one or its offload ends) count
+as hidden, as the simulator runs them with no stall; only float rounding (at most _EPS x the
+makespan) may overlap. Because every kept unit's copies are hidden, compute times do not change: offload never
 lowers makespan (it stays equal under this model) and never raises any rank's peak (each
 unit is resident for a subset of the time it was before).
 The feasibility check is vectorised with numpy: a FIFO lane's completion times are a running
@@ -44,7 +46,9 @@ from .ir import B, F, O, R, Op, Schedule
 from .simulate import Simulation, gc_paused, simulate
 
 MAX_SKIPS_PER_LINK = 64
-_EPS = 1e-9  # relative slack kept on every hidden copy, so float rounding never stalls a backward
+_EPS = 1e-9  # relative tolerance: copies that abut exactly (or overlap by float rounding only) count as
+# hidden; a gap of _EPS was once required, which refused exact fits the simulator hides with no stall
+# (issue 8: the pass then kept fewer units than the simple rule at the same makespan)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -104,7 +108,7 @@ class _Link:
         self.issue, self.deadline, self.d2h, self.h2d = issue, deadline, d2h, h2d
         self.by_issue = np.lexsort((np.arange(len(issue)), issue))
         self.by_deadline = np.lexsort((np.arange(len(deadline)), deadline))
-        self.slack = _EPS * max(scale, 1.0)
+        self.slack = -_EPS * max(scale, 1.0)  # negative: every `x < y + slack` test accepts x == y
 
     def plan(self, chosen: np.ndarray):
         """Offload ends and reload starts of the chosen candidates (boolean mask), or None
@@ -182,7 +186,7 @@ def _plan_offload(schedule, costs, chunks, units, memory_target, baseline) -> Of
         rank_ids, unit_ids = [], []
         for r in ranks:
             lifespan = info[r].b_start - info[r].f_end
-            fits = lifespan >= d2h_of + h2d_of + _EPS * max(baseline.makespan, 1.0)
+            fits = lifespan > d2h_of + h2d_of  # exceeds the round trip (the link check then allows exact fits)
             short_lived[r] = int(np.count_nonzero(wanted[r] & ~fits))
             chosen_units = np.flatnonzero(wanted[r] & fits)
             rank_ids.append(np.full(len(chosen_units), r))
@@ -312,9 +316,9 @@ def _greedy(check: _Link, priority: np.ndarray) -> np.ndarray:
     starts = check.deadline - check.h2d
     floor = check.issue + check.d2h + slack
     candidates = priority[~(starts[priority] < floor[priority])]
-    # Overlap groups of the reload intervals, extended by 2 x slack.
+    # Overlap groups of the reload intervals, extended by 2 x |slack| (grouping too much is safe).
     by_start = candidates[np.argsort(starts[candidates], kind="stable")]
-    reach = np.maximum.accumulate(check.deadline[by_start] + 2 * slack)
+    reach = np.maximum.accumulate(check.deadline[by_start] + 2 * abs(slack))
     opens = np.ones(len(by_start), dtype=bool)
     opens[1:] = starts[by_start][1:] >= reach[:-1]
     group = np.cumsum(opens) - 1
@@ -453,3 +457,45 @@ def _insert_copies(schedule: Schedule, rank: int, offloaded: list[tuple[int, int
     order = np.lexsort((np.concatenate(secondary), np.concatenate(keys)))
     new_codes = np.concatenate(parts)[order].tolist()
     return tuple(map(ops_by_code.__getitem__, new_codes)), new_codes
+
+
+def simple_rule_offload(schedule: Schedule, costs: CostModel, *, chunks: int | None = None, baseline: Simulation | None = None) -> OffloadPlan:
+    """The simple rule the selective pass must never lose to (issue 8): offload every unit of a
+    model chunk ``< chunks`` (all chunks when None) whose lifespan without offload (end of its
+    forward to start of its backward, in ``simulate(schedule, costs)``) exceeds two transfer
+    times (D2H + H2D of the unit: the round trip), and reload it just in time.
+
+    O goes right after the unit's forward (the D2H lane runs the offloads FIFO in that order).
+    R goes right after its O, the earliest issue point: the simulator then starts the reload as
+    late as lets it end when the backward could otherwise start, on the H2D lane in backward
+    order (just in time), never before the offload is done or the lane is free. Nothing checks
+    that the copies fit: a copy the link cannot hide delays its backward, as the simulator
+    times it (``simulate(plan.schedule, costs)``), and the delay propagates down the pipeline.
+    ``link_bound`` is therefore all zeros: the rule never skips a unit for the link.
+    """
+    if schedule.has_offload:
+        raise ValueError("simple_rule_offload takes a schedule without offload ops; use schedule.without_offload()")
+    if chunks is not None and not 0 <= chunks <= schedule.vpp:
+        raise ValueError(f"--offload-chunks {chunks} must lie in 0..--vpp ({schedule.vpp})")
+    with gc_paused():
+        baseline = baseline or simulate(schedule, costs)
+        pp, m, vpp = schedule.pp, schedule.microbatches, schedule.vpp
+        per_rank = schedule.units_per_rank
+        chunk_of = np.arange(per_rank) // m
+        round_trip = np.array([costs.offload(c) + costs.reload(c) for c in range(vpp)])[chunk_of]
+        wanted = chunk_of < (vpp if chunks is None else chunks)
+        ops_by_code = _ops_by_code(vpp, m)
+        offloaded: list[list[tuple[int, int]]] = []
+        short_lived: list[int] = []
+        rows = []
+        for r in range(pp):
+            info = _rank_units(baseline, r)
+            long_lived = info.b_start - info.f_end > round_trip
+            short_lived.append(int(np.count_nonzero(wanted & ~long_lived)))
+            units_here = np.flatnonzero(wanted & long_lived)
+            offloaded.append(list(zip((units_here // m).tolist(), (units_here % m).tolist())))
+            reload_at = (info.f_step[units_here] + 1, info.b_start[units_here], units_here)
+            rows.append(_insert_copies(schedule, r, offloaded[r], reload_at, ops_by_code))
+        result = Schedule(tuple(ops for ops, _ in rows), vpp, m, schedule.kind, schedule.group_size)
+        result.with_program([codes for _, codes in rows])
+    return OffloadPlan(schedule=result, baseline=baseline, offloaded=offloaded, short_lived=short_lived, link_bound=[0] * pp)
