@@ -10,6 +10,10 @@ iterations after the first are timed without the meter. Variants:
 - ``none``: no offload.
 - ``plugin``: ``OffloadConfig(policy="full", min_offload_bytes=0)`` (unit granularity);
   its host pool buffers are counted as host bytes.
+- ``fgao``: Megatron's fine-grained activation offloading with all dense modules
+  (``fgao_cpu.DENSE_MODULES``, ``min_offloaded_tensor_size=0``) under the CPU stand-ins of
+  ``fgao_cpu.fgao_stand_ins``; its host copies (``ChunkOffloadHandler.offload``) are
+  counted as host bytes.
 - ``bound``: a ``saved_tensors_hooks`` pack that moves every non-parameter saved tensor
   into a separate host copy (made untracked) and an unpack that "reloads" it into a fresh
   (tracked) copy: the offload-every-saved-tensor bound.
@@ -29,7 +33,7 @@ from megatron_offload.testing.reference import (
 )
 from megatron_offload.testing.true_peak import TruePeakMeter, _storage_key
 
-VARIANTS = ("none", "plugin", "bound")
+VARIANTS = ("none", "fgao", "plugin", "bound")
 
 
 def _static_tensors(chunks: list) -> list[torch.Tensor]:
@@ -109,6 +113,49 @@ def _host_pool_counted(meter: TruePeakMeter):
     return lambda: setattr(host_pool.HostBufferPool, "_allocate", orig)
 
 
+@contextlib.contextmanager
+def _fgao(meter: TruePeakMeter):
+    from megatron_offload.testing.fgao_cpu import fgao_stand_ins
+
+    with fgao_stand_ins() as fgao:
+        fgao.PipelineOffloadManager.reset_instance()
+        handler = fgao.ChunkOffloadHandler
+        orig_offload = handler.offload
+
+        def offload(self, *a, **k):
+            with meter.untracked():
+                state = orig_offload(self, *a, **k)
+            meter.add_host(state[1])
+            return state
+
+        handler.offload = offload
+        try:
+            yield
+        finally:
+            handler.offload = orig_offload
+            fgao.PipelineOffloadManager.OFFLOAD_MGR = None
+
+
+def _build(case, variant, meter):
+    if variant != "fgao":
+        return build_model(case)
+    from megatron.core.transformer import transformer_config as tc_mod
+
+    from megatron_offload.testing.fgao_cpu import DENSE_MODULES
+
+    real = tc_mod.TransformerConfig
+
+    def config(**kw):
+        return real(**kw, fine_grained_activation_offloading=True,
+                    offload_modules=list(DENSE_MODULES), min_offloaded_tensor_size=0)
+
+    tc_mod.TransformerConfig = config
+    try:
+        return build_model(case)
+    finally:
+        tc_mod.TransformerConfig = real
+
+
 def measure(case: TinyGPTCase | dict, variant: str, iterations: int = 4,
             measure_iteration: int = 2) -> dict[str, Any]:
     import torch.distributed as dist
@@ -128,7 +175,11 @@ def measure(case: TinyGPTCase | dict, variant: str, iterations: int = 4,
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         dp_rank = parallel_state.get_data_parallel_rank()
         is_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-        chunks = build_model(case)
+        outer = contextlib.ExitStack()
+        restore.append(outer.close)
+        if variant == "fgao":
+            outer.enter_context(_fgao(meter))
+        chunks = _build(case, variant, meter)
         static = _static_tensors(chunks)
         meter.exclude(static)
         static_keys = {_storage_key(t.untyped_storage()) for t in static}
