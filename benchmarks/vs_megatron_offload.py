@@ -1,0 +1,167 @@
+"""The plugin against Megatron's own activation offloading, measured truthfully on CPU.
+
+One run, same tiny GPT, same data, PP=4 with 1F1B and with VPP=2, on four gloo ranks:
+
+  (a) no offload
+  (b) Megatron's fine-grained activation offloading (FGAO), all dense modules
+  (c) Megatron's --cpu-offloading
+  (d) the plugin at unit granularity: OffloadConfig(policy="full", min_offload_bytes=0)
+  (e) the bound: a saved_tensors_hooks pack that moves every non-parameter saved tensor
+      to a separate host copy
+
+Per rank, in the measured iteration (iteration 3 by default): the TRUE peak of live
+activation bytes (``megatron_offload.testing.true_peak.TruePeakMeter``: storages created
+during the iteration, tracked by weak reference, their current nbytes summed after every
+aten op; parameters, main_grad / DDP buffers and host copies excluded), the peak at
+forward_step/backward_step boundaries, host bytes, a bitwise check of every iteration's
+losses and gradients against (a), and the time per iteration (unmetered iterations, after
+the first) as a ratio to (a). CPU copies are synchronous: the time ratio is an upper bound
+of the cost, not a GPU figure. Variants that cannot run are listed with the reason.
+
+    python benchmarks/vs_megatron_offload.py [--layers 16 --hidden 256 --ffn 1024
+        --seq 128 --micro-batch 2 --microbatches 8] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+TASK = "megatron_offload.testing.vs_megatron:measure"
+LABELS = {"none": "(a) no offload", "fgao": "(b) Megatron FGAO",
+          "cpu_offloading": "(c) --cpu-offloading", "plugin": "(d) plugin full",
+          "bound": "(e) every saved tensor"}
+
+
+def _not_runnable(case) -> dict[str, str]:
+    """Why (b) and (c) do not run here; checked against the installed megatron-core."""
+    import dataclasses
+
+    from megatron_offload.testing.gpt import transformer_config
+
+    reasons = {}
+    cfg = transformer_config(case)
+    try:
+        dataclasses.replace(cfg, cpu_offloading=True, cpu_offloading_num_layers=1,
+                            cpu_offloading_activations=True)
+        reasons["cpu_offloading"] = "config accepted, but not wired into this benchmark"
+    except (ValueError, AssertionError) as exc:
+        reasons["cpu_offloading"] = f"TransformerConfig refuses it: {exc}"
+    try:
+        from megatron.core.extensions import transformer_engine as te_ext
+        have_te = bool(getattr(te_ext, "HAVE_TE", False))
+    except Exception:  # noqa: BLE001
+        have_te = False
+    if not have_te:
+        reasons["cpu_offloading"] += (
+            "; besides, it is Transformer Engine's cpu_offload context (TE is not installed)")
+    reasons["fgao"] = (
+        "megatron-core's FineGrainedActivationOffloadingInterface builds "
+        "torch.cuda.Stream/Event, uses torch.cuda.stream(), current_stream(), "
+        "record_stream, pinned host memory and TE's cpu_offload flag; without the CPU stand-ins "
+        "of megatron_offload.testing.fgao_cpu it fails at torch.cuda.Stream on CPU "
+        "(not requested in --variants)")
+    return reasons
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ffn", type=int, default=1024)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--microbatches", type=int, default=8)
+    p.add_argument("--pp", type=int, default=4)
+    p.add_argument("--iterations", type=int, default=4,
+                   help="iterations per run (>= 3; the first is warm-up)")
+    p.add_argument("--measure-iteration", type=int, default=2,
+                   help="0-based iteration measured with the meter (not timed)")
+    p.add_argument("--schedules", default="1f1b,vpp2", help="comma list of 1f1b, vpp2")
+    p.add_argument("--variants", default="none,fgao,plugin,bound",
+                   help="comma list of none, fgao, plugin, bound (none is always run)")
+    p.add_argument("--json", metavar="FILE")
+    args = p.parse_args(argv)
+
+    from megatron_offload.testing.gpt import TinyGPTCase
+    from megatron_offload.testing.pool import WorkerError, WorkerPool
+    from megatron_offload.testing.reference import compare_runs_per_rank
+
+    t_start = time.perf_counter()
+    schedules = {"1f1b": None, "vpp2": 2}
+    results: dict = {"args": vars(args), "schedules": {}}
+    rows = []
+    from megatron_offload.testing.pool import DEFAULT_PRELOAD
+
+    with WorkerPool(args.pp, preload=DEFAULT_PRELOAD + ("megatron_offload.testing.vs_megatron",)) as pool:
+        for sched in args.schedules.split(","):
+            case = TinyGPTCase(
+                pp=args.pp, vpp=schedules[sched], microbatches=args.microbatches,
+                num_layers=args.layers, hidden_size=args.hidden,
+                num_attention_heads=args.heads, ffn_hidden_size=args.ffn,
+                seq_length=args.seq, micro_batch_size=args.micro_batch)
+            reasons = _not_runnable(case)
+            runs = {}
+            wanted = ["none"] + [v for v in args.variants.split(",") if v != "none"]
+            for variant in wanted:
+                try:
+                    runs[variant] = pool.run(TASK, case=case.as_dict(), variant=variant,
+                                             iterations=args.iterations,
+                                             measure_iteration=args.measure_iteration,
+                                             timeout=600)
+                except WorkerError as exc:
+                    if variant != "fgao":
+                        raise
+                    last = exc.remote_traceback.strip().splitlines()[-1]
+                    reasons["fgao"] = f"failed on CPU with the stand-ins: {last}"
+                else:
+                    if variant == "fgao":
+                        reasons.pop("fgao")
+            base = sorted(runs["none"], key=lambda r: r["rank"])
+            sched_out = {"case": case.as_dict(), "not_run": reasons, "variants": {}}
+            for variant, per_rank in runs.items():
+                per_rank = sorted(per_rank, key=lambda r: r["rank"])
+                diffs = [] if variant == "none" else compare_runs_per_rank(base, per_rank)
+                slow = max(r["iteration_s"] for r in per_rank)
+                ratio = slow / max(max(r["iteration_s"] for r in base), 1e-9)
+                vout = {"bitwise_equal": not diffs, "diffs": diffs[:10],
+                        "iteration_s": slow, "time_ratio": ratio, "ranks": []}
+                for r, b in zip(per_rank, base):
+                    freed = 1 - r["true_peak_bytes"] / max(b["true_peak_bytes"], 1)
+                    vout["ranks"].append({
+                        k: r[k] for k in ("rank", "true_peak_bytes", "boundary_peak_bytes",
+                                          "host_peak_bytes", "ops", "boundary_samples",
+                                          "iteration_s", "offload_stats")} | {"freed": freed})
+                    rows.append((sched, r["rank"], LABELS[variant], r["true_peak_bytes"],
+                                 r["boundary_peak_bytes"], r["host_peak_bytes"], freed,
+                                 "yes" if not diffs else f"NO ({len(diffs)})", ratio))
+                sched_out["variants"][variant] = vout
+            results["schedules"][sched] = sched_out
+
+    mib = 2 ** 20
+    print(f"GPT {args.layers} layers, hidden {args.hidden}, ffn {args.ffn}, seq {args.seq}, "
+          f"micro batch {args.micro_batch}, {args.microbatches} microbatches, PP={args.pp}, "
+          f"fp32, CPU; measured iteration {args.measure_iteration + 1} of {args.iterations}")
+    print("| schedule | rank | variant | true peak MiB | step-boundary peak MiB | host MiB "
+          "| freed vs (a) | bitwise = (a) | time / (a) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for sched, rank, label, tp, bp, hb, freed, eq, ratio in rows:
+        if tp is None:
+            continue
+        print(f"| {sched} | {rank} | {label} | {tp / mib:.1f} | {bp / mib:.1f} | "
+              f"{hb / mib:.1f} | {freed:.0%} | {eq} | {ratio:.2f} |")
+    for sched, out in results["schedules"].items():
+        for variant, reason in out["not_run"].items():
+            print(f"- {sched}: {LABELS[variant]}: not run. {reason}")
+    results["wall_s"] = time.perf_counter() - t_start
+    print(f"wall {results['wall_s']:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
