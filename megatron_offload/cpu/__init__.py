@@ -7,7 +7,7 @@
 
 The launcher applies :func:`apply_cpu_support` only when ``torch.cuda.is_available()`` is
 False; on a GPU machine every function here does nothing. Nothing here imports
-``megatron_offload.testing`` (the test harness imports this package, not the reverse).
+the test harness (the harness imports this package, not the reverse).
 """
 from __future__ import annotations
 

@@ -383,7 +383,7 @@ def _activation_recompute_forward(activation_recompute: bool = False,
 def _make_fused_wgrad_module() -> types.ModuleType:
     module = types.ModuleType(
         FUSED_WGRAD_MODULE, "CPU stand-in of apex's fused_weight_gradient_mlp_cuda "
-        "(megatron_offload.testing.cpu_shims)")
+        "(megatron_offload.cpu.core)")
     module.wgrad_gemm_accum_fp32 = wgrad_gemm_accum_fp32
     module.wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp16
     return module
@@ -492,7 +492,7 @@ def _targets(keep_async_send_storage: bool) -> list[tuple[Any, str, Callable[[An
         from megatron.core.transformer.moe import moe_utils
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ImportError(
-            "megatron_offload.testing.cpu_shims needs megatron.core.pipeline_parallel."
+            "megatron_offload.cpu.core needs megatron.core.pipeline_parallel."
             "schedules, .p2p_communication, megatron.core.tensor_parallel.random / .layers "
             "and megatron.core.optimizer (written against megatron-core 0.16.x to 0.19.x; the "
             f"installed version may differ): {exc}"

@@ -159,10 +159,6 @@ class UnitActivations:
     skipped_shared: int = 0
     """Candidate storages referenced outside this unit's saved tensors (caches)."""
 
-    @property
-    def nbytes(self) -> int:
-        return sum(self.sizes.values())
-
 
 class _Held:
     """What the pack hook returns: the tensor, its version at save, the unit that saved it."""

@@ -43,7 +43,6 @@ class FakeAsyncBackend:
         self.held_bytes = 0
         self.peak_held_bytes = 0
         self.stalls = 0
-        self.copies = 0
 
     # ------------------------------------------------------------------- enqueue
     def _enqueue(self, actions, nbytes: int, after: Transfer | None = None) -> Transfer:
@@ -53,7 +52,6 @@ class FakeAsyncBackend:
         self._seq += 1
         event = FakeEvent(self._seq, done_at, actions)
         self._pending.append(event)
-        self.copies += 1
         if self.delay_ops == 0:
             self._complete_through(event)
         return Transfer(event=event, nbytes=nbytes)

@@ -65,6 +65,12 @@ def drive(offloader, order, forward, *, inputs=None, offload=None):
     return {mb: x.grad for mb, x in inputs.items()}
 
 
+def batch_and_copy(microbatches: int):
+    """Inputs the caller keeps (as for a retry), and a copy of their bytes to check against."""
+    batch = {mb: torch.randn(TOKENS, HIDDEN).requires_grad_(True) for mb in range(microbatches)}
+    return batch, {mb: t.detach().clone() for mb, t in batch.items()}
+
+
 def reference(order, forward):
     grads = {}
     for op in order:
@@ -240,8 +246,7 @@ def test_f5_a_fault_gives_the_callers_tensors_their_bytes_back(delay_ops):
     backend = CpuTransferBackend() if delay_ops is None else FakeAsyncBackend(delay_ops)
     offloader = offloader_for(backend)
     order = order_of("0F0 0F1 0F2 0F3 0B0 0B1 0B2 0B3")
-    batch = {mb: torch.randn(TOKENS, HIDDEN).requires_grad_(True) for mb in range(4)}
-    kept = {mb: t.detach().clone() for mb, t in batch.items()}
+    batch, kept = batch_and_copy(4)
 
     def forward(mb, x):
         if mb == 3:
@@ -258,12 +263,10 @@ def test_f5_a_fault_gives_the_callers_tensors_their_bytes_back(delay_ops):
     for t in batch.values():
         t.grad = None
     got = drive(offloader, order, lambda mb, x: (x * 2).tanh().sum(), inputs=batch)
-    expected = reference(order, lambda mb, x: (x * 2).tanh().sum())
     for mb in range(4):
         x = kept[mb].clone().requires_grad_(True)
         (x * 2).tanh().sum().backward()
         assert torch.equal(got[mb], x.grad)
-    assert expected  # reference ran
 
 
 # ---------------------------------------------------------------------------------- F6
@@ -324,14 +327,15 @@ def test_f8_units_are_freed_when_their_copy_is_enqueued(delay_ops, order_text):
 
     offloader._start_offload = check
     for _ in range(2):
+        freed_right_after_forward.clear()
         expected = reference(order, forward)
         got = drive(offloader, order, forward)
         assert all(torch.equal(expected[mb], got[mb]) for mb in expected)
         stats = offloader.iteration_stats[-1]
         offloaded = len(units_to_offload(order, offloader.config))
-        assert stats.offloaded_units == offloaded == len(freed_right_after_forward) // (_ + 1)
+        assert stats.offloaded_units == offloaded == len(freed_right_after_forward)
         assert stats.offloaded_bytes == stats.reloaded_bytes > 0
-    assert all(freed_right_after_forward)
+        assert all(freed_right_after_forward)
     assert backend.peak_held_bytes > 0  # copies really were in flight after the free
     if delay_ops > 1:
         assert backend.stalls > 0  # some reload was due before its copies completed
@@ -342,8 +346,7 @@ def test_f8_abort_with_copies_in_flight_restores_and_drains():
     backend = FakeAsyncBackend(delay_ops=10)
     offloader = offloader_for(backend)
     order = order_of("0F0 0F1 0F2 0F3 0B0 0B1 0B2 0B3")
-    batch = {mb: torch.randn(TOKENS, HIDDEN).requires_grad_(True) for mb in range(4)}
-    kept = {mb: t.detach().clone() for mb, t in batch.items()}
+    batch, kept = batch_and_copy(4)
 
     def forward(mb, x):
         if mb == 3:
@@ -450,8 +453,7 @@ def test_f7_host_budget_refuses_the_allocation_that_crosses_it():
 
     config = OffloadConfig(policy="full", min_offload_bytes=0, host_budget_gib=150 * 1024 / 2**30)
     offloader = ActivationOffloader(config, CpuTransferBackend(), device_type="cpu")
-    batch = {mb: torch.randn(TOKENS, HIDDEN).requires_grad_(True) for mb in range(3)}
-    kept = {mb: t.detach().clone() for mb, t in batch.items()}
+    batch, kept = batch_and_copy(3)
     with pytest.raises(HostBudgetExceeded, match="--offload-host-budget-gib"):
         drive(offloader, ALL_FORWARD_FIRST, lambda mb, x: (x * 2).tanh().sum(), inputs=batch)
     assert all(torch.equal(batch[mb].detach(), kept[mb]) for mb in batch)
