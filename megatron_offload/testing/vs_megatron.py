@@ -10,6 +10,7 @@ iterations after the first are timed without the meter. Variants:
 - ``none``: no offload.
 - ``plugin``: ``OffloadConfig(policy="full", min_offload_bytes=0)`` (unit granularity);
   its host pool buffers are counted as host bytes.
+- ``layers``: the same with ``granularity="layer"`` (layer streaming).
 - ``fgao``: Megatron's fine-grained activation offloading with all dense modules
   (``fgao_cpu.DENSE_MODULES``, ``min_offloaded_tensor_size=0``) under the CPU stand-ins of
   ``fgao_cpu.fgao_stand_ins``; its host copies (``ChunkOffloadHandler.offload``) are
@@ -33,7 +34,7 @@ from megatron_offload.testing.reference import (
 )
 from megatron_offload.testing.true_peak import TruePeakMeter, _storage_key
 
-VARIANTS = ("none", "fgao", "plugin", "bound")
+VARIANTS = ("none", "fgao", "plugin", "layers", "bound")
 
 
 def _static_tensors(chunks: list) -> list[torch.Tensor]:
@@ -183,12 +184,14 @@ def measure(case: TinyGPTCase | dict, variant: str, iterations: int = 4,
         static = _static_tensors(chunks)
         meter.exclude(static)
         static_keys = {_storage_key(t.untyped_storage()) for t in static}
-        if variant == "plugin":
+        if variant in ("plugin", "layers"):
             from megatron_offload.config import OffloadConfig
             from megatron_offload.integration.megatron_core import install, uninstall
 
             restore.append(_host_pool_counted(meter))
-            runtime = install(OffloadConfig(policy="full", min_offload_bytes=0, backend="cpu"))
+            runtime = install(OffloadConfig(
+                policy="full", min_offload_bytes=0, backend="cpu",
+                granularity="layer" if variant == "layers" else "unit"))
             restore.append(uninstall)
         records, times = [], []
         for it in range(iterations):
@@ -216,8 +219,11 @@ def measure(case: TinyGPTCase | dict, variant: str, iterations: int = 4,
             records.append(rec)
             _sgd_step(chunks, case.lr)
         stats = None
+        host_pool = []
         if runtime is not None and runtime.iteration_stats:
             stats = runtime.iteration_stats[measure_iteration].as_dict()
+            stats.pop("samples", None)
+            host_pool = [s.host_pool_bytes for s in runtime.iteration_stats]
         return {
             "rank": dist.get_rank(), "pp_rank": pp_rank, "dp_rank": dp_rank,
             "variant": variant, "iterations": records,
@@ -227,6 +233,7 @@ def measure(case: TinyGPTCase | dict, variant: str, iterations: int = 4,
             "ops": meter.ops, "boundary_samples": meter.samples,
             "iteration_s": sum(times) / max(len(times), 1),
             "offload_stats": stats,
+            "host_pool_bytes": host_pool,
         }
     except BaseException:
         release_parallel_state()
