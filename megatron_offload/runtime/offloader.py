@@ -325,7 +325,7 @@ class ActivationOffloader:
         self._enter(LayerOp(OpKind.BACKWARD, *key, layer))
         unit = self.store.units.get(key)
         if unit is not None and layer in unit.subunits:
-            self._make_resident(unit.subunits[layer])
+            self._make_resident(unit, unit.subunits[layer])
 
     def unit_for_output(self, output) -> UnitKey:
         """The unit whose forward returned ``output`` (Megatron's backward gets no microbatch)."""
@@ -343,7 +343,7 @@ class ActivationOffloader:
         self._enter(LayerOp(OpKind.BACKWARD, *key))
         unit = self.store.units.get(key)
         if unit is not None and None in unit.subunits:
-            self._make_resident(unit.subunits[None])
+            self._make_resident(unit, unit.subunits[None])
         if self.tracker is not None:
             self._sample(key, OpKind.BACKWARD, "before_backward")
         result = step()
@@ -489,7 +489,7 @@ class ActivationOffloader:
         sub.d2h = None
         sub.state = UnitState.RELOADING
 
-    def _make_resident(self, sub: SubUnit) -> None:
+    def _make_resident(self, unit: UnitActivations, sub: SubUnit) -> None:
         if sub.state is UnitState.OFFLOADED:
             raise ScheduleMismatchError(
                 f"{self.rank_label}sub-unit {sub.layer} is needed but the runtime list issued "
@@ -498,6 +498,11 @@ class ActivationOffloader:
             self.backend.order_compute_after(sub.h2d)
             sub.h2d = None
             sub.state = UnitState.RESIDENT
+            # Back for good: let autograd free each storage as soon as the last node saving
+            # it has run, not when the whole unit's backward ends.
+            for sid in sub.movable:
+                unit.location.pop(sid, None)
+            sub.forget_storages()
 
     def _drain(self) -> None:
         for transfer, _ in self._host_releases:

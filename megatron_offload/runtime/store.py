@@ -162,6 +162,12 @@ class SubUnit:
     h2d: object | None = None
 
 
+    def forget_storages(self) -> None:
+        """Drop the strong references (the bytes are back and no copy reads them)."""
+        self.movable.clear()
+        self.host.clear()
+
+
 @dataclass(slots=True, eq=False)
 class UnitActivations:
     key: UnitKey
