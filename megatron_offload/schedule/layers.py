@@ -541,26 +541,36 @@ def _forward_ends(ops: Sequence[LayerOp]) -> set[int]:
 
 
 def reload_distances_for_link(
-    ops: Sequence[LayerOp], profile: LayerProfile, link: LinkModel | None
+    ops: Sequence[LayerOp], profile: LayerProfile, link: LinkModel | None, *, timing=None,
+    drop_unhidden: bool = False,
 ) -> dict[SubUnit, int]:
     """Per offloaded sub-unit of one rank's expanded order, the smallest reload distance whose
     reload still ends before its first use: "as late as the link allows".
 
     ``ops``: an expansion with any distance (its O entries name the candidates; expand with
     distance 0 to offer every one). Compute entries run back to back with the profile's times
-    (no pipeline waits, no stalls); reloads run FIFO on the H2D lane in order of first use and are planned backwards from
-    the last: each ends by its first use and by the start of the next one. A reload that
-    cannot be hidden that way gets the largest legal distance (one compute entry after its O;
-    it stalls, and the simulator says by how much); one that waits for its own offload to end
-    stalls too. Synchronous copies (``link`` None: CPU backend) give 0 everywhere.
+    (no pipeline waits, no stalls). Offloads run FIFO on the D2H lane from their issue (the
+    end of the compute entry before them; the rest's after the epilogue). Reloads run FIFO on
+    the H2D lane in order of first use and are planned backwards from the last: each ends by
+    its first use and by the start of the next one, and starts after its own offload ended.
+    A reload that cannot be hidden gets the largest legal distance (one compute entry after
+    its O: it stalls, and the simulator says by how much), or with ``drop_unhidden`` a
+    distance that drops the sub-unit's copies altogether (one pass: the lanes are not
+    re-planned without them). Synchronous copies (``link`` None: CPU backend) give 0.
+
+    ``timing``: a ``layer_sim.LayerSimulation`` of the same rank's compute entries (e.g. of
+    ``ops`` with synchronous copies, from ``simulate_layer_schedule``): its compute times,
+    pipeline waits included, replace the back-to-back ones.
     """
     subs = [op.sub_unit for op in ops if op.kind is OpKind.OFFLOAD]
     if link is None:
         return {sub: 0 for sub in subs}
-    ends = _forward_ends(ops)
+    forward_ends = _forward_ends(ops)
     starts: list[float] = []  # start time of compute position p
+    finishes: list[float] = []  # end time of compute position p (plus a following epilogue)
     offload_after: dict[SubUnit, int] = {}
     first_use: dict[SubUnit, int] = {}
+    epilogue: dict[int, float] = {}  # compute position -> epilogue time after it
     t = 0.0
     for index, op in enumerate(ops):
         if op.kind in COMPUTE_KINDS:
@@ -568,12 +578,31 @@ def reload_distances_for_link(
                 first_use.setdefault(op.sub_unit, len(starts))
             starts.append(t)
             t += profile.duration(op)
+            finishes.append(t)
         elif op.kind is OpKind.OFFLOAD:
             offload_after[op.sub_unit] = len(starts)
-        if index in ends:
-            t += profile.epilogue_duration(op.chunk)
+        if index in forward_ends:
+            epilogue[len(starts) - 1] = profile.epilogue_duration(op.chunk)
+            t += epilogue[len(starts) - 1]
+    if timing is not None:
+        pairs = [(begin, end) for op, begin, end in zip(timing.ops, timing.start, timing.end) if op.is_compute]
+        if len(pairs) != len(starts):
+            raise ValueError(f"timing has {len(pairs)} compute entries, the order {len(starts)}: not the same rank's order")
+        starts = [begin for begin, _ in pairs]
+        finishes = [end for _, end in pairs]
+    # The D2H lane, FIFO in list order.
+    offload_end: dict[SubUnit, float] = {}
+    free = 0.0
+    for op in ops:
+        if op.kind is OpKind.OFFLOAD:
+            after = offload_after[op.sub_unit]
+            issue = finishes[after - 1] if after else 0.0
+            if op.layer is None:
+                issue += epilogue.get(after - 1, 0.0)
+            free = max(issue, free) + link.d2h_time(profile.sub_unit_bytes(op.chunk, op.layer))
+            offload_end[op.sub_unit] = free
     distances: dict[SubUnit, int] = {}
-    later_start = math.inf  # the ALAP start of the next reload on the lane
+    later_start = math.inf  # the ALAP start of the next reload on the H2D lane
     later_at = len(starts)
     for sub in sorted(subs, key=lambda s: first_use[s], reverse=True):
         use = first_use[sub]
@@ -581,10 +610,12 @@ def reload_distances_for_link(
         begin = finish - link.h2d_time(profile.sub_unit_bytes(sub[0], sub[2]))
         at = min(bisect.bisect_right(starts, begin) - 1, use, later_at)
         earliest = offload_after[sub] + 1  # the first point with a compute entry after the O
-        if at < earliest:
-            at = earliest  # cannot be hidden: as early as allowed (it stalls), or dropped if none
-        else:
-            later_at = at
+        if at < earliest or begin < offload_end[sub]:
+            if drop_unhidden:
+                distances[sub] = use + 1  # before the first entry: never after the O, dropped
+                continue
+            at = max(at, earliest)  # as early as allowed (it stalls), or dropped if none
+        later_at = min(later_at, at)
         later_start = min(later_start, begin)
         distances[sub] = max(0, use - at)
     return distances

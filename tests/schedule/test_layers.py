@@ -372,3 +372,23 @@ def test_never_imports_torch():
     code = ("import sys\nfrom megatron_offload.schedule import layers, layer_sim\n"
             "assert 'torch' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_drop_unhidden_with_pipeline_timing_never_stalls():
+    schedule = make_schedule("interleaved", 4, 2, 8)
+    sets = [stream_sets(ops) for ops in schedule.ranks]
+    streamed, offloaded = [s for s, _ in sets], [o for _, o in sets]
+    profile = LayerProfile.uniform(2, 4, 10.0, 5.0)
+    link = LinkModel(d2h_bytes_per_time=6.0)
+    candidates = expand_schedule(schedule, 4, streamed, offloaded)
+    timing = simulate_layer_schedule(candidates, profile)  # synchronous: the compute times only
+    results = {}
+    for drop in (False, True):
+        distances = [reload_distances_for_link(ops, profile, link, timing=timing.ranks[r], drop_unhidden=drop)
+                     for r, ops in enumerate(candidates.ranks)]
+        results[drop] = simulate_layer_schedule(expand_schedule(schedule, 4, streamed, offloaded, distances), profile, link)
+    assert sum(results[False].stall) > 0 and results[False].makespan > timing.makespan
+    assert results[True].stall == [0.0] * 4 and results[True].makespan == timing.makespan
+    assert sum(results[True].copies) < sum(results[False].copies)
+    with pytest.raises(ValueError, match="not the same rank"):
+        reload_distances_for_link(expand_rank(schedule.ranks[0], 3), LayerProfile.uniform(2, 3, 1.0), link, timing=timing.ranks[0])
