@@ -392,3 +392,61 @@ def test_drop_unhidden_with_pipeline_timing_never_stalls():
     assert sum(results[True].copies) < sum(results[False].copies)
     with pytest.raises(ValueError, match="not the same rank"):
         reload_distances_for_link(expand_rank(schedule.ranks[0], 3), LayerProfile.uniform(2, 3, 1.0), link, timing=timing.ranks[0])
+
+
+# ---- the CLI -----------------------------------------------------------------------------------
+
+
+def _cli_json(capsys, *argv):
+    import json
+
+    from megatron_offload.cli import main
+
+    assert main(["simulate", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_layer_granularity(capsys, tmp_path):
+    base = ["--pp", "4", "--vpp", "2", "--microbatches", "8", "--schedule", "interleaved", "--granularity", "layer",
+            "--layers-per-chunk", "4", "--json"]
+    plain = _cli_json(capsys, *base)
+    unit_keys = {"schedule", "pp", "vpp", "microbatches", "group_size", "makespan", "bubble_ratio", "peak_units",
+                 "offloaded_units_fraction", "slowdown_vs_no_offload"}
+    assert unit_keys <= set(plain) and {"granularity", "peak_bytes", "peak_units_equivalent", "copies", "stall"} <= set(plain)
+    assert plain["peak_units_equivalent"] == [11, 9, 7, 5] and plain["copies"] == [0] * 4 and plain["makespan"] == 57
+    assert plain["peak_bytes"] == [11 * 4 * 2**20, 9 * 4 * 2**20, 7 * 4 * 2**20, 5 * 4 * 2**20]
+    streamed = _cli_json(capsys, *base, "--offload-ratio", "0.8", "--save-schedule", str(tmp_path / "s.txt"),
+                         "--out", str(tmp_path / "t.svg"))
+    assert all(a < b for a, b in zip(streamed["peak_bytes"], plain["peak_bytes"]))
+    assert streamed["stall"] == [0.0] * 4 and streamed["slowdown_vs_no_offload"] == 0
+    assert min(streamed["copies"]) > 0 and (tmp_path / "t.svg").stat().st_size > 1000
+    saved = LayerSchedule.from_text((tmp_path / "s.txt").read_text())
+    assert copies_per_iteration(saved) == streamed["copies"]
+    # synchronous copies (k = 0) with a fixed distance
+    sync = _cli_json(capsys, *base, "--offload-chunks", "1", "--offload-ratio", "0", "--reload-distance", "1")
+    assert sync["synchronous_copies"] and all(a < b for a, b in zip(sync["peak_bytes"], plain["peak_bytes"]))
+
+
+def test_cli_layer_text_output(capsys):
+    from megatron_offload.cli import main
+
+    assert main(["simulate", "--pp", "2", "--microbatches", "4", "--schedule", "1f1b", "--granularity", "layer",
+                 "--layers-per-chunk", "2", "--offload-ratio", "0.5", "--width", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "units-equiv" in out and "d2h" in out and "rank 1" in out
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--granularity", "layer"], "--layers-per-chunk"),
+    (["--granularity", "layer", "--layers-per-chunk", "0"], "--layers-per-chunk"),
+    (["--layers-per-chunk", "2"], "--granularity"),
+    (["--granularity", "layer", "--layers-per-chunk", "2", "--layer-bytes", "-1"], "--layer-bytes"),
+    (["--granularity", "layer", "--layers-per-chunk", "2", "--reload-distance", "soon"], "--reload-distance"),
+])
+def test_cli_layer_bad_input(argv, flag, capsys):
+    from megatron_offload.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["simulate", "--pp", "2", "--microbatches", "4", "--schedule", "1f1b", *argv])
+    assert exit_.value.code == 2
+    assert flag in capsys.readouterr().err.split("error:")[1]
