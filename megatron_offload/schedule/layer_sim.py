@@ -120,8 +120,8 @@ def simulate_layer_schedule(schedule: LayerSchedule, profile: LayerProfile | Seq
     profiles = [profile] * schedule.pp if isinstance(profile, LayerProfile) else list(profile)
     if len(profiles) != schedule.pp:
         raise ValueError(f"{len(profiles)} profiles for {schedule.pp} ranks; give one, or one per rank")
-    for p in profiles:
-        p.check_layers(schedule.layers)
+    for rank, p in enumerate(profiles):
+        p.check_layers(schedule.layers_of_rank(rank))
     with gc_paused():
         sims = _run(list(schedule.ranks), profiles, link, deps=(schedule.pp, schedule.vpp),
                     p2p_latency=p2p_latency, ranks=list(range(schedule.pp)))

@@ -242,26 +242,41 @@ class LayerSchedule:
     ranks: tuple[tuple[LayerOp, ...], ...]
     vpp: int
     microbatches: int
-    layers: tuple[int, ...]
-    """L_c per model chunk (the same on every rank)."""
+    layers: tuple
+    """L_c per model chunk: one tuple for every rank, or one tuple per rank (uneven stages,
+    e.g. Megatron's --decoder-first-pipeline-num-layers)."""
     kind: str = "custom"
     group_size: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.ranks, tuple) or not all(isinstance(ops, tuple) for ops in self.ranks):
             object.__setattr__(self, "ranks", tuple(tuple(ops) for ops in self.ranks))
-        object.__setattr__(self, "layers", tuple(self.layers))
-        if len(self.layers) != self.vpp:
-            raise ValueError(f"layers per chunk {list(self.layers)} must have one entry per model chunk (vpp={self.vpp})")
+        per_rank = bool(self.layers) and not isinstance(self.layers[0], int)
+        layers = tuple(tuple(row) for row in self.layers) if per_rank else tuple(self.layers)
+        if per_rank and all(row == layers[0] for row in layers):
+            layers = layers[0]  # one shape: the compact form
+        object.__setattr__(self, "layers", layers)
+        for row in (layers if per_rank and isinstance(layers[0], tuple) else (layers,)):
+            if len(row) != self.vpp:
+                raise ValueError(f"layers per chunk {list(row)} must have one entry per model chunk (vpp={self.vpp})")
+        if self.layers and isinstance(self.layers[0], tuple) and len(self.layers) != self.pp:
+            raise ValueError(f"layers per rank has {len(self.layers)} rows for {self.pp} ranks")
 
     @property
     def pp(self) -> int:
         return len(self.ranks)
 
+    def layers_of_rank(self, rank: int) -> tuple[int, ...]:
+        return self.layers[rank] if self.layers and isinstance(self.layers[0], tuple) else self.layers
+
     def to_text(self) -> str:
+        if self.layers and isinstance(self.layers[0], tuple):
+            layers = ";".join(",".join(map(str, row)) for row in self.layers)
+        else:
+            layers = ",".join(map(str, self.layers))
         header = (
             f"# megatron-offload layer-schedule kind={self.kind} pp={self.pp} vpp={self.vpp} "
-            f"microbatches={self.microbatches} group_size={self.group_size} layers={','.join(map(str, self.layers))}"
+            f"microbatches={self.microbatches} group_size={self.group_size} layers={layers}"
         )
         return "\n".join([header, *(",".join(map(str, ops)) for ops in self.ranks)]) + "\n"
 
@@ -274,7 +289,8 @@ class LayerSchedule:
         meta = dict(item.split("=", 1) for item in header.split() if "=" in item)
         try:
             vpp, microbatches = int(meta["vpp"]), int(meta["microbatches"])
-            layers = tuple(int(x) for x in meta["layers"].split(","))
+            rows = [tuple(int(x) for x in row.split(",")) for row in meta["layers"].split(";")]
+            layers = rows[0] if len(rows) == 1 else tuple(rows)
         except (KeyError, ValueError) as error:
             raise ScheduleError(f"layer schedule header needs vpp=, microbatches=, layers=: {header!r}") from error
         group = meta.get("group_size", "None")
@@ -293,21 +309,27 @@ def _per_rank(value, rank: int, pp: int, name: str):
 
 def expand_schedule(
     schedule: Schedule,
-    layers_per_chunk: int | Sequence[int],
+    layers_per_chunk: int | Sequence[int] | Sequence[Sequence[int]],
     streamed_per_rank: Sequence[Iterable[Unit]],
     offloaded_per_rank: Sequence[Iterable[Unit]],
     reload_distance: Distance | Sequence[Distance] = 0,
 ) -> LayerSchedule:
-    """:func:`expand_rank` on every rank of ``schedule``; ``reload_distance`` is one value
-    for all ranks (int, mapping or callable of the sub-unit) or a sequence of one per rank."""
+    """:func:`expand_rank` on every rank of ``schedule``. ``layers_per_chunk``: one number,
+    one per model chunk, or one sequence per rank (uneven stages); ``reload_distance``: one
+    value for all ranks (int, mapping or callable of the sub-unit) or a sequence of one per rank."""
     pp = schedule.pp
     if len(streamed_per_rank) != pp or len(offloaded_per_rank) != pp:
         raise ValueError(f"streamed/offloaded sets need one entry per rank ({pp})")
-    layers = tuple(layers_of(layers_per_chunk, c) for c in range(schedule.vpp))
+    if not isinstance(layers_per_chunk, int) and layers_per_chunk and not isinstance(layers_per_chunk[0], int):
+        if len(layers_per_chunk) != pp:
+            raise ValueError(f"layers per chunk has {len(layers_per_chunk)} rows for {pp} ranks; give one per rank")
+        layers = tuple(tuple(layers_of(row, c) for c in range(schedule.vpp)) for row in layers_per_chunk)
+    else:
+        layers = (tuple(layers_of(layers_per_chunk, c) for c in range(schedule.vpp)),) * pp
     ranks = tuple(
         tuple(
             expand_rank(
-                ops, layers, streamed=streamed_per_rank[r], offloaded=offloaded_per_rank[r],
+                ops, layers[r], streamed=streamed_per_rank[r], offloaded=offloaded_per_rank[r],
                 reload_distance=_per_rank(reload_distance, r, pp, "reload distance"),
             )
         )
@@ -460,7 +482,7 @@ class LayerProfile:
         return self._get("epilogue_time", chunk)
 
     def check_layers(self, layers: Sequence[int]) -> None:
-        if tuple(layers) != self.layers[: len(layers)] or len(self.layers) < len(layers):
+        if tuple(layers) != self.layers:
             raise ValueError(f"the profile has {list(self.layers)} layers per chunk, the schedule {list(layers)}")
 
 

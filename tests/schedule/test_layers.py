@@ -450,3 +450,19 @@ def test_cli_layer_bad_input(argv, flag, capsys):
         main(["simulate", "--pp", "2", "--microbatches", "4", "--schedule", "1f1b", *argv])
     assert exit_.value.code == 2
     assert flag in capsys.readouterr().err.split("error:")[1]
+
+
+def test_uneven_stages_per_rank_layers():
+    schedule = _1f1b_p2_m2()
+    sets = [stream_sets(ops) for ops in schedule.ranks]
+    expanded = expand_schedule(schedule, [[3], [1]], [s for s, _ in sets], [o for _, o in sets])
+    assert expanded.layers == ((3,), (1,)) and expanded.layers_of_rank(1) == (1,)
+    assert LayerSchedule.from_text(expanded.to_text()) == expanded and "layers=3;1" in expanded.to_text()
+    # rank 1 has one layer: its zero-lifespan units copy nothing
+    assert copies_per_iteration(expanded) == [8, 0]
+    profiles = [LayerProfile.uniform(1, 3, 1.0), LayerProfile.uniform(1, 1, 1.0)]
+    sim = simulate_layer_schedule(expanded, profiles)
+    assert sim.peak_bytes == [1.0, 1.0]
+    with pytest.raises(ValueError, match="layers per chunk"):
+        simulate_layer_schedule(expanded, profiles[::-1])
+    assert expand_schedule(schedule, [[2], [2]], [set()] * 2, [set()] * 2).layers == (2,)
