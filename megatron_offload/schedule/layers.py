@@ -344,6 +344,19 @@ def copies_per_iteration(expanded: LayerSchedule | Sequence[Sequence[LayerOp]]) 
     return [sum(1 for op in ops if op.kind is OpKind.OFFLOAD) for ops in ranks]
 
 
+def diff_rank_ops(expected: Sequence[LayerOp], actual: Sequence, context: int = 4) -> str:
+    """'' when ``actual`` (LayerOps or their text) is ``expected`` op for op, else where they
+    first differ with a few entries of context: for checking the runtime's issued copies."""
+    actual = [LayerOp.parse(x) if isinstance(x, str) else x for x in actual]
+    if list(expected) == actual:
+        return ""
+    step = next((i for i, (x, y) in enumerate(zip(expected, actual)) if x != y), min(len(expected), len(actual)))
+    lo = max(0, step - context)
+    show = lambda ops: " ".join(map(str, ops[lo : step + context + 1]))  # noqa: E731
+    return (f"first difference at entry {step} ({len(expected)} expected, {len(actual)} issued)\n"
+            f"  expected: {show(list(expected))}\n  issued:   {show(actual)}")
+
+
 def check_rank(ops: Sequence[LayerOp]) -> None:
     """Raise ScheduleError unless every O has its R after it with a compute entry between
     them and before the sub-unit's first use, and nothing is copied twice."""

@@ -14,9 +14,13 @@ from megatron_offload.schedule.layers import (
     LayerSchedule,
     LinkModel,
     check_rank,
+    EPILOGUE,
+    _forward_ends,
     copies_per_iteration,
+    diff_rank_ops,
     expand_rank,
     expand_schedule,
+    memory_effect,
     reload_distances_for_link,
     stream_sets,
     unit_lifespans,
@@ -246,6 +250,47 @@ def test_expansion_properties(case):
         assert sim.level_after[-1] == pytest.approx(0.0) and min(sim.level_after) >= -1e-9
         plain = simulate_layers(expand_rank(schedule.ranks[rank], layers), profile)
         assert sim.peak_bytes <= plain.peak_bytes + 1e-9
+        # the event engine against a plain walk of the memory rule, with random transients
+        rng = random.Random(seed + rank)
+        rough = LayerProfile(
+            rest_bytes=[rng.randint(0, 9) for _ in layers], layer_bytes=[[rng.randint(0, 9) for _ in range(n)] for n in layers],
+            forward_peak=[[rng.randint(0, 19) for _ in range(n)] for n in layers],
+            backward_peak=[[rng.randint(0, 19) for _ in range(n)] for n in layers],
+            prologue_peak=[rng.randint(0, 9) for _ in layers], epilogue_peak=[rng.randint(0, 9) for _ in layers],
+            backward_rest_peak=[rng.randint(0, 9) for _ in layers], base_bytes=rng.randint(0, 5),
+            forward_time=[[rng.choice([0.0, 1.0]) for _ in range(n)] for n in layers],
+        )
+        walked = _walk(ops, rough)
+        engine = simulate_layers(ops, rough)
+        assert engine.peak_bytes == walked[0] and engine.level_after == walked[1]
+
+
+def _walk(ops, profile):
+    """The synchronous memory rule as a plain walk: (peak, level after each entry)."""
+    level = peak = profile.base_bytes
+    after = []
+    ends = _forward_ends(ops)
+    for index, op in enumerate(ops):
+        transient, change = memory_effect(op.kind, op.chunk, op.layer, profile)
+        peak = max(peak, level + transient)
+        level += change
+        peak = max(peak, level)
+        if index in ends:
+            transient, change = memory_effect(EPILOGUE, op.chunk, None, profile)
+            peak = max(peak, level + transient)
+            level += change
+            peak = max(peak, level)
+        after.append(level)
+    return peak, after
+
+
+def test_diff_rank_ops():
+    rank = _1f1b_p2_m2().ranks[1]
+    ops = expand_rank(rank, 2, streamed={(0, 0)})
+    assert diff_rank_ops(ops, [str(op) for op in ops]) == ""
+    issued = [str(op) for op in ops if str(op) != "0R0.0"]
+    message = diff_rank_ops(ops, issued)
+    assert "first difference at entry 6" in message and "0R0.0" in message
 
 
 # ---- bytes on hand-computed profiles ----------------------------------------------------------
@@ -466,3 +511,27 @@ def test_uneven_stages_per_rank_layers():
     with pytest.raises(ValueError, match="layers per chunk"):
         simulate_layer_schedule(expanded, profiles[::-1])
     assert expand_schedule(schedule, [[2], [2]], [set()] * 2, [set()] * 2).layers == (2,)
+
+
+@SETTINGS
+@given(layer_cases(), st.sampled_from([0.5, 1.0, 3.0, 8.0, 64.0]))
+def test_link_distances_never_stall_a_rank_run_alone_when_unhidden_copies_are_dropped(case, bandwidth):
+    schedule, layers, seed, _ = case
+    rng = random.Random(seed)
+    link = LinkModel(d2h_bytes_per_time=bandwidth, h2d_bytes_per_time=bandwidth * rng.choice([0.5, 1.0, 2.0]))
+    profile = LayerProfile(
+        rest_bytes=[rng.randint(0, 4) for _ in layers], layer_bytes=[[rng.randint(1, 8) for _ in range(n)] for n in layers],
+        forward_time=[[rng.choice([0.5, 1.0]) for _ in range(n)] for n in layers],
+        backward_time=[[rng.choice([1.0, 2.0]) for _ in range(n)] for n in layers],
+        epilogue_time=[rng.choice([0.0, 0.5]) for _ in layers], backward_rest_time=[rng.choice([0.0, 0.5]) for _ in layers],
+    )
+    for ops in schedule.ranks:
+        streamed, offloaded = stream_sets(ops)
+        candidates = expand_rank(ops, layers, streamed=streamed, offloaded=offloaded)
+        distances = reload_distances_for_link(candidates, profile, link, drop_unhidden=True)
+        placed = expand_rank(ops, layers, streamed=streamed, offloaded=offloaded, reload_distance=distances)
+        sim = simulate_layers(placed, profile, link)
+        assert sim.stall <= 1e-9 * max(sim.finish, 1.0)
+        # the compute timeline is that of the run without copies
+        plain = simulate_layers(expand_rank(ops, layers), profile)
+        assert sim.finish == pytest.approx(plain.finish)
