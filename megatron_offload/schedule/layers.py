@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import operator
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -104,9 +105,13 @@ def _distance_of(reload_distance: Distance) -> Callable[[SubUnit], int]:
     if isinstance(reload_distance, Mapping):
         table = reload_distance
         return lambda sub: table.get(sub, 0)
-    if not isinstance(reload_distance, int) or reload_distance < 0:
+    try:
+        distance = operator.index(reload_distance)
+    except TypeError:
+        distance = -1
+    if distance < 0:
         raise ValueError(f"reload distance {reload_distance!r} must be an integer >= 0 (compute entries)")
-    return lambda sub: reload_distance
+    return lambda sub: distance
 
 
 def expand_rank(
@@ -136,6 +141,8 @@ def expand_rank(
     streamed_set = set(streamed) | set(offloaded)
     offloaded_set = set(offloaded)
     compute = [op for op in ops if op.kind in COMPUTE_KINDS]
+    if any(getattr(op, "layer", None) is not None for op in compute):
+        raise ValueError("expand_rank takes a unit-level order (Op or LayerOp without a layer), not an expanded one")
     seen_f: set[Unit] = set()
     seen_b: set[Unit] = set()
     for op in compute:
@@ -188,8 +195,12 @@ def expand_rank(
     for sub, after in offload_after.items():
         use = first_use[sub]
         distance = distance_of(sub)
-        if not isinstance(distance, int) or distance < 0:
-            raise ValueError(f"reload distance {distance!r} of sub-unit {sub_unit_text(sub)} must be an integer >= 0")
+        try:
+            distance = operator.index(distance)  # ints, numpy integers
+        except TypeError:
+            distance = -1
+        if distance < 0:
+            raise ValueError(f"reload distance {distance_of(sub)!r} of sub-unit {sub_unit_text(sub)} must be an integer >= 0")
         at = use - distance
         if at <= after:  # not strictly after the O with a compute entry in between
             continue

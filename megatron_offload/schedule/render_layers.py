@@ -24,6 +24,20 @@ def format_bytes(value: float) -> str:
     return f"{value:g} B"
 
 
+_DENSE = 3000
+"""Entries per rank above which bars that abut are merged and copies drawn without hatching."""
+
+
+def _merge(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for begin, width in sorted(spans):
+        if merged and begin <= merged[-1][0] + merged[-1][1] + 1e-12:
+            merged[-1][1] = max(merged[-1][1], begin + width - merged[-1][0])
+        else:
+            merged.append([begin, width])
+    return [(begin, width) for begin, width in merged]
+
+
 def _ranks(sim) -> list[LayerSimulation]:
     return [sim] if isinstance(sim, LayerSimulation) else list(sim.ranks)
 
@@ -116,7 +130,10 @@ def render_layer_figure(sim: LayerSimulation | LayerScheduleSimulation, path: st
         for _chunk, _mb, begin, end in rank.epilogues:
             if end > begin:
                 bars.setdefault(("rest", -1), []).append((begin, end - begin))
+        dense = len(rank.ops) > _DENSE
         for (what, chunk), spans in bars.items():
+            if dense:  # thousands of entries: draw abutting bars of one kind as one (fast; same picture)
+                spans = _merge(spans)
             if what == "rest":
                 timeline.broken_barh(spans, (base - 0.4, 0.8), facecolors="0.6", edgecolor="white", linewidth=0.2)
                 continue
@@ -126,8 +143,9 @@ def render_layer_figure(sim: LayerSimulation | LayerScheduleSimulation, path: st
                                      edgecolor="white", linewidth=0.2)
             else:
                 y = base + (1 if what == "d2h" else 2)
+                hatch = None if dense else "////" if what == "d2h" else "\\\\\\\\"
                 timeline.broken_barh(spans, (y - 0.35, 0.7), facecolors=color, alpha=0.7, edgecolor=color, linewidth=0.3,
-                                     hatch="////" if what == "d2h" else "\\\\\\\\")
+                                     hatch=hatch)
         if position:
             timeline.axhline(base - 0.5, color="grey", linewidth=0.4, alpha=0.5)
     timeline.set_yticks(ticks, labels, fontsize=8)
@@ -159,7 +177,7 @@ def render_layer_figure(sim: LayerSimulation | LayerScheduleSimulation, path: st
         memory.step(times, level + level[-1:], where="post", color=color, linewidth=1.3, label=label)
         memory.step(times, live + live[-1:], where="post", color=color, linewidth=0.5, alpha=0.6)
         memory.axhline(rank.peak_bytes / scale, color=color, linewidth=0.6, linestyle="--", alpha=0.7)
-    memory.set_ylabel(f"activation {unit}")
+    memory.set_ylabel(f"activation {unit} (thin: with transients)")
     memory.set_xlabel("time")
     memory.set_ylim(bottom=0)
     memory.grid(alpha=0.3)
