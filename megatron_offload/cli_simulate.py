@@ -148,8 +148,8 @@ def run(args) -> int:
 
 def _run_layers(args, schedule, group, costs, chunks) -> int:
     """--granularity layer: expand, place reloads, simulate in bytes, report."""
-    from .schedule.layer_sim import simulate_layer_schedule
-    from .schedule.layers import LayerProfile, LinkModel, expand_schedule, reload_distances_for_link, stream_sets
+    from .schedule.layer_sim import plan_layer_streaming
+    from .schedule.layers import LayerProfile, LinkModel
     from .schedule.render_layers import format_bytes
 
     layers = args.layers_per_chunk
@@ -164,19 +164,10 @@ def _run_layers(args, schedule, group, costs, chunks) -> int:
         # k = (D2H + H2D of a unit) / (F + B of a unit), split evenly between the directions
         bandwidth = unit_bytes / (costs.offload_ratio * (args.forward_time + args.backward_time) * costs.offload_share)
         link = LinkModel(d2h_bytes_per_time=bandwidth, shared=args.shared_link)
-    sets = [stream_sets(ops, chunks) if chunks else (set(), set()) for ops in schedule.ranks]
-    streamed, offloaded = [s for s, _ in sets], [o for _, o in sets]
-    candidates = expand_schedule(schedule, layers, streamed, offloaded, 0)
-    plain = simulate_layer_schedule(expand_schedule(schedule, layers, [set()] * schedule.pp, [set()] * schedule.pp),
-                                    profile, p2p_latency=args.p2p_latency)
-    if args.reload_distance == "auto":
-        timing = simulate_layer_schedule(candidates, profile, p2p_latency=args.p2p_latency)
-        distances = [reload_distances_for_link(ops, profile, link, timing=timing.ranks[r], drop_unhidden=True)
-                     for r, ops in enumerate(candidates.ranks)]
-    else:
-        distances = int(args.reload_distance)
-    expanded = expand_schedule(schedule, layers, streamed, offloaded, distances)
-    result = simulate_layer_schedule(expanded, profile, link, p2p_latency=args.p2p_latency)
+    distance = args.reload_distance if args.reload_distance == "auto" else int(args.reload_distance)
+    plan = plan_layer_streaming(schedule, layers, profile, link, chunks=chunks or 0, reload_distance=distance,
+                                p2p_latency=args.p2p_latency)
+    expanded, result, plain = plan.expanded, plan.simulation, plan.baseline
     if args.save_schedule:
         with open(args.save_schedule, "w", encoding="utf-8") as handle:
             handle.write(expanded.to_text())

@@ -311,6 +311,65 @@ def _run(rank_ops: list[tuple[LayerOp, ...]], profiles: list[LayerProfile], link
     return results
 
 
+@dataclass(kw_only=True, slots=True)
+class LayerPlan:
+    """Layer streaming for a whole schedule, scored: what :func:`plan_layer_streaming` returns."""
+
+    expanded: LayerSchedule
+    """The layer-level orders with their copies: what the runtime issues, op for op."""
+    simulation: LayerScheduleSimulation
+    baseline: LayerScheduleSimulation
+    """The same compute entries without any copy (peak bytes and makespan without offload)."""
+    streamed: list[set]
+    offloaded: list[set]
+    distances: list
+    """Per rank, the reload distance used (a number, or a mapping sub-unit -> distance)."""
+
+    @property
+    def slowdown(self) -> float:
+        base = self.baseline.makespan
+        return self.simulation.makespan / base - 1.0 if base else 0.0
+
+
+def plan_layer_streaming(schedule, layers_per_chunk, profile: LayerProfile | Sequence[LayerProfile],
+                         link: LinkModel | None = None, *, chunks: int | None = None, reload_distance="auto",
+                         drop_unhidden: bool = True, p2p_latency: float = 0.0,
+                         streamed: Sequence | None = None, offloaded: Sequence | None = None) -> LayerPlan:
+    """Expand ``schedule`` (unit-level :class:`.ir.Schedule`) with layer streaming, place the
+    reloads and simulate it in bytes.
+
+    Units: ``streamed``/``offloaded`` per rank, or by the rule of :func:`.layers.stream_sets`
+    (units of chunks < ``chunks`` stream, those with a lifespan leave entirely; ``chunks``
+    None = every chunk, 0 = none). ``reload_distance``: ``"auto"`` = as late as ``link``
+    allows, timed on the run without copies (pipeline waits included), skipping copies the
+    link cannot hide when ``drop_unhidden``; or what :func:`.layers.expand_schedule` takes."""
+    from .layers import expand_schedule, reload_distances_for_link, stream_sets
+
+    pp = schedule.pp
+    if streamed is None or offloaded is None:
+        sets = [stream_sets(ops, chunks) if chunks != 0 else (set(), set()) for ops in schedule.ranks]
+        streamed = [s for s, _ in sets] if streamed is None else streamed
+        offloaded = [o for _, o in sets] if offloaded is None else offloaded
+    streamed, offloaded = [set(s) for s in streamed], [set(o) for o in offloaded]
+    nothing = [set()] * pp
+    baseline = simulate_layer_schedule(expand_schedule(schedule, layers_per_chunk, nothing, nothing), profile,
+                                       p2p_latency=p2p_latency)
+    if isinstance(reload_distance, str):
+        if reload_distance != "auto":
+            raise ValueError(f"reload distance {reload_distance!r}: give 'auto' or a number of compute entries")
+        candidates = expand_schedule(schedule, layers_per_chunk, streamed, offloaded, 0)
+        timing = simulate_layer_schedule(candidates, profile, p2p_latency=p2p_latency)
+        profiles = [profile] * pp if isinstance(profile, LayerProfile) else list(profile)
+        distances = [reload_distances_for_link(ops, profiles[r], link, timing=timing.ranks[r], drop_unhidden=drop_unhidden)
+                     for r, ops in enumerate(candidates.ranks)]
+    else:
+        distances = reload_distance if isinstance(reload_distance, (list, tuple)) else [reload_distance] * pp
+    expanded = expand_schedule(schedule, layers_per_chunk, streamed, offloaded, list(distances))
+    simulation = simulate_layer_schedule(expanded, profile, link, p2p_latency=p2p_latency)
+    return LayerPlan(expanded=expanded, simulation=simulation, baseline=baseline, streamed=streamed,
+                     offloaded=offloaded, distances=list(distances))
+
+
 def unit_equivalents(sim: LayerSimulation | LayerScheduleSimulation, profile: LayerProfile, chunk: int = 0):
     """Peak bytes divided by one whole unit's bytes of ``chunk`` (to compare with unit peaks)."""
     unit = profile.unit_bytes(chunk) or 1.0
@@ -319,4 +378,5 @@ def unit_equivalents(sim: LayerSimulation | LayerScheduleSimulation, profile: La
     return [r.peak_bytes / unit for r in sim.ranks]
 
 
-__all__ = ["LayerSimulation", "LayerScheduleSimulation", "simulate_layers", "simulate_layer_schedule", "unit_equivalents"]
+__all__ = ["LayerPlan", "LayerSimulation", "LayerScheduleSimulation", "plan_layer_streaming", "simulate_layers",
+           "simulate_layer_schedule", "unit_equivalents"]

@@ -535,3 +535,23 @@ def test_link_distances_never_stall_a_rank_run_alone_when_unhidden_copies_are_dr
         # the compute timeline is that of the run without copies
         plain = simulate_layers(expand_rank(ops, layers), profile)
         assert sim.finish == pytest.approx(plain.finish)
+
+
+def test_plan_layer_streaming():
+    from megatron_offload.schedule.layer_sim import plan_layer_streaming
+
+    schedule = make_schedule("gis", 4, 2, 8, 4)
+    profile = LayerProfile.uniform(2, 3, 8.0, 2.0)
+    plan = plan_layer_streaming(schedule, 3, profile, LinkModel(d2h_bytes_per_time=16.0))
+    assert plan.baseline.copies == [0] * 4 and min(plan.simulation.copies) > 0
+    assert plan.simulation.stall == [0.0] * 4 and plan.slowdown == 0
+    assert all(a < b for a, b in zip(plan.simulation.peak_bytes, plan.baseline.peak_bytes))
+    # the same orders from the parts
+    again = expand_schedule(schedule, 3, plan.streamed, plan.offloaded, plan.distances)
+    assert again == plan.expanded
+    # chunks=0: nothing moves; chunk 0 only: only chunk-0 units move
+    assert plan_layer_streaming(schedule, 3, profile, chunks=0).simulation.copies == [0] * 4
+    only0 = plan_layer_streaming(schedule, 3, profile, chunks=1, reload_distance=1)
+    assert {op.chunk for ops in only0.expanded.ranks for op in ops if op.kind is OpKind.OFFLOAD} == {0}
+    with pytest.raises(ValueError, match="auto"):
+        plan_layer_streaming(schedule, 3, profile, reload_distance="late")
