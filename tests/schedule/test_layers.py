@@ -555,3 +555,19 @@ def test_plan_layer_streaming():
     assert {op.chunk for ops in only0.expanded.ranks for op in ops if op.kind is OpKind.OFFLOAD} == {0}
     with pytest.raises(ValueError, match="auto"):
         plan_layer_streaming(schedule, 3, profile, reload_distance="late")
+
+
+def test_pictures(tmp_path):
+    from megatron_offload.schedule.layer_sim import plan_layer_streaming
+    from megatron_offload.schedule.render_layers import render_layer_figure, render_layers_ascii
+
+    plan = plan_layer_streaming(make_schedule("1f1b", 2, 1, 3), 2, LayerProfile.uniform(1, 2, 4.0, 1.0),
+                                LinkModel(d2h_bytes_per_time=4.0))
+    text = render_layers_ascii(plan.simulation, width=60)
+    assert text.count("rank ") == 2 and ">" in text and "<" in text and "a" in text and "A" in text
+    assert render_layers_ascii(plan.simulation.ranks[1], width=30).startswith("rank 1")
+    render_layer_figure(plan.simulation, str(tmp_path / "all.png"))
+    render_layer_figure(plan.simulation, str(tmp_path / "one.svg"), ranks=[1], title="rank 1")
+    assert (tmp_path / "all.png").read_bytes()[:4] == b"\x89PNG" and b"<svg" in (tmp_path / "one.svg").read_bytes()[:500]
+    with pytest.raises(ValueError, match="not in this simulation"):
+        render_layer_figure(plan.simulation, str(tmp_path / "x.png"), ranks=[5])
