@@ -14,10 +14,12 @@ place in the list (the clock = end of the previous compute):
 
 - no link (``link`` None, the CPU backend): copies are synchronous and instantaneous; an O
   frees its bytes at once, an R adds them at once;
-- with a :class:`.layers.LinkModel`: an O runs on the D2H lane (FIFO; shared by ranks 2i and
-  2i+1 when ``link.shared``) from its issue and frees its bytes when it completes; an R runs
-  on the H2D lane from max(issue, lane free, end of its own O) and adds its bytes when it
-  starts.
+- with a :class:`.layers.LinkModel`: an O runs on the D2H lane from its issue and frees its
+  bytes when it completes; an R runs on the H2D lane from max(issue, lane free, end of its own
+  O) and adds its bytes when it starts. Each rank's copies of one direction run in issue order
+  (one stream). With ``link.shared`` ranks 2i and 2i+1 share the lanes: a copy takes the
+  earliest gap after it is ready (as in simulate.py, an approximation of two streams
+  contending for one link).
 
 Memory: the level starts at ``profile.base_bytes``; a compute entry's candidate peak is the
 level plus its transient, at its start and whenever a copy adds bytes while it runs (copies
@@ -179,6 +181,7 @@ def _run(rank_ops: list[tuple[LayerOp, ...]], profiles: list[LayerProfile], link
     epilogues: list[list] = [[] for _ in range(count)]
     offload_end: list[dict] = [{} for _ in range(count)]
     reload_end: list[dict] = [{} for _ in range(count)]
+    own_d2h, own_h2d = [0.0] * count, [0.0] * count
     sync = link is None
     pending = list(range(count))
     while pending:
@@ -224,7 +227,8 @@ def _run(rank_ops: list[tuple[LayerOp, ...]], profiles: list[LayerProfile], link
                     my_start[step] = my_end[step] = t
                     ev.append((t, 1, n, _DELTA, change, step))
                 else:
-                    begin = d2h[lane_ids[me]].place(t, duration)
+                    begin = d2h[lane_ids[me]].place(max(t, own_d2h[me]), duration)
+                    own_d2h[me] = begin + duration  # one stream per rank and direction: its copies in order
                     my_start[step], my_end[step] = begin, begin + duration
                     ev.append((begin + duration, 0, n, _DELTA, change, step))
                 ev.append((t, 1, n + 1, _MARK, 0.0, step))
@@ -236,7 +240,8 @@ def _run(rank_ops: list[tuple[LayerOp, ...]], profiles: list[LayerProfile], link
                     begin = t
                 else:
                     ready = max(t, offload_end[me][(chunk, mb, layer)])
-                    begin = h2d[lane_ids[me]].place(ready, duration)
+                    begin = h2d[lane_ids[me]].place(max(ready, own_h2d[me]), duration)
+                    own_h2d[me] = begin + duration
                 my_start[step], my_end[step] = begin, begin + duration
                 ev.append((begin, 1 if begin == t else 0, n, _DELTA, change, step))
                 ev.append((t, 1, n + 1, _MARK, 0.0, step))

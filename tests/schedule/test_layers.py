@@ -398,6 +398,14 @@ def test_d2h_and_h2d_lanes_are_fifo_and_shared_lanes_slow_down():
             spans = sorted((sim.start[i], sim.end[i]) for i, op in enumerate(sim.ops) if op.kind is kind)
             assert all(a[1] <= b[0] + 1e-9 for a, b in zip(spans, spans[1:]))  # never two at once
     assert shared.makespan >= own.makespan and sum(shared.stall) >= sum(own.stall)
+    for kind in (OpKind.OFFLOAD, OpKind.RELOAD):
+        # ranks 0 and 1 share one lane per direction: never two copies at once
+        spans = sorted((sim.start[i], sim.end[i]) for sim in shared.ranks for i, op in enumerate(sim.ops) if op.kind is kind)
+        assert all(a[1] <= b[0] + 1e-9 for a, b in zip(spans, spans[1:]))
+        # and each rank's copies run in the order it issued them (one stream)
+        for sim in shared.ranks:
+            starts = [sim.start[i] for i, op in enumerate(sim.ops) if op.kind is kind]
+            assert starts == sorted(starts)
 
 
 def test_pipeline_waits_make_the_makespan_of_the_unit_simulator():
