@@ -153,7 +153,10 @@ def _run(rank_ops: list[tuple[LayerOp, ...]], profiles: list[LayerProfile], link
         ends = _forward_ends(ops)
         table = []
         for index, op in enumerate(ops):
-            transient, change = memory_effect(op.kind, op.chunk, op.layer, profile)
+            try:
+                transient, change = memory_effect(op.kind, op.chunk, op.layer, profile)
+            except IndexError:
+                raise ValueError(f"entry {index} ({op}) is outside the profile's layers per chunk {list(profile.layers)}") from None
             duration = profile.duration(op) if op.is_compute else 0.0
             if link is not None and not op.is_compute:
                 nbytes = profile.sub_unit_bytes(op.chunk, op.layer)

@@ -579,3 +579,13 @@ def test_pictures(tmp_path):
     assert (tmp_path / "all.png").read_bytes()[:4] == b"\x89PNG" and b"<svg" in (tmp_path / "one.svg").read_bytes()[:500]
     with pytest.raises(ValueError, match="not in this simulation"):
         render_layer_figure(plan.simulation, str(tmp_path / "x.png"), ranks=[5])
+
+
+def test_profile_must_cover_the_entries():
+    ops = expand_rank(_1f1b_p2_m2().ranks[0], 3)
+    with pytest.raises(ValueError, match="outside the profile"):
+        simulate_layers(ops, LayerProfile.uniform(1, 2, 1.0))
+    with pytest.raises(ValueError, match="shape of layer_bytes"):
+        LayerProfile(rest_bytes=(0,), layer_bytes=((1, 1),), forward_peak=((1,),))
+    with pytest.raises(ValueError, match="one per model chunk"):
+        LayerProfile(rest_bytes=(0, 0), layer_bytes=((1, 1),))
