@@ -589,3 +589,22 @@ def test_profile_must_cover_the_entries():
         LayerProfile(rest_bytes=(0,), layer_bytes=((1, 1),), forward_peak=((1,),))
     with pytest.raises(ValueError, match="one per model chunk"):
         LayerProfile(rest_bytes=(0, 0), layer_bytes=((1, 1),))
+
+
+@SETTINGS
+@given(layer_cases(), st.sampled_from([None, 2.0, 16.0]), st.booleans(), st.sampled_from([0.0, 0.25]))
+def test_whole_schedule_runs_with_any_link(case, bandwidth, shared, latency):
+    schedule, layers, seed, distance = case
+    streamed, offloaded = _random_sets(schedule, seed)
+    expanded = expand_schedule(schedule, layers, streamed, offloaded, 0 if distance == "random" else distance)
+    profile = LayerProfile.uniform(schedule.vpp, layers, 4.0, 1.0, epilogue_time=(0.5,) * schedule.vpp)
+    link = None if bandwidth is None else LinkModel(d2h_bytes_per_time=bandwidth, shared=shared)
+    sim = simulate_layer_schedule(expanded, profile, link, p2p_latency=latency)
+    base = simulate_layer_schedule(expand_schedule(schedule, layers, [set()] * schedule.pp, [set()] * schedule.pp),
+                                   profile, p2p_latency=latency)
+    assert sim.makespan >= base.makespan - 1e-9
+    for rank, (run, plain) in enumerate(zip(sim.ranks, base.ranks)):
+        assert run.level_after[-1] == pytest.approx(0.0) and run.curve[-1][1] == pytest.approx(0.0)
+        assert run.stall >= 0 and run.copies == copies_per_iteration(expanded)[rank]
+        if link is None:
+            assert run.peak_bytes <= plain.peak_bytes + 1e-9 and run.finish == pytest.approx(plain.finish)
