@@ -368,9 +368,11 @@ def diff_rank_ops(expected: Sequence[LayerOp], actual: Sequence, context: int = 
             f"  expected: {show(list(expected))}\n  issued:   {show(actual)}")
 
 
-def check_rank(ops: Sequence[LayerOp]) -> None:
+def check_rank(ops: Sequence[LayerOp], *, strict: bool = True) -> None:
     """Raise ScheduleError unless every O has its R after it with a compute entry between
-    them and before the sub-unit's first use, and nothing is copied twice."""
+    them (``strict``: the rule of :func:`expand_rank`; the simulator also runs orders without
+    it, e.g. :func:`unit_ops_to_layer_ops`) and before the sub-unit's first use, and nothing
+    is copied twice."""
     offload_at: dict[SubUnit, tuple[int, int]] = {}
     reload_at: dict[SubUnit, tuple[int, int]] = {}
     computes = 0
@@ -383,7 +385,7 @@ def check_rank(ops: Sequence[LayerOp]) -> None:
         elif op.kind is OpKind.RELOAD:
             if sub not in offload_at or sub in reload_at:
                 raise ScheduleError(f"step {index}: {op} without an offload before it (or twice)")
-            if offload_at[sub][1] == computes:
+            if strict and offload_at[sub][1] == computes:
                 raise ScheduleError(f"step {index}: {op} follows its offload with no compute entry in between")
             reload_at[sub] = (index, computes)
         elif op.kind is OpKind.BACKWARD:
@@ -576,14 +578,41 @@ class LinkModel:
         return rank // 2 if self.shared else rank
 
 
-def _forward_ends(ops: Sequence[LayerOp]) -> set[int]:
-    """Indices of the entries after which each unit's epilogue runs: its last F(c,m,l) or
-    O(c,m,l) (the forward's last layer entry and the layer copies issued with it)."""
-    last: dict[Unit, int] = {}
+def forward_ends(ops: Sequence[LayerOp]) -> set[int]:
+    """Indices of the entries after which each unit's epilogue runs (forward_step's end): the
+    unit's last layer forward F(c,m,L-1), or the O of that layer when it directly follows
+    (layer streaming issues it before the epilogue). Copies issued after that entry (O(c,m),
+    or a whole unit's copies in :func:`unit_ops_to_layer_ops`) run after the epilogue."""
+    ends: dict[Unit, int] = {}
     for index, op in enumerate(ops):
-        if op.layer is not None and op.kind in (OpKind.FORWARD, OpKind.OFFLOAD):
-            last[op.unit] = index
-    return set(last.values())
+        if op.layer is not None and op.kind is OpKind.FORWARD:
+            following = ops[index + 1] if index + 1 < len(ops) else None
+            if following is not None and following.kind is OpKind.OFFLOAD and following.sub_unit == op.sub_unit:
+                index += 1
+            ends[op.unit] = index
+    return set(ends.values())
+
+
+def unit_ops_to_layer_ops(ops: Iterable, layers_per_chunk: int | Sequence[int]) -> list[LayerOp]:
+    """A unit-granularity order (F, B and the runtime's whole-unit O, R: e.g.
+    ``policy.runtime_rank_ops``) in layer terms, to score it with the same profile and
+    simulator as layer streaming: F(c,m) and B(c,m) gain their layer entries; a unit's O
+    becomes O(c,m) then O(c,m,0..L-1) (after forward_step, so after the epilogue), its R
+    becomes R(c,m) then R(c,m,L-1..0) (everything back before B(c,m)). On a link the unit's
+    copy runs as L+1 back-to-back copies on the lane (the same time without latency), which
+    frees its bytes layer by layer rather than all at the end: slightly optimistic."""
+    out: list[LayerOp] = []
+    for op in ops:
+        chunk, mb = op.chunk, op.microbatch
+        if getattr(op, "layer", None) is not None:
+            raise ValueError(f"{op} is already a layer-level entry")
+        layers = range(layers_of(layers_per_chunk, chunk))
+        out.append(LayerOp(op.kind, chunk, mb))
+        if op.kind is OpKind.FORWARD or op.kind is OpKind.OFFLOAD:
+            out += [LayerOp(op.kind, chunk, mb, layer) for layer in layers]
+        else:
+            out += [LayerOp(op.kind, chunk, mb, layer) for layer in reversed(layers)]
+    return out
 
 
 def reload_distances_for_link(
@@ -611,7 +640,7 @@ def reload_distances_for_link(
     subs = [op.sub_unit for op in ops if op.kind is OpKind.OFFLOAD]
     if link is None:
         return {sub: 0 for sub in subs}
-    forward_ends = _forward_ends(ops)
+    epilogue_after = forward_ends(ops)
     starts: list[float] = []  # start time of compute position p
     finishes: list[float] = []  # end time of compute position p (plus a following epilogue)
     offload_after: dict[SubUnit, int] = {}
@@ -627,7 +656,7 @@ def reload_distances_for_link(
             finishes.append(t)
         elif op.kind is OpKind.OFFLOAD:
             offload_after[op.sub_unit] = len(starts)
-        if index in forward_ends:
+        if index in epilogue_after:
             epilogue[len(starts) - 1] = profile.epilogue_duration(op.chunk)
             t += epilogue[len(starts) - 1]
     if timing is not None:

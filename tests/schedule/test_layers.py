@@ -15,7 +15,7 @@ from megatron_offload.schedule.layers import (
     LinkModel,
     check_rank,
     EPILOGUE,
-    _forward_ends,
+    forward_ends,
     copies_per_iteration,
     diff_rank_ops,
     expand_rank,
@@ -269,7 +269,7 @@ def _walk(ops, profile):
     """The synchronous memory rule as a plain walk: (peak, level after each entry)."""
     level = peak = profile.base_bytes
     after = []
-    ends = _forward_ends(ops)
+    ends = forward_ends(ops)
     for index, op in enumerate(ops):
         transient, change = memory_effect(op.kind, op.chunk, op.layer, profile)
         peak = max(peak, level + transient)
@@ -608,3 +608,31 @@ def test_whole_schedule_runs_with_any_link(case, bandwidth, shared, latency):
         assert run.stall >= 0 and run.copies == copies_per_iteration(expanded)[rank]
         if link is None:
             assert run.peak_bytes <= plain.peak_bytes + 1e-9 and run.finish == pytest.approx(plain.finish)
+
+
+def test_unit_granularity_in_layer_terms():
+    from megatron_offload.schedule.layers import unit_ops_to_layer_ops
+
+    order = [OpKind.FORWARD, OpKind.OFFLOAD, OpKind.FORWARD, OpKind.RELOAD, OpKind.BACKWARD, OpKind.BACKWARD]
+    units = [0, 0, 1, 0, 0, 1]
+    from megatron_offload.schedule.ir import Op
+
+    ops = unit_ops_to_layer_ops([Op(k, 0, u) for k, u in zip(order, units)], 2)
+    assert _text(ops) == ("0F0,0F0.0,0F0.1,0O0,0O0.0,0O0.1,0F1,0F1.0,0F1.1,0R0,0R0.1,0R0.0,"
+                          "0B0,0B0.1,0B0.0,0B1,0B1.1,0B1.0")
+    profile = LayerProfile(rest_bytes=(5,), layer_bytes=((10, 20),))
+    sim = simulate_layers(ops, profile)
+    # the epilogue runs before the unit's copy: F0.1 30 -> rest 35 -> copies 30, 20, 0; unit 1: 35;
+    # reloads 40, 60, 70; backwards free 50, 35 (layer 0 with the rest); unit 1 frees 15, 0
+    assert [sim.level_after[i] for i in range(len(ops))] == [0, 10, 35, 30, 20, 0, 0, 10, 35, 40, 60, 70, 70, 50, 35, 35, 15, 0]
+    assert sim.peak_bytes == 70
+    # layer streaming of the same units keeps less: layer 0 of unit 1 and unit 0 stream out
+    streamed = simulate_layers(expand_rank([Op(k, 0, u) for k, u in zip(order, units)], 2,
+                                           streamed={(0, 1)}, offloaded={(0, 0)}), profile)
+    assert streamed.peak_bytes < sim.peak_bytes
+    # a unit copied out and straight back (the unit runtime allows it) still simulates
+    back = unit_ops_to_layer_ops([Op(OpKind.FORWARD, 0, 0), Op(OpKind.OFFLOAD, 0, 0), Op(OpKind.RELOAD, 0, 0),
+                                  Op(OpKind.BACKWARD, 0, 0)], 2)
+    assert simulate_layers(back, profile).peak_bytes == 35
+    with pytest.raises(ScheduleError, match="no compute entry"):
+        check_rank(back)
