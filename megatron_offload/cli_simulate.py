@@ -1,5 +1,7 @@
 """``megatron-offload simulate``: generate a schedule, optionally offload, simulate, show it.
 
+``--granularity layer`` refines it into per-layer entries (layer streaming) and simulates bytes.
+
 Pure Python (no torch). Prints a summary and an ASCII timeline, or JSON with --json; writes a
 picture with --out FILE.svg|FILE.png. Bad input stops with one argparse error naming the flag.
 """
