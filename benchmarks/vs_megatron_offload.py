@@ -113,6 +113,8 @@ def main(argv=None) -> int:
             reasons = _not_runnable(case)
             runs = {}
             wanted = ["none"] + [v for v in args.variants.split(",") if v != "none"]
+            if "layers" in wanted:
+                wanted.append("profile")  # the simulator's measured profile (no offload)
             for variant in wanted:
                 try:
                     runs[variant] = pool.run(TASK, case=case.as_dict(), variant=variant,
@@ -127,8 +129,11 @@ def main(argv=None) -> int:
                 else:
                     if variant == "fgao":
                         reasons.pop("fgao")
+            profile_runs = runs.pop("profile", None)
             base = sorted(runs["none"], key=lambda r: r["rank"])
             sched_out = {"case": case.as_dict(), "not_run": reasons, "variants": {}}
+            if profile_runs is not None:
+                sched_out["simulator"] = _predict(case, base, profile_runs, runs["layers"])
             for variant, per_rank in runs.items():
                 per_rank = sorted(per_rank, key=lambda r: r["rank"])
                 diffs = [] if variant == "none" else compare_runs_per_rank(base, per_rank)
@@ -168,6 +173,19 @@ def main(argv=None) -> int:
     for sched, out in results["schedules"].items():
         for variant, reason in out["not_run"].items():
             print(f"- {sched}: {LABELS[variant]}: not run. {reason}")
+    for sched, out in results["schedules"].items():
+        sim = out.get("simulator")
+        if not sim:
+            continue
+        print(f"\n{sched}: the layer simulator's predicted true peak for (e), from a profile "
+              "measured on a run without offload (every entry) and the bytes each sub-unit moved")
+        print("| rank | measured (e) MiB | predicted MiB | error | per-chunk profile MiB | error "
+              "| replay of the profile run: predicted / measured MiB |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in sim:
+            print(f"| {r['rank']} | {r['measured'] / mib:.2f} | {r['predicted'] / mib:.2f} | "
+                  f"{r['error']:+.1%} | {r['per_chunk'] / mib:.2f} | {r['per_chunk_error']:+.1%} | "
+                  f"{r['replay'] / mib:.2f} / {r['profile_measured'] / mib:.2f} |")
     results["checks"] = _acceptance(results)
     for line in results["checks"]:
         print(line)
@@ -180,6 +198,31 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=str)
     return 0
+
+
+def _predict(case, base, profile_runs, layer_runs) -> list[dict]:
+    """Per rank: the simulator's peak for (e)'s runtime list, from the measured profile."""
+    from megatron_offload.schedule.layer_sim import simulate_layers
+    from megatron_offload.schedule.layers import LayerOp
+    from megatron_offload.testing.layer_profile import measured_profile, per_chunk_profile
+
+    vpp = case.vpp or 1
+    out = []
+    profile_runs = sorted(profile_runs, key=lambda r: r["rank"])
+    layer_runs = sorted(layer_runs, key=lambda r: r["rank"])
+    for prof, run in zip(profile_runs, layer_runs):
+        copies = run["offload_stats"]["copies"]
+        ops = [LayerOp.parse(t) for t in run["offload_stats"]["executed_ops"]]
+        replay_ops = [LayerOp.parse(t) for t in prof["offload_stats"]["executed_ops"]]
+        measured = run["true_peak_bytes"]
+        predicted = simulate_layers(ops, measured_profile(prof["segments"], copies, vpp)).peak_bytes
+        coarse = simulate_layers(ops, per_chunk_profile(prof["segments"], copies, vpp)).peak_bytes
+        replay = simulate_layers(replay_ops, measured_profile(prof["segments"], [], vpp)).peak_bytes
+        out.append({"rank": run["rank"], "measured": measured, "predicted": predicted,
+                    "error": predicted / measured - 1, "per_chunk": coarse,
+                    "per_chunk_error": coarse / measured - 1, "replay": replay,
+                    "profile_measured": prof["true_peak_bytes"]})
+    return out
 
 
 def _acceptance(results) -> list[str]:
@@ -205,6 +248,12 @@ def _acceptance(results) -> list[str]:
         idle = [c for r in layers for c in (r["offload_stats"] or {}).get("copies", []) if c[2] == 0]
         lines.append(f"{'PASS' if not idle else 'FAIL'} {sched}: (e) every copy stayed away "
                      f"while at least one compute entry ran ({len(idle)} did not)")
+        sim = out.get("simulator")
+        if sim:
+            worst = max(abs(r["error"]) for r in sim)
+            lines.append(f"{'PASS' if worst <= 0.05 else 'FAIL'} {sched}: simulator's predicted "
+                         f"peak within 5% of (e)'s measured true peak on every rank (worst "
+                         f"{worst:.1%})")
         grew = [r["rank"] for r in layers if any(
             b > r["host_pool_bytes"][0] for b in r["host_pool_bytes"][1:])]
         lines.append(f"{'PASS' if not grew else 'FAIL'} {sched}: (e) host pool does not grow "

@@ -154,12 +154,12 @@ def _run(rank_ops: list[tuple[LayerOp, ...]], profiles: list[LayerProfile], link
         table = []
         for index, op in enumerate(ops):
             try:
-                transient, change = memory_effect(op.kind, op.chunk, op.layer, profile)
+                transient, change = memory_effect(op.kind, op.chunk, op.layer, profile, op.microbatch)
             except IndexError:
                 raise ValueError(f"entry {index} ({op}) is outside the profile's layers per chunk {list(profile.layers)}") from None
             duration = profile.duration(op) if op.is_compute else 0.0
             if link is not None and not op.is_compute:
-                nbytes = profile.sub_unit_bytes(op.chunk, op.layer)
+                nbytes = profile.sub_unit_bytes(op.chunk, op.layer, op.microbatch)
                 duration = link.d2h_time(nbytes) if op.kind is OpKind.OFFLOAD else link.h2d_time(nbytes)
             table.append((op.kind, op.chunk, op.microbatch, op.layer, duration, transient, change, index in ends))
         compiled.append(table)
@@ -251,7 +251,7 @@ def _run(rank_ops: list[tuple[LayerOp, ...]], profiles: list[LayerProfile], link
                 n += 2
                 reload_end[me][(chunk, mb, layer)] = begin + duration
             if ends_forward:  # the epilogue, then the unit's output exists
-                e_transient, e_change = memory_effect(EPILOGUE, chunk, None, profile)
+                e_transient, e_change = memory_effect(EPILOGUE, chunk, None, profile, mb)
                 e_time = profile.epilogue_duration(chunk)
                 ev.append((t, 1, n, _START, e_transient, step))
                 ev.append((t + e_time, 1, n + 1, _END, 0.0, step))
@@ -312,8 +312,8 @@ def _run(rank_ops: list[tuple[LayerOp, ...]], profiles: list[LayerProfile], link
             rank=ranks[me], ops=ops, start=start[me], end=end[me], issue=issue[me], level_after=level_after,
             peak_in=peak_in, peak_bytes=peak, peak_entry=peak_entry, curve=curve, epilogues=epilogues[me],
             copies=len(copies),
-            offloaded_bytes=sum(profile.sub_unit_bytes(ops[i].chunk, ops[i].layer) for i in copies),
-            reloaded_bytes=sum(profile.sub_unit_bytes(ops[i].chunk, ops[i].layer) for i in reloads),
+            offloaded_bytes=sum(profile.sub_unit_bytes(ops[i].chunk, ops[i].layer, ops[i].microbatch) for i in copies),
+            reloaded_bytes=sum(profile.sub_unit_bytes(ops[i].chunk, ops[i].layer, ops[i].microbatch) for i in reloads),
             stall=stall[me], busy=busy[me], finish=max([*end[me], clock[me]], default=0.0), link=link,
         ))
     return results

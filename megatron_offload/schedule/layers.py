@@ -450,6 +450,15 @@ class LayerProfile:
     """Transient of the rest's backward before layer L-1's backward (entry B(c,m)); default 0."""
     base_bytes: float = 0.0
     """Bytes resident all iteration long on this rank (p2p buffers, ...); added to every level."""
+    entry_effects: Mapping | None = None
+    """Measured ``(transient, change)`` of individual entries, keyed ``(kind, chunk,
+    microbatch, layer)`` (kind ``EPILOGUE`` for the rest's forward after the last layer):
+    they replace the per-chunk rule for those entries. A profile measured on a run without
+    offload (``testing/vs_megatron``) gives every entry, so the simulator replays that run
+    and adds what the copies change."""
+    moved_bytes: Mapping | None = None
+    """Measured bytes each sub-unit ``(chunk, microbatch, layer)`` moves per copy (what its
+    O frees and its R brings back), replacing ``sub_unit_bytes`` for copies."""
     forward_time: tuple[tuple[float, ...], ...] | None = None
     backward_time: tuple[tuple[float, ...], ...] | None = None
     prologue_time: tuple[float, ...] | None = None
@@ -506,7 +515,11 @@ class LayerProfile:
         """Bytes one whole unit of ``chunk`` keeps (the rest plus every layer)."""
         return self.rest_bytes[chunk] + sum(self.layer_bytes[chunk])
 
-    def sub_unit_bytes(self, chunk: int, layer: int | None) -> float:
+    def sub_unit_bytes(self, chunk: int, layer: int | None, microbatch: int | None = None) -> float:
+        if self.moved_bytes is not None and microbatch is not None:
+            moved = self.moved_bytes.get((chunk, microbatch, layer))
+            if moved is not None:
+                return moved
         return self.rest_bytes[chunk] if layer is None else self.layer_bytes[chunk][layer]
 
     def _get(self, name: str, chunk: int, layer: int | None = None, default: float = 0.0) -> float:
@@ -535,7 +548,8 @@ EPILOGUE = "E"
 right after the last forward entry of its unit, before ``O(c,m)``)."""
 
 
-def memory_effect(kind: OpKind | str, chunk: int, layer: int | None, profile: LayerProfile) -> tuple[float, float]:
+def memory_effect(kind: OpKind | str, chunk: int, layer: int | None, profile: LayerProfile,
+                  microbatch: int | None = None) -> tuple[float, float]:
     """The memory rule, in one place: ``(transient, change)`` of one entry.
 
     ``transient``: bytes above the level at the entry's start reached while it runs (compute
@@ -552,6 +566,10 @@ def memory_effect(kind: OpKind | str, chunk: int, layer: int | None, profile: La
       the unit's backward).
     """
     p = profile
+    if p.entry_effects is not None and microbatch is not None and kind not in (OpKind.OFFLOAD, OpKind.RELOAD):
+        measured = p.entry_effects.get((kind, chunk, microbatch, layer))
+        if measured is not None:
+            return measured
     if kind == EPILOGUE:
         return p._get("epilogue_peak", chunk), p.rest_bytes[chunk]
     if kind is OpKind.FORWARD:
@@ -563,7 +581,7 @@ def memory_effect(kind: OpKind | str, chunk: int, layer: int | None, profile: La
             return p._get("backward_rest_peak", chunk), 0.0
         release = p.layer_bytes[chunk][layer] + (p.rest_bytes[chunk] if layer == 0 else 0.0)
         return p._get("backward_peak", chunk, layer), -release
-    moved = p.sub_unit_bytes(chunk, layer)
+    moved = p.sub_unit_bytes(chunk, layer, microbatch)
     return 0.0, (-moved if kind is OpKind.OFFLOAD else moved)
 
 
@@ -692,7 +710,7 @@ def reload_distances_for_link(
             issue = finishes[after - 1] if after else 0.0
             if op.layer is None:
                 issue += epilogue.get(after - 1, 0.0)
-            free = max(issue, free) + link.d2h_time(profile.sub_unit_bytes(op.chunk, op.layer))
+            free = max(issue, free) + link.d2h_time(profile.sub_unit_bytes(op.chunk, op.layer, op.microbatch))
             offload_end[op.sub_unit] = free
     distances: dict[SubUnit, int] = {}
     later_start = math.inf  # the ALAP start of the next reload on the H2D lane
@@ -700,7 +718,7 @@ def reload_distances_for_link(
     for sub in sorted(subs, key=lambda s: first_use[s], reverse=True):
         use = first_use[sub]
         finish = min(starts[use], later_start)
-        begin = finish - link.h2d_time(profile.sub_unit_bytes(sub[0], sub[2]))
+        begin = finish - link.h2d_time(profile.sub_unit_bytes(sub[0], sub[2], sub[1]))
         at = min(bisect.bisect_right(starts, begin) - 1, use, later_at)
         earliest = offload_after[sub] + 1  # the first point with a compute entry after the O
         if at < earliest or begin < offload_end[sub]:
