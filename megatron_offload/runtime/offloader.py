@@ -295,8 +295,8 @@ class ActivationOffloader:
     # Layer boundaries, called by the transformer-layer hooks (integration/layers.py).
     def layer_forward_starts(self, layer: int) -> None:
         unit = self._capturing
-        if unit is None or not torch.is_grad_enabled():
-            return  # not inside a training forward of ours (evaluation, recompute)
+        if unit is None or not self._layered or not torch.is_grad_enabled():
+            return  # not inside a layer-granular training forward (evaluation, recompute)
         self._enter(LayerOp(OpKind.FORWARD, *unit.key, layer))
         self.store.decide(unit)
         self._send_decided(unit)
@@ -304,7 +304,7 @@ class ActivationOffloader:
 
     def layer_forward_ends(self, layer: int, output) -> None:
         unit = self._capturing
-        if unit is None or not torch.is_grad_enabled():
+        if unit is None or not self._layered or not torch.is_grad_enabled():
             return
         if unit.current != layer:
             raise ScheduleMismatchError(
