@@ -1,14 +1,21 @@
-"""The offload runtime of one rank: follows a known op order, moves units, measures memory.
+"""The offload runtime of one rank: follows a runtime list, moves (sub-)units, measures memory.
 
-``ActivationOffloader`` is driven one step at a time by whoever runs the pipeline (the patched
-Megatron schedules today, the project's own executor later):
+``ActivationOffloader`` is driven by whoever runs the pipeline (the patched Megatron
+schedules, the project's executor) through :meth:`run_forward` / :meth:`run_backward` per
+step and, with layer streaming, the transformer-layer hooks (``layer_forward_starts`` /
+``layer_forward_ends``, and a gradient hook on each layer's output for its backward). Each
+iteration follows a runtime list (``begin_iteration(plan=...)``: ``policy.runtime_plan``,
+the same IR the simulator scores) entry for entry:
 
-- :meth:`run_forward` checks that the step is the next op of the expected order, starts the
-  reload of the next backward's unit (one op ahead, so the copy overlaps this op), runs the
-  forward under saved-tensor hooks, then starts the unit's device -> host copy and releases
-  the unit's device bytes at once (the allocator reuses them only after the copy read them);
-- :meth:`run_backward` makes sure the unit is back (compute waits only for its own copy),
-  prefetches the next one, runs the backward and forgets the unit.
+- a compute entry (a step, or a layer's forward/backward) first issues the reloads the list
+  puts before it, then checks it is the next entry; a mismatch raises;
+- after a forward entry, the offloads the list puts after it: the sub-unit's storages decided
+  so far are copied device -> host and their device bytes released at once (the allocator
+  reuses them only after the copy read them); storages decided later (a layer's input, once
+  the next layer has taken over) follow as soon as they are decided;
+- before a backward entry its sub-unit must be back (compute waits only for its own copy);
+  once back, the runtime holds no reference to its storages, so autograd frees each as soon
+  as the last node that saved it has run.
 
 A unit counted as offloaded was freed: there is no "copy started but kept" state. After a
 fault, :meth:`abort` copies every offloaded unit back before forgetting it, so tensors the

@@ -1,18 +1,27 @@
 """Saved-tensor capture per (model chunk, microbatch) unit: what stays, what may move.
 
 A unit's forward runs inside :meth:`ActivationStore.capture`, a pair of autograd saved-tensor
-hooks. At pack time each saved tensor is screened; the decision to move a storage is taken
-once, when the forward has returned (:meth:`ActivationStore.seal`):
+hooks. A unit is made of sub-units: with layer streaming one per transformer layer (the
+runtime tells the store, from the layer hooks, which layer is running) and "the rest"
+(layer None: embedding, final norm, output layer, loss, the received input); at unit
+granularity the rest is everything. At pack time each saved tensor is screened and recorded
+with the sub-unit that saved it last (the first to need it again in the backward). A storage
+is decided at the first boundary (a layer's start or end, the forward's return) where nothing
+but this unit's saved tensors references it (:meth:`ActivationStore.decide`,
+:meth:`ActivationStore.seal`); it then moves with that sub-unit if the runtime list streams
+it. What stays:
 
-- stays on the device: parameters, views of parameters, tensor subclasses, tensors on another
-  device, tensors smaller than ``min_offload_bytes``, tensors marked with
-  :func:`mark_not_offloadable`, storages that cannot be resized, storages their owner already
-  released (Megatron's ``CheckpointWithoutOutput`` shrinks its output to 0 bytes during the
-  forward and regrows it by recompute), and storages referenced by anything besides this
-  unit's saved tensors once the forward returned (caches: autocast's weight casts, rotary
-  tables, a module's buffers; another unit can only read a storage it can reach);
-- moves: everything else, plus the received inputs the schedule handed to the forward (the
-  schedule keeps them until the backward, so they are this unit's memory).
+- parameters, views of parameters, tensor subclasses, tensors on another device, tensors
+  smaller than ``min_offload_bytes``, tensors marked with :func:`mark_not_offloadable`,
+  storages that cannot be resized, storages their owner already released (Megatron's
+  ``CheckpointWithoutOutput`` shrinks its output to 0 bytes during the forward and regrows it
+  by recompute), and storages still referenced by anything besides this unit's saved tensors
+  when the forward returned (caches: autocast's weight casts, rotary tables, a module's
+  buffers; another unit can only read a storage it can reach);
+- the chunk output (an asynchronous send may still read it).
+
+The received inputs the schedule handed to the forward always move with their sub-unit (the
+schedule keeps them until the backward, so they are this unit's memory).
 
 Moving is done on whole storages *in place*: offload copies the bytes out and shrinks the
 storage to zero bytes; reload grows it back and copies the bytes in. Every alias of the storage
