@@ -91,15 +91,16 @@ class OffloadConfig:
     really resident (--offload-report). Costs one Python call per saved tensor."""
 
     granularity: Granularity = field(
-        default="unit", metadata=_flag("--offload-granularity", choices=GRANULARITIES))
-    """What moves as one piece (--offload-granularity). ``unit``: a (chunk, microbatch)
-    unit's activations leave after its forward and come back before its backward. ``layer``:
-    each transformer layer's activations are their own piece: they start moving out when the
-    layer's forward ends (while the next layer computes) and come back layer by layer in the
-    backward, just before the layer that needs them; a unit the policy offloads also streams
-    within its own forward and backward when its backward follows its forward directly (last
-    pipeline stage), and leaves entirely (embedding, output layer and loss too) when other ops
-    run in between. Layers under full recompute stream nothing."""
+        default="layer", metadata=_flag("--offload-granularity", choices=GRANULARITIES))
+    """What moves as one piece (--offload-granularity). ``layer`` (default): each transformer
+    layer's activations are their own piece: they start moving out when the layer's forward
+    ends (while the next layer computes) and come back layer by layer in the backward, just
+    before the layer that needs them; a unit the policy offloads leaves entirely (embedding,
+    output layer and loss too) when other ops run between its forward and backward, and still
+    streams all its layers but the last when its backward follows its forward directly (last
+    pipeline stage). Layers under full recompute stream nothing. ``unit``: a (chunk,
+    microbatch) unit's activations leave after its forward and come back before its
+    backward, whole (fewer, larger copies; about two units stay resident per rank)."""
 
     prefetch_distance: int | None = field(
         default=None, metadata=_flag("--offload-prefetch", type=int, metavar="OPS"))

@@ -18,7 +18,7 @@ from megatron_offload.testing.gpt import TinyGPTCase
 from megatron_offload.testing.reference import SAFE_FAULT_PP2_M4, compare_runs
 
 RUN_CASE = "megatron_offload.testing.reference:run_case"
-FULL = OffloadConfig(policy="full", min_offload_bytes=0, measure_memory=True)
+FULL = OffloadConfig(policy="full", granularity="unit", min_offload_bytes=0, measure_memory=True)
 
 
 def run(pool, case, offload=None, iterations=3, **kwargs):
@@ -117,15 +117,18 @@ def _in_flight_at_peak(rank_order: str, unit_bytes: dict) -> tuple[int, int]:
 
 
 def test_measured_memory_none_full_chunks(pool4):
-    """PP=4 VPP=2 m=8: Megatron keeps 11/9/7/5 units alive on ranks 0..3; full offload keeps
-    about two (the unit just produced and the one prefetched); chunk 0 only lies between."""
+    """Unit granularity, PP=4 VPP=2 m=8: Megatron keeps 11/9/7/5 units alive on ranks 0..3;
+    full offload keeps about two (the unit just produced and the one prefetched); chunk 0 only
+    lies between. (Layer granularity: test_megatron_layer_streaming.py.)"""
     case = TinyGPTCase(pp=4, vpp=2, microbatches=8)
     measured = {}
     for name, config in {
-        "none": OffloadConfig(policy="none", measure_memory=True, min_offload_bytes=0),
+        "none": OffloadConfig(policy="none", granularity="unit", measure_memory=True,
+                              min_offload_bytes=0),
         "full": FULL,
         "chunks": OffloadConfig(
-            policy="chunks", offload_chunks=1, measure_memory=True, min_offload_bytes=0
+            policy="chunks", offload_chunks=1, granularity="unit", measure_memory=True,
+            min_offload_bytes=0
         ),
     }.items():
         ranks = sorted(run(pool4, case, config, iterations=2), key=lambda r: r["pp_rank"])

@@ -43,7 +43,7 @@ from megatron_offload.testing.reference import compare_runs_per_rank
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 RUN_CASE = "megatron_offload.testing.reference:run_case"
-FULL = OffloadConfig(policy="full", min_offload_bytes=0, measure_memory=True)
+FULL = OffloadConfig(policy="full", granularity="unit", min_offload_bytes=0, measure_memory=True)
 FULL_LAYERS = OffloadConfig(policy="full", granularity="layer", min_offload_bytes=0,
                             measure_memory=True)
 ITERATIONS = 3
