@@ -320,6 +320,8 @@ class ActivationOffloader:
         unit.current = None
         self.store.decide(unit)
         self._send_decided(unit)
+        if self.tracker is not None:  # the layer's activations, before they leave
+            self._sample(unit.key, OpKind.FORWARD, f"layer {layer} forward end")
         self._offload_due(unit.key, layer)
         first = _tensors(output)
         if first and first[0].requires_grad:
@@ -333,6 +335,8 @@ class ActivationOffloader:
         unit = self.store.units.get(key)
         if unit is not None and layer in unit.subunits:
             self._make_resident(unit, unit.subunits[layer])
+        if self.tracker is not None:
+            self._sample(key, OpKind.BACKWARD, f"layer {layer} backward start")
 
     def unit_for_output(self, output) -> UnitKey:
         """The unit whose forward returned ``output`` (Megatron's backward gets no microbatch)."""
