@@ -431,6 +431,14 @@ class Plan:
     def k(self) -> float:
         return (self.chosen or self.baseline).setting.k
 
+    def label(self) -> str:
+        """The chosen candidate in words, at the plan's granularity."""
+        chosen = self.chosen or self.baseline
+        if self.granularity != "layer":
+            return chosen.label()
+        shape = chosen.label().rsplit(", ", 1)[0]
+        return f"{shape}, stream the layers of chunks<{chosen.layer.chunks} ({sum(chosen.layer.streamed_units)} units)"
+
     def offload_policy(self) -> tuple[str, int | None]:
         """The runtime's coarse equivalent: ("none", None), ("chunks", K) or ("full", None).
         The exact per-rank set is :attr:`offloaded_units`."""
@@ -690,29 +698,43 @@ class _Search:
         self._profiles[key] = profiles
         return profiles
 
-    def proxy(self, kind, group, setting: Setting) -> tuple[int, Schedule]:
+    def proxy(self, kind, group, setting: Setting, chunks: int) -> tuple[int, Schedule]:
         """The schedule to simulate at layer granularity: the same family and group size with
-        the fewest microbatches (2, 4, ... groups) whose peak without offload equals the job's
-        on every rank (the warm-up and a steady state), else the job's own schedule. The layer
+        the fewest microbatches (rank 0's warm-up and a round of steady state, in whole groups,
+        doubled until it matches) that reproduce, on every rank, the job's
+        peak without offload and its peak with every unit of chunks < ``chunks`` away for its
+        whole life (what streaming tends to: the peak then sits where the other chunks pile
+        up, possibly later in the steady state); else the job's own schedule. The layer
         simulator costs ~10 us per entry: 192 microbatches on 16 ranks would take seconds."""
-        key = (kind, group, setting.recompute)
+        key = (kind, group, setting.recompute, chunks)
         if key in self._proxies:
             return self._proxies[key]
         job = self.job
         m = job.microbatches
-        full = self.base(kind, group, setting)
-        totals = [[u.total for u in row] for row in setting.units]
+        full = self.schedule(kind, group)
+        weights = [[[u.total for u in row] for row in setting.units]]
+        if chunks:
+            weights.append([[u.kept if c < chunks else u.total for c, u in enumerate(row)] for row in setting.units])
+
+        def peaks(schedule):
+            sim = simulate(schedule, setting.costs)
+            return [byte_peaks(sim, w)[0] for w in weights]
+
+        want = peaks(full)
         step = group or job.pp
-        count = 2 * step
-        result = (m, self.schedule(kind, group))
+        # Rank 0's warm-up (Megatron's: the longer one) plus a round of v g forwards of steady
+        # state, in whole groups, at least two groups.
+        warmup = (job.vpp - 1) * step + 2 * (job.pp - 1) + 1
+        count = max(2, math.ceil((warmup + job.vpp * step) / (job.vpp * step))) * step
+        result = (m, full)
         while count < m:
             try:
                 schedule = make_schedule(kind, job.pp, job.vpp, count, group if kind != "1f1b" else None)
             except ValueError:
                 count += step
                 continue
-            peaks = byte_peaks(simulate(schedule, setting.costs), totals)[0]
-            if all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1.0) for a, b in zip(peaks, full.activation_bytes)):
+            got = peaks(schedule)
+            if all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1.0) for x, y in zip(got, want) for a, b in zip(x, y)):
                 result = (count, schedule)
                 break
             count *= 2
@@ -730,7 +752,7 @@ class _Search:
             return None
         self.layer_runs += 1
         job = self.job
-        microbatches, schedule = self.proxy(kind, group, setting)
+        microbatches, schedule = self.proxy(kind, group, setting, chunks)
         profiles = self.layer_profiles(setting, microbatches)
         link = LinkModel(d2h_bytes_per_time=self.hardware.link_bytes_per_s)
         result = plan_layer_streaming(schedule, job.layers_per_chunk, profiles, link, chunks=chunks,
@@ -794,7 +816,7 @@ class _Search:
                               f"{worst_unit / GiB:.2f} GiB)")
                 else:
                     return best, "layer", (f"layer: lowers the worst rank from {worst_unit / GiB:.2f} to {worst_layer / GiB:.2f} GiB "
-                                           f"at {score.slowdown:+.2%} (the same {best.offload_chunks} offloaded chunks)")
+                                           f"at {score.slowdown:+.2%}, with the same offload chunks (K = {best.offload_chunks})")
         # Faster combinations (or any, when nothing fits) that fit only with layer streaming.
         limit = best.makespan if best is not None else math.inf
         pairs = []
@@ -810,11 +832,17 @@ class _Search:
                 if base.makespan < limit * (1 - _TOLERANCE) and _streams_layers(self.job, setting):
                     pairs.append((base.makespan, base.sort_key(), kind, group, setting))
         pairs.sort(key=lambda item: item[:2])
+        tried = []
         for makespan, _, kind, group, setting in pairs:
             if self.layer_runs >= self.layer_budget:
                 break
             score = self.layer_score(kind, group, setting, self.job.vpp)
-            if score is None or not score.fits or score.slowdown > tol or score.makespan >= limit * (1 - _TOLERANCE):
+            if score is None:
+                continue
+            if not score.fits or score.slowdown > tol or score.makespan >= limit * (1 - _TOLERANCE):
+                tried.append(f"{kind}{'' if group is None else f' g={group}'} recompute {setting.recompute.label}: "
+                             + (f"{max(score.memory_bytes) / GiB:.2f} GiB on the worst rank" if not score.gpu_fits
+                                else "host memory over budget" if not score.host_fits else f"{score.slowdown:+.2%} slower"))
                 continue
             candidate = self.unit_at(kind, group, setting, self.job.vpp)
             candidate.layer = score
@@ -824,8 +852,14 @@ class _Search:
                                         f", recompute {setting.recompute.label} fits only with layer streaming "
                                         f"({max(score.memory_bytes) / GiB:.2f} GiB on the worst rank, "
                                         f"{score.slowdown:+.2%}): {why}")
-        if not reason:
-            reason = "unit: no offload needed" if best is not None else "unit: layer streaming does not make the job fit either"
+        what = "a faster combination" if best is not None else "the job"
+        if tried:
+            reason = (reason + "; " if reason else "unit: ") + (
+                f"layer streaming of every chunk does not make {what} fit ({'; '.join(tried)})")
+        elif not reason:
+            reason = ("unit: no offload needed" if best is not None and best.offload_chunks == 0 and not pairs
+                      else "unit: the plan offloads nothing" if best is not None and best.offload_chunks == 0
+                      else "unit: layer streaming does not make the job fit either")
         return best, "unit", reason
 
     def _offload_search(self, kind, group, setting: Setting, baseline: Candidate) -> Candidate | None:
@@ -1012,6 +1046,9 @@ def plan_job(
         if search.scored:
             closest = min(search.scored, key=lambda c: (max(0.0, c.excess(budget)), max(0.0, c.host_bytes_per_node - host_budget), c.makespan))
             plan.chosen = closest
+            if closest.layer is None:  # scored at layer granularity too (no new simulation)
+                closest.layer = search.layer_scores.get((closest.kind, closest.group_size, closest.setting.recompute,
+                                                         closest.offload_chunks))
             plan.missing_bytes = max(0.0, closest.excess(budget))
             plan.missing_host_bytes_per_node = max(0.0, closest.host_bytes_per_node - host_budget)
         else:  # even the floor is over budget: what is missing is at least this
@@ -1028,6 +1065,26 @@ def plan_job(
     plan.reasons = _reasons(plan, combos)
     plan.planning_s = time.perf_counter() - started
     return plan
+
+
+def score_layer_granularity(plan: Plan, chunks: int | None = None, *, candidate: Candidate | None = None,
+                            shape: tuple[str, int | None] | None = None, min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES,
+                            full_schedule: bool = False) -> LayerScore | None:
+    """``candidate``'s combination (default the plan's; ``shape`` = (kind, group size)
+    replaces its schedule) scored at layer granularity with the units of chunks < ``chunks``
+    streaming (default its offload chunks; 0 = nothing streams, which must reproduce the unit
+    peaks without offload), against ``plan``'s budgets, from cost-model bytes (no
+    calibration). ``full_schedule``: simulate the job's own microbatches instead of the short
+    schedule. None under full recomputation."""
+    candidate = candidate or plan.chosen or plan.baseline
+    search = _Search(plan.job, plan.hardware, plan.budget_bytes, plan.host_budget_bytes_per_node, min_offload_bytes, None,
+                     layer_scores=1)
+    setting = search.setting(candidate.setting.recompute, candidate.setting.level)
+    kind, group = shape or (candidate.kind, candidate.group_size)
+    chunks = candidate.offload_chunks if chunks is None else chunks
+    if full_schedule:
+        search._proxies[(kind, group, setting.recompute, chunks)] = (plan.job.microbatches, search.schedule(kind, group))
+    return search.layer_score(kind, group, setting, chunks)
 
 
 def _layer_floor(job: JobSpec, setting: Setting, min_offload_bytes: int) -> list[float]:
@@ -1134,8 +1191,13 @@ def _reasons(plan: Plan, combos) -> list[str]:
         if chosen is base or (chosen.kind, chosen.group_size, chosen.setting.level, chosen.offload_chunks) == (base.kind, base.group_size, 0, 0):
             reasons.append("chosen: the job as given, no offload needed")
         else:
-            reasons.append(f"chosen: {chosen.label()}: worst rank {gib(max(plan.memory_bytes))}, slowdown {plan.slowdown:+.2%}")
-            if chosen.offload_chunks:
+            reasons.append(f"chosen: {plan.label()}: worst rank {gib(max(plan.memory_bytes))}, slowdown {plan.slowdown:+.2%}")
+            if plan.granularity == "layer":
+                layer = chosen.layer
+                reasons.append(f"streamed units per rank: {', '.join(map(str, layer.streamed_units))}; leaving the device entirely "
+                               f"(those with a lifespan): {', '.join(map(str, layer.offloaded_units))}; host "
+                               f"{gib(layer.host_bytes_per_node)} per node")
+            elif chosen.offload_chunks:
                 per_rank = ", ".join(str(len(u)) for u in chosen.offloaded)
                 reasons.append(f"offloaded units per rank: {per_rank} (longest-lived first, chunks < {chosen.offload_chunks}); "
                                f"host {gib(chosen.host_bytes_per_node)} per node")
