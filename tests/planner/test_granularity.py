@@ -94,6 +94,17 @@ def test_slow_link_keeps_unit():
     assert plan.memory_bytes == plan.chosen.memory_bytes
 
 
+def test_slow_link_layer_fits_but_is_no_better_keeps_unit():
+    """A budget both granularities meet: layer streaming is scored, fits, but holds more on the
+    worst rank than whole-unit offload of the longest-lived units."""
+    hardware = hardware_for(4.0)
+    plan = plan_job(JOB, hardware, memory_budget_gib=_as_given_gib(JOB, hardware) - 0.1, **MEGATRON_ONLY)
+    assert plan.fits and plan.offload_chunks >= 1 and plan.granularity == "unit"
+    assert plan.layer is not None and plan.layer.fits
+    assert _worst_gib(plan.layer.memory_bytes) > _worst_gib(plan.chosen.memory_bytes)
+    assert "does not lower the worst rank" in plan.granularity_reason
+
+
 def test_no_offload_keeps_unit_and_both_peaks_are_equal():
     plan = plan_job(JOB, hardware_for(0.5), **MEGATRON_ONLY)
     assert plan.fits and plan.offload_chunks == 0 and plan.granularity == "unit"
