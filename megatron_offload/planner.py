@@ -716,11 +716,11 @@ class _Search:
         if chunks:
             weights.append([[u.kept if c < chunks else u.total for c, u in enumerate(row)] for row in setting.units])
 
-        def peaks(schedule):
-            sim = simulate(schedule, setting.costs)
+        def peaks(schedule, sim=None):
+            sim = sim or simulate(schedule, setting.costs)
             return [byte_peaks(sim, w)[0] for w in weights]
 
-        want = peaks(full)
+        want = peaks(full, self.base(kind, group, setting).simulation)
         step = group or job.pp
         # Rank 0's warm-up (Megatron's: the longer one) plus a round of v g forwards of steady
         # state, in whole groups, at least two groups.
