@@ -5,9 +5,19 @@ Paste the Megatron-LM arguments of the job you run and name the GPU:
     megatron-offload plan --num-layers 80 --hidden-size 8192 ... --bf16 --gpu h100-80g
 
 Megatron-LM flags the planner does not use are accepted and listed as ignored. Prints a table
-per pipeline rank (activation memory without and with the plan, static and host memory), the
-predicted iteration time and slowdown, and the choice with its reasons; ``--json`` prints one
-JSON object instead; ``--out FILE.svg|png`` draws the planned schedule. Pure Python (no torch).
+per pipeline rank (activation memory without the plan and with it at unit and at layer
+granularity, static and host memory), the predicted iteration time and slowdown, and the choice
+with its reasons; ``--json`` prints one JSON object instead; ``--out FILE.svg|png`` draws the
+planned schedule. Pure Python (no torch).
+
+Granularity: the planner also scores layer streaming (--offload-granularity layer: each
+transformer layer's activations move on their own) with the layer simulator, and picks it when
+it lowers the worst rank's predicted memory, or makes the job (or a faster schedule) fit,
+without adding more than 1% to the iteration time. The JSON key "granularity" is the choice;
+"predicted_peak_activation_gib" and "predicted_peak_memory_gib" (per rank) are predicted at
+that granularity, "predicted_peak_activation_gib_unit" / "..._layer" at each (layer: null when
+not scored); the PLAN line's flags include --offload-granularity layer when chosen.
+
 Exit status: 0 when the job fits, 1 when it does not, 2 for bad flags.
 """
 from __future__ import annotations
@@ -144,7 +154,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     auto.add_argument("--offload-policy", choices=("auto", "none", "full", "chunks"),
                       help="accepted from a pasted job's flags; the report always shows policy auto")
     out = parser.add_argument_group("output")
-    out.add_argument("--json", action="store_true", help="print one JSON object")
+    out.add_argument("--json", action="store_true",
+                     help="print one JSON object; per-rank predictions are at the plan's granularity (key granularity), "
+                          "both granularities in predicted_peak_activation_gib_unit / _layer")
     out.add_argument("--out", help="draw the planned schedule: FILE.svg or FILE.png (needs matplotlib)")
     parser.set_defaults(_parser=parser)
     return parser
@@ -333,8 +345,9 @@ def format_granularity(plan) -> str:
     layer = plan.layer
     tail = ""
     if layer is not None:
-        tail = (f"; layer streaming: {sum(layer.copies)} copies out per iteration over all ranks, predicted slowdown "
-                f"{layer.slowdown:+.2%} (simulated on {layer.simulated_microbatches} microbatches)")
+        tail = (f"; layer streaming: predicted slowdown {layer.slowdown:+.2%}, stall {max(layer.stall_s) * 1e3:.1f} ms "
+                f"(simulated on {layer.simulated_microbatches} of {plan.job.microbatches} microbatches: up to "
+                f"{max(layer.copies)} copies out per rank)")
     return (f"granularity {plan.granularity} (--offload-granularity {plan.granularity}): peak activations on the worst rank "
             f"{worst(peaks['unit'])} at unit, {worst(peaks['layer'])} at layer granularity; "
             f"{plan.granularity_reason.split(': ', 1)[-1]}{tail}")

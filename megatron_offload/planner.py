@@ -202,7 +202,7 @@ class LayerScore:
     offloaded_units: list[int]
     """Per rank, units that leave the device entirely."""
     copies: list[int]
-    """Per rank, D2H copies in the simulated iteration."""
+    """Per rank, D2H copies in the simulated iteration (:attr:`simulated_microbatches`)."""
     stall_s: list[float]
     simulated_microbatches: int
     """Microbatches of the simulated schedule: the job's, or fewer with the same peak without
@@ -491,7 +491,7 @@ class Plan:
                                          else None if peaks["layer"] is None else round(chosen.makespan / self.baseline_iteration_time_s - 1.0, 5)),
             "layer_streaming": None if layer is None else {
                 "chunks": layer.chunks, "streamed_units_per_rank": layer.streamed_units,
-                "offloaded_units_per_rank": layer.offloaded_units, "copies_per_rank": layer.copies,
+                "offloaded_units_per_rank": layer.offloaded_units, "copies_per_rank_simulated": layer.copies,
                 "stall_s_per_rank": [round(x, 6) for x in layer.stall_s], "slowdown_vs_no_copies": round(layer.slowdown, 5),
                 "host_memory_gib_per_node": round(layer.host_bytes_per_node / GiB, 3),
                 "simulated_microbatches": layer.simulated_microbatches, "fits": layer.fits,
@@ -812,10 +812,10 @@ class _Search:
                     reason = (f"unit: layer streaming would slow the iteration by {score.slowdown:+.2%} (the host link cannot "
                               f"hide the per-layer copies; tolerance {tol:.1%})")
                 elif worst_layer >= worst_unit - 2**20:
-                    reason = (f"unit: layer streaming does not lower the worst rank ({worst_layer / GiB:.2f} GiB vs "
+                    reason = (f"unit: layer streaming does not lower the worst rank's memory ({worst_layer / GiB:.2f} GiB vs "
                               f"{worst_unit / GiB:.2f} GiB)")
                 else:
-                    return best, "layer", (f"layer: lowers the worst rank from {worst_unit / GiB:.2f} to {worst_layer / GiB:.2f} GiB "
+                    return best, "layer", (f"layer: lowers the worst rank's memory from {worst_unit / GiB:.2f} to {worst_layer / GiB:.2f} GiB "
                                            f"at {score.slowdown:+.2%}, with the same offload chunks (K = {best.offload_chunks})")
         # Faster combinations (or any, when nothing fits) that fit only with layer streaming.
         limit = best.makespan if best is not None else math.inf

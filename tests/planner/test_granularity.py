@@ -58,7 +58,7 @@ def test_fast_link_with_offload_chooses_layer_and_lowers_every_rank():
     assert max(plan.memory_bytes) <= plan.budget_bytes
     assert layer.slowdown <= 0.01 and plan.iteration_time_s <= unit.makespan * 1.01
     assert plan.offload_chunks == layer.chunks == unit.offload_chunks
-    assert "granularity layer: lowers the worst rank" in " ".join(plan.reasons)
+    assert "granularity layer: lowers the worst rank's memory" in " ".join(plan.reasons)
 
 
 def test_last_stage_fits_only_with_layer_streaming():
@@ -102,7 +102,7 @@ def test_slow_link_layer_fits_but_is_no_better_keeps_unit():
     assert plan.fits and plan.offload_chunks >= 1 and plan.granularity == "unit"
     assert plan.layer is not None and plan.layer.fits
     assert _worst_gib(plan.layer.memory_bytes) > _worst_gib(plan.chosen.memory_bytes)
-    assert "does not lower the worst rank" in plan.granularity_reason
+    assert "does not lower the worst rank's memory" in plan.granularity_reason
 
 
 def test_no_offload_keeps_unit_and_both_peaks_are_equal():
