@@ -364,6 +364,8 @@ class Plan:
     # -- what the runtime needs ------------------------------------------------------------------
     @property
     def schedule(self) -> Schedule | None:
+        """The planned unit-level order with its whole-unit copies; at layer granularity the
+        runtime refines its compute order into layer entries (``policy.runtime_plan``)."""
         return None if self.chosen is None else self.chosen.schedule
 
     @property
@@ -421,6 +423,9 @@ class Plan:
 
     @property
     def offloaded_units(self) -> list[list[tuple[int, int]]]:
+        """Per rank, the units :attr:`schedule` offloads whole (the unit plan's longest-lived
+        selection). At layer granularity the runtime follows the rule instead (units of chunks
+        < K stream, those with a lifespan leave entirely): counts in :attr:`layer`."""
         return [] if self.chosen is None else self.chosen.offloaded
 
     @property

@@ -9,7 +9,7 @@ import pytest
 from megatron_offload import cli
 from megatron_offload.costmodel import GiB, JobSpec, Recompute, unit_bytes, unit_times
 from megatron_offload.hardware import Hardware
-from megatron_offload.planner import plan_job, score_layer_granularity
+from megatron_offload.planner import _Search, plan_job, score_layer_granularity
 
 JOB = JobSpec(num_layers=16, hidden_size=2048, num_attention_heads=16, seq_length=4096, dtype="bf16", micro_batch_size=1,
               global_batch_size=16, pipeline_model_parallel_size=4, virtual_stages=2, hidden_dropout=0.0, attention_dropout=0.0,
@@ -73,6 +73,7 @@ def test_last_stage_fits_only_with_layer_streaming():
     assert plan.offload_policy() == ("full", None)
     assert max(plan.memory_bytes) <= plan.budget_bytes < min(plan.chosen.memory_bytes[1], unit_only.floor_bytes[1])
     assert plan.layer.streamed_units[1] == LAST_STAGE_JOB.microbatches and plan.layer.offloaded_units[1] == 0
+    assert plan.layer.offloaded_units == [LAST_STAGE_JOB.microbatches, 0]  # rank 0's units all have a lifespan
     assert "fits only with layer streaming" in plan.granularity_reason
 
 
@@ -143,6 +144,24 @@ def test_without_streaming_the_layer_peak_is_the_unit_peak(job):
     assert score.copies == [0] * job.pp and score.slowdown == pytest.approx(0.0, abs=1e-9)
     assert score.activation_bytes == pytest.approx(plan.chosen.activation_bytes, rel=1e-9)
     assert score.makespan == pytest.approx(plan.chosen.makespan, rel=1e-9)
+
+
+@pytest.mark.parametrize("k", [0.25, 1.0])
+@pytest.mark.parametrize("job, shape, chunks", [
+    (JOB, ("interleaved", 4), 1), (JOB, ("interleaved", 4), 2), (JOB, ("gis", 4), 1), (JOB, ("gis", 2), 2),
+    (LAST_STAGE_JOB, ("1f1b", None), 1)], ids=["interleaved-K1", "interleaved-K2", "gis4-K1", "gis2-K2", "1f1b"])
+def test_on_a_fast_link_streaming_layers_never_holds_more(job, shape, chunks, k):
+    """k <= 1: per rank, the layer peak with the units of chunks < K streaming is at most the
+    unit peak with every unit of chunks < K a candidate for whole-unit offload (1F1B's last
+    rank, whose units cannot leave, still gains: its layers stream)."""
+    search = _Search(job, hardware_for(k, job), float("inf"), float("inf"), 64 * 1024, None, layer_scores=1)
+    setting = search.setting(job.recompute, 0)
+    unit = search.unit_at(*shape, setting, chunks)
+    layer = search.layer_score(*shape, setting, chunks)
+    assert all(lay <= uni * (1 + 1e-9) for lay, uni in zip(layer.activation_bytes, unit.activation_bytes))
+    if shape[0] == "1f1b":
+        assert layer.activation_bytes[-1] < unit.activation_bytes[-1]
+    assert layer.slowdown == pytest.approx(0.0, abs=1e-9)
 
 
 @pytest.mark.parametrize("k", [0.5, 1.5])
