@@ -473,6 +473,11 @@ class Plan:
         gib = lambda values: [round(x / GiB, 3) for x in values]  # noqa: E731
         peaks = self.granularity_peaks()
         layer = chosen.layer
+        slowdown = lambda makespan: round(makespan / self.baseline_iteration_time_s - 1.0, 5)  # noqa: E731
+        # At layer granularity: the layer score; when nothing streams (peaks["layer"] is the
+        # unit's), the unit plan's; when not scored, None.
+        layer_memory = layer.memory_bytes if layer is not None else None if peaks["layer"] is None else chosen.memory_bytes
+        layer_time = layer.makespan if layer is not None else None if peaks["layer"] is None else chosen.makespan
         return {
             "fits": self.fits,
             "k": round(chosen.setting.k, 4),
@@ -489,11 +494,9 @@ class Plan:
             "predicted_peak_activation_gib_unit": gib(peaks["unit"]),
             "predicted_peak_activation_gib_layer": None if peaks["layer"] is None else gib(peaks["layer"]),
             "predicted_peak_memory_gib_unit": gib(chosen.memory_bytes),
-            "predicted_peak_memory_gib_layer": (gib(layer.memory_bytes) if layer is not None
-                                                else None if peaks["layer"] is None else gib(chosen.memory_bytes)),
-            "predicted_slowdown_unit": round(chosen.makespan / self.baseline_iteration_time_s - 1.0, 5),
-            "predicted_slowdown_layer": (round(layer.makespan / self.baseline_iteration_time_s - 1.0, 5) if layer is not None
-                                         else None if peaks["layer"] is None else round(chosen.makespan / self.baseline_iteration_time_s - 1.0, 5)),
+            "predicted_peak_memory_gib_layer": None if layer_memory is None else gib(layer_memory),
+            "predicted_slowdown_unit": slowdown(chosen.makespan),
+            "predicted_slowdown_layer": None if layer_time is None else slowdown(layer_time),
             "layer_streaming": None if layer is None else {
                 "chunks": layer.chunks, "streamed_units_per_rank": layer.streamed_units,
                 "offloaded_units_per_rank": layer.offloaded_units, "copies_per_rank_simulated": layer.copies,
@@ -803,6 +806,7 @@ class _Search:
         """(plan, granularity, reason); see :func:`plan_job`."""
         tol = self.layer_tolerance
         reason = ""
+        granularity = "unit"
         if best is not None and best.offload_chunks > 0 and refine:
             score = self.layer_score(best.kind, best.group_size, best.setting, best.offload_chunks)
             if score is None:
@@ -820,10 +824,11 @@ class _Search:
                     reason = (f"unit: layer streaming does not lower the worst rank's memory ({worst_layer / GiB:.2f} GiB vs "
                               f"{worst_unit / GiB:.2f} GiB)")
                 else:
-                    return best, "layer", (f"layer: lowers the worst rank's memory from {worst_unit / GiB:.2f} to {worst_layer / GiB:.2f} GiB "
-                                           f"at {score.slowdown:+.2%}, with the same offload chunks (K = {best.offload_chunks})")
+                    granularity = "layer"
+                    reason = (f"layer: lowers the worst rank's memory from {worst_unit / GiB:.2f} to {worst_layer / GiB:.2f} GiB "
+                              f"at {score.slowdown:+.2%}, with the same offload chunks (K = {best.offload_chunks})")
         # Faster combinations (or any, when nothing fits) that fit only with layer streaming.
-        limit = best.makespan if best is not None else math.inf
+        limit = math.inf if best is None else best.layer.makespan if granularity == "layer" else best.makespan
         pairs = []
         floor: dict[tuple, float] = {}  # a shape's makespan only grows up the recompute ladder
         for setting in settings:
@@ -852,12 +857,14 @@ class _Search:
             candidate = self.unit_at(kind, group, setting, self.job.vpp)
             candidate.layer = score
             why = ("nothing fits at unit granularity" if best is None
-                   else f"faster than the unit plan ({best.label()}, {best.makespan:.3f} s)")
+                   else f"faster than the {granularity} plan ({best.label()}, {limit:.3f} s)")
             return candidate, "layer", (f"layer: {candidate.kind}{'' if candidate.group_size is None else f' g={candidate.group_size}'}"
                                         f", recompute {setting.recompute.label} fits only with layer streaming "
                                         f"({max(score.memory_bytes) / GiB:.2f} GiB on the worst rank, "
                                         f"{score.slowdown:+.2%}): {why}")
         what = "a faster combination" if best is not None else "the job"
+        if granularity == "layer":
+            return best, "layer", reason
         if tried:
             reason = (reason + "; " if reason else "unit: ") + (
                 f"layer streaming of every chunk does not make {what} fit ({'; '.join(tried)})")

@@ -77,6 +77,23 @@ def test_last_stage_fits_only_with_layer_streaming():
     assert "fits only with layer streaming" in plan.granularity_reason
 
 
+def test_layer_streaming_replaces_the_recompute_fallback():
+    """k = 2, a budget whole-unit offload meets only with recomputation (as in
+    test_planner.test_recompute_fallback_when_offload_cannot_reach_the_budget): streaming the
+    layers fits without recomputation, so the plan is faster."""
+    hardware = hardware_for(2.0)
+    tiny = plan_job(JOB, hardware, memory_budget_gib=0.5, remedies=False, granularities=("unit",), **MEGATRON_ONLY)
+    at_floor = plan_job(JOB, hardware, memory_budget_gib=max(tiny.floor_bytes) / GiB, remedies=False, granularities=("unit",),
+                        **MEGATRON_ONLY)
+    budget = max(tiny.floor_bytes) / GiB + at_floor.missing_bytes / GiB - 0.3
+    unit_only = plan_job(JOB, hardware, memory_budget_gib=budget, families=("megatron",), granularities=("unit",))
+    assert unit_only.fits and unit_only.recompute.granularity != "none" and unit_only.slowdown > 0
+    plan = plan_job(JOB, hardware, memory_budget_gib=budget, families=("megatron",))
+    assert plan.fits and plan.granularity == "layer" and plan.recompute == JOB.recompute
+    assert plan.iteration_time_s < unit_only.iteration_time_s and max(plan.memory_bytes) <= plan.budget_bytes
+    assert "fits only with layer streaming" in plan.granularity_reason and "faster than the" in plan.granularity_reason
+
+
 # ---- keeping unit ---------------------------------------------------------------------------------
 
 def test_slow_link_keeps_unit():
