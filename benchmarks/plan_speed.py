@@ -51,7 +51,7 @@ def measure(name: str, job: JobSpec, gpu: str, budget: float | None, repeat: int
             chosen = plan.chosen or plan.baseline
             best = {
                 "job": name, "gpu": gpu, "budget_gib": round(plan.budget_bytes / GiB, 2), "fits": plan.fits,
-                "schedule": chosen.kind, "group_size": chosen.group_size, "offload_chunks": chosen.offload_chunks,
+                "schedule": chosen.kind, "group_size": chosen.group_size, "offload_chunks": plan.offload_chunks,
                 "recompute": chosen.setting.recompute.label, "k": round(chosen.setting.k, 3),
                 "granularity": getattr(plan, "granularity", "unit"), "layer_scores": getattr(plan, "layer_scores", 0),
                 "worst_gib": round(max(getattr(plan, "memory_bytes", chosen.memory_bytes)) / GiB, 2),

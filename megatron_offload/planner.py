@@ -864,6 +864,17 @@ class _Search:
                                         f"{score.slowdown:+.2%}): {why}")
         what = "a faster combination" if best is not None else "the job"
         if granularity == "layer":
+            # Fewer streamed chunks (less host memory and link traffic) if they meet the same rule.
+            worst_unit = max(best.memory_bytes)
+            while best.layer.chunks > 1 and self.layer_runs < self.layer_budget:
+                fewer = self.layer_score(best.kind, best.group_size, best.setting, best.layer.chunks - 1)
+                if (fewer is None or not fewer.fits or fewer.slowdown > tol or fewer.makespan > best.makespan * (1 + tol)
+                        or max(fewer.memory_bytes) >= worst_unit - 2**20):
+                    break
+                best.layer = fewer
+                reason = (f"layer: lowers the worst rank's memory from {worst_unit / GiB:.2f} to "
+                          f"{max(fewer.memory_bytes) / GiB:.2f} GiB at {fewer.slowdown:+.2%}, streaming fewer chunks "
+                          f"(K = {fewer.chunks}) than the unit plan offloads (K = {best.offload_chunks})")
             return best, "layer", reason
         if tried:
             reason = (reason + "; " if reason else "unit: ") + (
@@ -968,7 +979,9 @@ def plan_job(
        it becomes a ``layer`` plan when that fits, lowers the worst rank's predicted memory
        and keeps the iteration time within the tolerance (of the same schedule without
        copies and of the unit plan); otherwise it stays ``unit`` (the reason says which
-       condition failed: a link too slow to hide per-layer copies, no lower peak, ...);
+       condition failed: a link too slow to hide per-layer copies, no lower peak, ...). With
+       simulations left after step 2, a layer plan then streams fewer chunks (K - 1, ...)
+       while that still meets the same rule (less host memory and link traffic);
     2. combinations faster than the plan (or all, when nothing fits at unit granularity;
        recompute levels whose floor with one layer resident fits), fastest first, are scored
        with every chunk streaming; the first that fits within the tolerance and is faster

@@ -61,6 +61,17 @@ def test_fast_link_with_offload_chooses_layer_and_lowers_every_rank():
     assert "granularity layer: lowers the worst rank's memory" in " ".join(plan.reasons)
 
 
+def test_layer_streaming_may_need_fewer_chunks_than_unit_offload():
+    hardware = hardware_for(0.5)
+    budget = 0.75 * _as_given_gib(JOB, hardware)
+    unit_only = plan_job(JOB, hardware, memory_budget_gib=budget, granularities=("unit",), **MEGATRON_ONLY)
+    assert unit_only.fits and unit_only.offload_chunks == 2
+    plan = plan_job(JOB, hardware, memory_budget_gib=budget, **MEGATRON_ONLY)
+    assert plan.fits and plan.granularity == "layer" and plan.offload_chunks == plan.layer.chunks == 1
+    assert plan.offload_policy() == ("chunks", 1) and max(plan.memory_bytes) < max(unit_only.memory_bytes)
+    assert "streaming fewer chunks (K = 1) than the unit plan offloads (K = 2)" in plan.granularity_reason
+
+
 def test_last_stage_fits_only_with_layer_streaming():
     hardware = Hardware(name="fast", gpu_memory_gib=80.0, achieved_tflops=200.0, host_link_gbps=100.0, host_memory_gib=1024.0)
     unit_only = plan_job(LAST_STAGE_JOB, hardware, memory_budget_gib=8.0, granularities=("unit",), remedies=False, **MEGATRON_ONLY)
