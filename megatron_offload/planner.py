@@ -11,7 +11,10 @@ of hardware (:class:`~megatron_offload.hardware.Hardware`):
 - the offload set: none, or units of model chunks < K for K = 1..v, each rank offloading only the
   longest-lived units it needs to meet the budget (:func:`schedule.offload.plan_offload` with a
   memory target; it keeps only copies the link can hide, so offload never slows compute in the
-  model).
+  model);
+- the granularity: whole units, or layer streaming (``--offload-granularity layer``), scored
+  with the layer simulator for the chosen plan and for faster combinations (see
+  :func:`plan_job`, "Granularity").
 
 Every candidate is scored with the simulator (makespan) and byte-weighted memory sweeps
 (:mod:`schedule.memory`): per rank, static state (parameters, gradients, optimizer) + working
@@ -815,8 +818,11 @@ class _Search:
             else:
                 best.layer = score
                 worst_unit, worst_layer = max(best.memory_bytes), max(score.memory_bytes)
-                if not score.fits:
+                if not score.gpu_fits:
                     reason = f"unit: layer streaming does not fit ({worst_layer / GiB:.2f} GiB on the worst rank)"
+                elif not score.host_fits:
+                    reason = (f"unit: layer streaming needs {score.host_bytes_per_node / GiB:.1f} GiB of pinned host memory per "
+                              f"node, over the host budget")
                 elif score.slowdown > tol or score.makespan > best.makespan * (1 + tol):
                     reason = (f"unit: layer streaming would slow the iteration by {score.slowdown:+.2%} (the host link cannot "
                               f"hide the per-layer copies; tolerance {tol:.1%})")
