@@ -8,7 +8,9 @@ GPT-175B-like job (96 layers, h 12288, 96 heads, seq 2048, bf16; TP 8 + SP, PP 1
 DP 8, 192 microbatches), each with the GPU's default budget, a tight budget (offload needed) and
 a budget below every plan's floor (does not fit: the remedy search re-plans the job several
 times, so that row is the slowest). Each cell is the fastest of ``--repeat`` runs, wall clock
-and CPU time of that run (CPU time is what a busy shared machine disturbs less).
+and CPU time of that run (CPU time is what a busy shared machine disturbs less). Columns: the
+plan's granularity (``gran``: unit or layer), its worst rank (GiB, at that granularity), the
+same plan at unit granularity, the job as given, and ``lay``: layer-streaming simulations run.
 """
 from __future__ import annotations
 
@@ -49,9 +51,11 @@ def measure(name: str, job: JobSpec, gpu: str, budget: float | None, repeat: int
             chosen = plan.chosen or plan.baseline
             best = {
                 "job": name, "gpu": gpu, "budget_gib": round(plan.budget_bytes / GiB, 2), "fits": plan.fits,
-                "schedule": chosen.kind, "group_size": chosen.group_size, "offload_chunks": chosen.offload_chunks,
+                "schedule": chosen.kind, "group_size": chosen.group_size, "offload_chunks": plan.offload_chunks,
                 "recompute": chosen.setting.recompute.label, "k": round(chosen.setting.k, 3),
-                "worst_gib": round(max(chosen.memory_bytes) / GiB, 2),
+                "granularity": getattr(plan, "granularity", "unit"), "layer_scores": getattr(plan, "layer_scores", 0),
+                "worst_gib": round(max(getattr(plan, "memory_bytes", chosen.memory_bytes)) / GiB, 2),
+                "worst_unit_gib": round(max(chosen.memory_bytes) / GiB, 2),
                 "worst_gib_without": round(max(plan.baseline.memory_bytes) / GiB, 2),
                 "slowdown": round(plan.slowdown, 4), "missing_gib": round(plan.missing_bytes / GiB, 2),
                 "remedy": plan.remedy.change if plan.remedy else None, "candidates": plan.evaluated,
@@ -61,14 +65,14 @@ def measure(name: str, job: JobSpec, gpu: str, budget: float | None, repeat: int
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'job':<11}{'gpu':<9}{'budget':>7}{'fits':>6} {'plan':<34}{'k':>6}{'worst':>7}{'w/o':>7}{'slow':>7}{'cand':>5}"
-             f"{'wall s':>8}{'cpu s':>7}"]
+    lines = [f"{'job':<11}{'gpu':<9}{'budget':>7}{'fits':>6} {'plan':<34}{'gran':>6}{'k':>6}{'worst':>7}{'unit':>7}{'w/o':>7}"
+             f"{'slow':>7}{'cand':>5}{'lay':>4}{'wall s':>8}{'cpu s':>7}"]
     for r in rows:
         g = f" g={r['group_size']}" if r["group_size"] and r["schedule"] != "1f1b" else ""
         plan = f"{r['schedule']}{g} K={r['offload_chunks']} rc={r['recompute']}"
-        lines.append(f"{r['job']:<11}{r['gpu']:<9}{r['budget_gib']:>7.1f}{str(r['fits']):>6} {plan:<34}{r['k']:>6.2f}"
-                     f"{r['worst_gib']:>7.1f}{r['worst_gib_without']:>7.1f}{r['slowdown']:>7.1%}{r['candidates']:>5}"
-                     f"{r['wall_s']:>8.3f}{r['cpu_s']:>7.3f}")
+        lines.append(f"{r['job']:<11}{r['gpu']:<9}{r['budget_gib']:>7.1f}{str(r['fits']):>6} {plan:<34}{r['granularity']:>6}{r['k']:>6.2f}"
+                     f"{r['worst_gib']:>7.1f}{r['worst_unit_gib']:>7.1f}{r['worst_gib_without']:>7.1f}{r['slowdown']:>7.1%}"
+                     f"{r['candidates']:>5}{r['layer_scores']:>4}{r['wall_s']:>8.3f}{r['cpu_s']:>7.3f}")
         if not r["fits"]:
             lines.append(f"{'':<26}does not fit: {r['missing_gib']} GiB missing; remedy: {r['remedy']}")
     return "\n".join(lines)

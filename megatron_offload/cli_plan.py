@@ -5,9 +5,19 @@ Paste the Megatron-LM arguments of the job you run and name the GPU:
     megatron-offload plan --num-layers 80 --hidden-size 8192 ... --bf16 --gpu h100-80g
 
 Megatron-LM flags the planner does not use are accepted and listed as ignored. Prints a table
-per pipeline rank (activation memory without and with the plan, static and host memory), the
-predicted iteration time and slowdown, and the choice with its reasons; ``--json`` prints one
-JSON object instead; ``--out FILE.svg|png`` draws the planned schedule. Pure Python (no torch).
+per pipeline rank (activation memory without the plan and with it at unit and at layer
+granularity, static and host memory), the predicted iteration time and slowdown, and the choice
+with its reasons; ``--json`` prints one JSON object instead; ``--out FILE.svg|png`` draws the
+planned schedule. Pure Python (no torch).
+
+Granularity: the planner also scores layer streaming (--offload-granularity layer: each
+transformer layer's activations move on their own) with the layer simulator, and picks it when
+it lowers the worst rank's predicted memory, or makes the job (or a faster schedule) fit,
+without adding more than 1% to the iteration time. The JSON key "granularity" is the choice;
+"predicted_peak_activation_gib" and "predicted_peak_memory_gib" (per rank) are predicted at
+that granularity, "predicted_peak_activation_gib_unit" / "..._layer" at each (layer: null when
+not scored); the PLAN line's flags include --offload-granularity layer when chosen.
+
 Exit status: 0 when the job fits, 1 when it does not, 2 for bad flags.
 """
 from __future__ import annotations
@@ -144,7 +154,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     auto.add_argument("--offload-policy", choices=("auto", "none", "full", "chunks"),
                       help="accepted from a pasted job's flags; the report always shows policy auto")
     out = parser.add_argument_group("output")
-    out.add_argument("--json", action="store_true", help="print one JSON object")
+    out.add_argument("--json", action="store_true",
+                     help="print one JSON object; per-rank predictions are at the plan's granularity (key granularity), "
+                          "both granularities in predicted_peak_activation_gib_unit / _layer")
     out.add_argument("--out", help="draw the planned schedule: FILE.svg or FILE.png (needs matplotlib)")
     parser.set_defaults(_parser=parser)
     return parser
@@ -237,7 +249,8 @@ def run(args) -> int:
         from .schedule.render import render_figure
 
         chosen = plan.chosen or plan.baseline
-        render_figure(chosen.simulation, args.out, title=f"planned: {chosen.label()}")
+        title = f"planned: {plan.label()}" + (" (drawn per unit)" if plan.granularity == "layer" else "")
+        render_figure(chosen.simulation, args.out, title=title)
     auto_refused = auto is not None and args.offload_memory_budget_gib is not None and not auto.fits
     if args.json:
         report = plan.to_json()
@@ -306,6 +319,40 @@ def format_auto(auto, plan=None) -> list[str]:
     return lines
 
 
+def recommended_flags(plan) -> list[str]:
+    """The offload flags that run ``plan`` (plus Megatron's recompute flags when the plan
+    changes the recomputation)."""
+    chosen = plan.chosen or plan.baseline
+    policy, chunks = plan.offload_policy()
+    flags = ["--offload-policy", policy]
+    if chunks:
+        flags += ["--offload-chunks", str(chunks)]
+    if plan.granularity == "layer":
+        flags += ["--offload-granularity", "layer"]
+    if chosen.kind == "gis":
+        flags += ["--offload-schedule", "gis", "--offload-group-size", str(chosen.group_size)]
+    if chosen.setting.level:
+        flags += chosen.setting.recompute.megatron_flags()
+    return flags
+
+
+def format_granularity(plan) -> str:
+    """One line: the chosen granularity, why, and the worst rank's activations at both."""
+    from .costmodel import GiB
+
+    peaks = plan.granularity_peaks()
+    worst = lambda values: "not scored" if values is None else f"{max(values) / GiB:.2f} GiB"  # noqa: E731
+    layer = plan.layer
+    tail = ""
+    if layer is not None:
+        tail = (f"; layer streaming: predicted slowdown {layer.slowdown:+.2%}, stall {max(layer.stall_s) * 1e3:.1f} ms "
+                f"(simulated on {layer.simulated_microbatches} of {plan.job.microbatches} microbatches: up to "
+                f"{max(layer.copies)} copies out per rank)")
+    return (f"granularity {plan.granularity} (--offload-granularity {plan.granularity}): peak activations on the worst rank "
+            f"{worst(peaks['unit'])} at unit, {worst(peaks['layer'])} at layer granularity; "
+            f"{plan.granularity_reason.split(': ', 1)[-1]}{tail}")
+
+
 def format_plan(plan, ignored: list[str] = (), warnings: list[str] = (), auto=None) -> str:
     from .costmodel import GiB
 
@@ -323,24 +370,27 @@ def format_plan(plan, ignored: list[str] = (), warnings: list[str] = (), auto=No
         f"({setting.typical.offloadable / GiB:.3f} GiB offloadable); forward {setting.forward_s * 1e3:.1f} ms, "
         f"backward {setting.backward_s * 1e3:.1f} ms; k = {setting.k:.3f}",
         "",
-        "rank | activations GiB     | static GiB | working | total GiB           | host GiB | offloaded",
-        "     | without  with plan  | (p+g+opt)  | GiB     | without  with plan  | pinned   | units",
+        "rank | activations GiB (*: plan)   | static GiB | working | total GiB           | host GiB | offloaded",
+        "     | without  unit     layer     | (p+g+opt)  | GiB     | without  with plan  | pinned   | units",
     ]
+    peaks = plan.granularity_peaks()
+    offloaded = plan.layer.offloaded_units if plan.granularity == "layer" else [len(units) for units in chosen.offloaded]
     for rank in range(job.pp):
+        mark = lambda granularity: "*" if plan.granularity == granularity else " "  # noqa: E731
+        layer = "      -" if peaks["layer"] is None else g(peaks["layer"][rank])
         lines.append(
-            f"{rank:>4} | {g(plan.baseline.activation_bytes[rank])}  {g(chosen.activation_bytes[rank])}    | "
+            f"{rank:>4} | {g(plan.baseline.activation_bytes[rank])}  {g(peaks['unit'][rank])}{mark('unit')}  {layer}{mark('layer')}  | "
             f"{g(setting.static[rank].total)}    | {g(setting.working[rank])} | {g(plan.baseline.memory_bytes[rank])}  "
-            f"{g(chosen.memory_bytes[rank])}    | {g(chosen.host_bytes[rank])}  | {len(chosen.offloaded[rank]):>5}"
+            f"{g(plan.memory_bytes[rank])}    | {g(plan.host_bytes[rank])}  | {offloaded[rank]:>5}"
         )
-    lines.append(f"budget {plan.budget_bytes / GiB:.2f} GiB per GPU; host {chosen.host_bytes_per_node / GiB:.1f} GiB pinned per node "
+    lines.append(f"budget {plan.budget_bytes / GiB:.2f} GiB per GPU; host {plan.host_bytes_per_node / GiB:.1f} GiB pinned per node "
                  f"of {plan.host_budget_bytes_per_node / GiB:.0f} GiB allowed")
+    lines.append(format_granularity(plan))
     lines.append(f"predicted iteration time {plan.iteration_time_s:.3f} s (as given {plan.baseline_iteration_time_s:.3f} s): "
                  f"slowdown {plan.slowdown:+.2%}")
     if plan.fits:
         policy, chunks = plan.offload_policy()
-        lines.append(f"PLAN: {chosen.label()}  [--offload-policy {policy}{f' --offload-chunks {chunks}' if chunks else ''}"
-                     f"{' --offload-schedule gis --offload-group-size ' + str(chosen.group_size) if chosen.kind == 'gis' else ''}"
-                     f"{' ' + ' '.join(setting.recompute.megatron_flags()) if setting.level else ''}]")
+        lines.append(f"PLAN: {plan.label()}, granularity {plan.granularity}  [{' '.join(recommended_flags(plan))}]")
     else:
         lines.append(f"DOES NOT FIT: {'at least ' if plan.missing_is_lower_bound else ''}{plan.missing_bytes / GiB:.2f} GiB missing on the worst rank"
                      + (f" and {plan.missing_host_bytes_per_node / GiB:.1f} GiB of host memory per node" if plan.missing_host_bytes_per_node else ""))

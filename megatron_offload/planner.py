@@ -11,7 +11,10 @@ of hardware (:class:`~megatron_offload.hardware.Hardware`):
 - the offload set: none, or units of model chunks < K for K = 1..v, each rank offloading only the
   longest-lived units it needs to meet the budget (:func:`schedule.offload.plan_offload` with a
   memory target; it keeps only copies the link can hide, so offload never slows compute in the
-  model).
+  model);
+- the granularity: whole units, or layer streaming (``--offload-granularity layer``), scored
+  with the layer simulator for the chosen plan and for faster combinations (see
+  :func:`plan_job`, "Granularity").
 
 Every candidate is scored with the simulator (makespan) and byte-weighted memory sweeps
 (:mod:`schedule.memory`): per rank, static state (parameters, gradients, optimizer) + working
@@ -47,7 +50,9 @@ from .costmodel import (
     StaticBytes,
     UnitBytes,
     layer_flops,
+    layer_terms,
     offload_ratio,
+    split_bytes,
     overhead_bytes,
     static_bytes,
     unit_bytes,
@@ -56,7 +61,9 @@ from .costmodel import (
 from .hardware import Hardware, host_memory_from_proc
 from .schedule.catalog import check_schedule_args, make_schedule
 from .schedule.costs import CostModel
-from .schedule.ir import Schedule
+from .schedule.ir import OpKind, Schedule
+from .schedule.layer_sim import plan_layer_streaming
+from .schedule.layers import LayerProfile, LinkModel, stream_sets
 from .schedule.memory import byte_peaks
 from .schedule.offload import plan_offload
 from .schedule.simulate import Simulation, simulate
@@ -70,6 +77,17 @@ byte of an H100 (989 TFLOP/s over 6.7 TB/s) that costs about 600 FLOP-equivalent
 width h per token (bf16). Used so that ``--recompute-modules layernorm`` is not free."""
 
 _TOLERANCE = 1e-6
+
+Granularity = Literal["unit", "layer"]
+GRANULARITIES: tuple[str, ...] = ("unit", "layer")
+
+DEFAULT_LAYER_SLOWDOWN_TOLERANCE = 0.01
+"""Layer streaming is chosen only when its predicted iteration time is at most 1% above the
+same schedule without copies (and above the unit-granularity plan it replaces)."""
+
+LAYER_SCORES_PER_PLAN = 3
+"""Layer-streaming simulations one :func:`plan_job` may run (each costs 0.1-0.4 s on the 70B /
+175B examples): the chosen plan's, then faster combinations that fit only with streaming."""
 
 
 def default_reserve_gib(gpu_memory_gib: float) -> float:
@@ -161,6 +179,46 @@ def _setting(job: JobSpec, hardware: Hardware, recompute: Recompute, level: int,
 # ---- candidates -----------------------------------------------------------------------------------
 
 @dataclass(kw_only=True, slots=True)
+class LayerScore:
+    """One (schedule, group size, recomputation) scored at layer granularity: every
+    transformer layer's saved activations are a sub-unit of their own
+    (:func:`schedule.layer_sim.plan_layer_streaming`, reloads as late as the host link
+    allows, copies it cannot hide skipped). Units of model chunks < :attr:`chunks` stream; of
+    those, units with a lifespan leave entirely, the others (last stage) stream all layers but
+    the last: the runtime's rule for ``--offload-policy chunks --offload-chunks K
+    --offload-granularity layer``. Byte lists are per pipeline rank."""
+
+    chunks: int
+    activation_bytes: list[float]
+    """Peak saved-activation bytes on the device (the layer simulator's true peak)."""
+    memory_bytes: list[float]
+    """Static + working + :attr:`activation_bytes`."""
+    host_bytes: list[float]
+    """Peak pinned host bytes (from each copy's start to its reload's end)."""
+    host_bytes_per_node: float
+    slowdown: float
+    """Makespan with the copies / the same layer-level order without them - 1."""
+    makespan: float
+    """Predicted iteration time: the unit simulation's time without offload x (1 + slowdown)."""
+    streamed_units: list[int]
+    """Per rank, units whose layers stream (in the job's full schedule)."""
+    offloaded_units: list[int]
+    """Per rank, units that leave the device entirely."""
+    copies: list[int]
+    """Per rank, D2H copies in the simulated iteration (:attr:`simulated_microbatches`)."""
+    stall_s: list[float]
+    simulated_microbatches: int
+    """Microbatches of the simulated schedule: the job's, or fewer with the same peak without
+    offload (the warm-up and a steady state; see :meth:`_Search.layer_score`)."""
+    gpu_fits: bool
+    host_fits: bool
+
+    @property
+    def fits(self) -> bool:
+        return self.gpu_fits and self.host_fits
+
+
+@dataclass(kw_only=True, slots=True)
 class Candidate:
     """One scored (schedule, group size, recomputation, offload) combination."""
 
@@ -184,6 +242,8 @@ class Candidate:
     host_bytes_per_node: float
     gpu_fits: bool
     host_fits: bool
+    layer: LayerScore | None = None
+    """The same combination at layer granularity, when the planner scored it."""
 
     @property
     def fits(self) -> bool:
@@ -294,10 +354,21 @@ class Plan:
     evaluated: int = 0
     """Candidates scored (simulated and swept) by this search, remedies not counted."""
     notes: list[str] = field(default_factory=list)
+    granularity: Granularity = "unit"
+    """What moves as one piece in this plan (``--offload-granularity``): ``unit`` (a chunk's
+    activations for one microbatch) or ``layer`` (each transformer layer's, streamed); the
+    headline predictions (:attr:`activation_bytes`, :attr:`memory_bytes`, :attr:`slowdown`,
+    host memory) are those of this granularity. See :func:`plan_job` for the rule."""
+    granularity_reason: str = ""
+    """Why this granularity (one sentence, also in :attr:`reasons`)."""
+    layer_scores: int = 0
+    """Layer-streaming simulations this search ran."""
 
     # -- what the runtime needs ------------------------------------------------------------------
     @property
     def schedule(self) -> Schedule | None:
+        """The planned unit-level order with its whole-unit copies; at layer granularity the
+        runtime refines its compute order into layer entries (``policy.runtime_plan``)."""
         return None if self.chosen is None else self.chosen.schedule
 
     @property
@@ -310,10 +381,54 @@ class Plan:
 
     @property
     def offload_chunks(self) -> int:
-        return 0 if self.chosen is None else self.chosen.offload_chunks
+        if self.chosen is None:
+            return 0
+        return self.chosen.layer.chunks if self.granularity == "layer" else self.chosen.offload_chunks
+
+    @property
+    def layer(self) -> LayerScore | None:
+        """The chosen candidate at layer granularity (None when not scored)."""
+        return None if self.chosen is None else self.chosen.layer
+
+    @property
+    def activation_bytes(self) -> list[float]:
+        """Per rank, the predicted peak of saved activations at the chosen granularity."""
+        chosen = self.chosen or self.baseline
+        return chosen.layer.activation_bytes if self.granularity == "layer" else chosen.activation_bytes
+
+    @property
+    def memory_bytes(self) -> list[float]:
+        """Per rank, static + working + peak activations at the chosen granularity."""
+        chosen = self.chosen or self.baseline
+        return chosen.layer.memory_bytes if self.granularity == "layer" else chosen.memory_bytes
+
+    @property
+    def host_bytes(self) -> list[float]:
+        chosen = self.chosen or self.baseline
+        return chosen.layer.host_bytes if self.granularity == "layer" else chosen.host_bytes
+
+    @property
+    def host_bytes_per_node(self) -> float:
+        chosen = self.chosen or self.baseline
+        return chosen.layer.host_bytes_per_node if self.granularity == "layer" else chosen.host_bytes_per_node
+
+    def granularity_peaks(self) -> dict[str, list[float] | None]:
+        """Per rank peak activation bytes at each granularity: ``unit`` always; ``layer`` when
+        scored, equal to ``unit`` when nothing streams (no offload, or full recomputation,
+        whose layers keep only their checkpoint inputs), else None (not scored)."""
+        chosen = self.chosen or self.baseline
+        layer = None
+        if chosen.layer is not None:
+            layer = chosen.layer.activation_bytes
+        elif chosen.offload_chunks == 0 or not _streams_layers(self.job, chosen.setting):
+            layer = chosen.activation_bytes
+        return {"unit": chosen.activation_bytes, "layer": layer}
 
     @property
     def offloaded_units(self) -> list[list[tuple[int, int]]]:
+        """Per rank, the units :attr:`schedule` offloads whole (the unit plan's longest-lived
+        selection). At layer granularity the runtime follows the rule instead (units of chunks
+        < K stream, those with a lifespan leave entirely): counts in :attr:`layer`."""
         return [] if self.chosen is None else self.chosen.offloaded
 
     @property
@@ -323,6 +438,14 @@ class Plan:
     @property
     def k(self) -> float:
         return (self.chosen or self.baseline).setting.k
+
+    def label(self) -> str:
+        """The chosen candidate in words, at the plan's granularity."""
+        chosen = self.chosen or self.baseline
+        if self.granularity != "layer":
+            return chosen.label()
+        shape = chosen.label().rsplit(", ", 1)[0]
+        return f"{shape}, stream the layers of chunks<{chosen.layer.chunks} ({sum(chosen.layer.streamed_units)} units)"
 
     def offload_policy(self) -> tuple[str, int | None]:
         """The runtime's coarse equivalent: ("none", None), ("chunks", K) or ("full", None).
@@ -336,7 +459,8 @@ class Plan:
     # -- predictions ------------------------------------------------------------------------------
     @property
     def iteration_time_s(self) -> float:
-        return (self.chosen or self.baseline).makespan
+        chosen = self.chosen or self.baseline
+        return chosen.layer.makespan if self.granularity == "layer" else chosen.makespan
 
     @property
     def baseline_iteration_time_s(self) -> float:
@@ -350,23 +474,46 @@ class Plan:
     def to_json(self) -> dict:
         chosen = self.chosen or self.baseline
         gib = lambda values: [round(x / GiB, 3) for x in values]  # noqa: E731
+        peaks = self.granularity_peaks()
+        layer = chosen.layer
+        slowdown = lambda makespan: round(makespan / self.baseline_iteration_time_s - 1.0, 5)  # noqa: E731
+        # At layer granularity: the layer score; when nothing streams (peaks["layer"] is the
+        # unit's), the unit plan's; when not scored, None.
+        layer_memory = layer.memory_bytes if layer is not None else None if peaks["layer"] is None else chosen.memory_bytes
+        layer_time = layer.makespan if layer is not None else None if peaks["layer"] is None else chosen.makespan
         return {
             "fits": self.fits,
             "k": round(chosen.setting.k, 4),
             "schedule": chosen.kind,
             "group_size": chosen.group_size,
-            "offload_chunks": chosen.offload_chunks,
-            "predicted_peak_activation_gib": gib(chosen.activation_bytes),
-            "predicted_peak_memory_gib": gib(chosen.memory_bytes),
+            "offload_chunks": self.offload_chunks,
+            "predicted_peak_activation_gib": gib(self.activation_bytes),
+            "predicted_peak_memory_gib": gib(self.memory_bytes),
             "predicted_slowdown": round(self.slowdown, 5),
-            "host_memory_gib_per_node": round(chosen.host_bytes_per_node / GiB, 3),
+            "host_memory_gib_per_node": round(self.host_bytes_per_node / GiB, 3),
             # beyond architecture.md's keys
+            "granularity": self.granularity,
+            "granularity_reason": self.granularity_reason,
+            "predicted_peak_activation_gib_unit": gib(peaks["unit"]),
+            "predicted_peak_activation_gib_layer": None if peaks["layer"] is None else gib(peaks["layer"]),
+            "predicted_peak_memory_gib_unit": gib(chosen.memory_bytes),
+            "predicted_peak_memory_gib_layer": None if layer_memory is None else gib(layer_memory),
+            "predicted_slowdown_unit": slowdown(chosen.makespan),
+            "predicted_slowdown_layer": None if layer_time is None else slowdown(layer_time),
+            "layer_streaming": None if layer is None else {
+                "chunks": layer.chunks, "streamed_units_per_rank": layer.streamed_units,
+                "offloaded_units_per_rank": layer.offloaded_units, "copies_per_rank_simulated": layer.copies,
+                "stall_s_per_rank": [round(x, 6) for x in layer.stall_s], "slowdown_vs_no_copies": round(layer.slowdown, 5),
+                "host_memory_gib_per_node": round(layer.host_bytes_per_node / GiB, 3),
+                "simulated_microbatches": layer.simulated_microbatches, "fits": layer.fits,
+            },
             "recompute": chosen.setting.recompute.label,
             "recompute_flags": chosen.setting.recompute.megatron_flags(),
             "offload_policy": list(self.offload_policy()),
-            "offloaded_units_per_rank": [len(units) for units in chosen.offloaded],
+            "offloaded_units_per_rank": (layer.offloaded_units if self.granularity == "layer"
+                                         else [len(units) for units in chosen.offloaded]),
             "offloaded_units_fraction": round(chosen.simulation.offloaded_fraction, 4),
-            "host_memory_gib_per_rank": gib(chosen.host_bytes),
+            "host_memory_gib_per_rank": gib(self.host_bytes),
             "predicted_peak_activation_gib_without": gib(self.baseline.activation_bytes),
             "predicted_peak_memory_gib_without": gib(self.baseline.memory_bytes),
             "static_memory_gib": gib([s.total for s in chosen.setting.static]),
@@ -399,19 +546,51 @@ class Plan:
             "notes": self.notes,
             "planning_s": round(self.planning_s, 4),
             "candidates_evaluated": self.evaluated,
+            "layer_scores": self.layer_scores,
         }
 
 
 # ---- search -------------------------------------------------------------------------------------------
 
+def _streams_layers(job: JobSpec, setting: Setting) -> bool:
+    """Whether layer streaming differs from unit offload: not under full recomputation (its
+    layers keep only their checkpoint inputs, which leave with the unit)."""
+    return setting.recompute.granularity != "full" and job.layers_per_chunk > 0
+
+
+def _host_peak(sim, profile: LayerProfile) -> float:
+    """Peak pinned host bytes of one rank's layer simulation: a copy holds host memory from
+    the start of its offload to the end of its reload (releases first at equal times)."""
+    events = []
+    for op, begin, end in zip(sim.ops, sim.start, sim.end):
+        if op.kind is OpKind.OFFLOAD:
+            events.append((begin, profile.sub_unit_bytes(op.chunk, op.layer, op.microbatch)))
+        elif op.kind is OpKind.RELOAD:
+            events.append((end, -profile.sub_unit_bytes(op.chunk, op.layer, op.microbatch)))
+    level = peak = 0.0
+    for _, delta in sorted(events):
+        level += delta
+        peak = max(peak, level)
+    return peak
+
+
 class _Search:
-    def __init__(self, job, hardware, budget_bytes, host_budget_node, min_offload_bytes, calibration):
+    def __init__(self, job, hardware, budget_bytes, host_budget_node, min_offload_bytes, calibration,
+                 layer_tolerance: float = DEFAULT_LAYER_SLOWDOWN_TOLERANCE, layer_scores: int = LAYER_SCORES_PER_PLAN):
         self.job, self.hardware = job, hardware
         self.budget, self.host_budget = budget_bytes, host_budget_node
         self.min_offload_bytes, self.calibration = min_offload_bytes, calibration
         self.schedules: dict[tuple[str, int | None], Schedule] = {}
         self.settings: dict[Recompute, Setting] = {}
         self.scored: list[Candidate] = []
+        self.bases: dict[tuple, Candidate] = {}
+        """(kind, group, recompute) -> the combination without offload, scored."""
+        self.layer_tolerance = layer_tolerance
+        self.layer_budget = layer_scores
+        self.layer_scores: dict[tuple, LayerScore | None] = {}
+        self.layer_runs = 0
+        self._profiles: dict[tuple, list[LayerProfile]] = {}
+        self._proxies: dict[tuple, tuple[int, Schedule]] = {}
 
     def setting(self, recompute: Recompute, level: int) -> Setting:
         if recompute not in self.settings:
@@ -472,6 +651,7 @@ class _Search:
                 if best is not None and makespan > best.makespan * (1 + _TOLERANCE):
                     break
                 candidate = self.score(kind, group, setting, base, 0, [[] for _ in range(self.job.pp)])
+                self.bases[(kind, group, setting.recompute)] = candidate
                 if candidate.fits:
                     if _better(candidate, best):
                         best = candidate
@@ -482,6 +662,234 @@ class _Search:
                 if candidate is not None and _better(candidate, best):
                     best = candidate
         return best, combos
+
+    def base(self, kind, group, setting: Setting) -> Candidate:
+        """The combination without offload, scored (cached)."""
+        key = (kind, group, setting.recompute)
+        if key not in self.bases:
+            sim = simulate(self.schedule(kind, group), setting.costs)
+            self.bases[key] = self.score(kind, group, setting, sim, 0, [[] for _ in range(self.job.pp)])
+        return self.bases[key]
+
+    # -- layer granularity ---------------------------------------------------------------------
+
+    def layer_profiles(self, setting: Setting, microbatches: int) -> list[LayerProfile]:
+        """Per rank, the cost model's bytes per transformer layer and the rest of a unit
+        (embedding / loss terms, per-unit terms, received input: the unit's bytes minus its
+        layers', so a whole unit weighs what the unit search counts), scaled like the unit's
+        bytes when measured ones calibrate them; per-layer times from the FLOPs and the
+        achieved rate (the unit's forward / backward over its layers; embedding and loss
+        compute are not modelled, as in the unit search). Copies move the ``offloadable`` part
+        (tensors of at least ``min_offload_bytes``); the rest stays."""
+        key = (setting.recompute, microbatches)
+        if key in self._profiles:
+            return self._profiles[key]
+        job, L, v = self.job, self.job.layers_per_chunk, self.job.vpp
+        layer = split_bytes(layer_terms(job, setting.recompute), self.min_offload_bytes)
+        forward = ((setting.forward_s / L,) * L,) * v
+        backward = ((setting.backward_s / L,) * L,) * v
+        profiles = []
+        for rank in range(job.pp):
+            rest, layers, moved = [], [], {}
+            for chunk in range(v):
+                unit = setting.units[rank][chunk]
+                raw = unit_bytes(job, rank, chunk, setting.recompute, self.min_offload_bytes).total if self.calibration else 0
+                factor = unit.total / raw if self.calibration and raw else 1.0
+                total, movable = layer.total * factor, layer.offloadable * factor
+                rest_total = max(0.0, unit.total - L * total)
+                rest_moved = min(rest_total, max(0.0, unit.offloadable - L * movable))
+                rest.append(rest_total)
+                layers.append((total,) * L)
+                for mb in range(microbatches):
+                    moved[(chunk, mb, None)] = rest_moved
+                    for index in range(L):
+                        moved[(chunk, mb, index)] = movable
+            profiles.append(LayerProfile(rest_bytes=tuple(rest), layer_bytes=tuple(layers), forward_time=forward,
+                                         backward_time=backward, moved_bytes=moved))
+        self._profiles[key] = profiles
+        return profiles
+
+    def proxy(self, kind, group, setting: Setting, chunks: int) -> tuple[int, Schedule]:
+        """The schedule to simulate at layer granularity: the same family and group size with
+        the fewest microbatches (rank 0's warm-up and a round of steady state, in whole groups,
+        doubled until it matches) that reproduce, on every rank, the job's
+        peak without offload and its peak with every unit of chunks < ``chunks`` away for its
+        whole life (what streaming tends to: the peak then sits where the other chunks pile
+        up, possibly later in the steady state); else the job's own schedule. The layer
+        simulator costs ~10 us per entry: 192 microbatches on 16 ranks would take seconds."""
+        key = (kind, group, setting.recompute, chunks)
+        if key in self._proxies:
+            return self._proxies[key]
+        job = self.job
+        m = job.microbatches
+        full = self.schedule(kind, group)
+        weights = [[[u.total for u in row] for row in setting.units]]
+        if chunks:
+            weights.append([[u.kept if c < chunks else u.total for c, u in enumerate(row)] for row in setting.units])
+
+        def peaks(schedule, sim=None):
+            sim = sim or simulate(schedule, setting.costs)
+            return [byte_peaks(sim, w)[0] for w in weights]
+
+        want = peaks(full, self.base(kind, group, setting).simulation)
+        step = group or job.pp
+        # Rank 0's warm-up (Megatron's: the longer one) plus a round of v g forwards of steady
+        # state, in whole groups, at least two groups.
+        warmup = (job.vpp - 1) * step + 2 * (job.pp - 1) + 1
+        count = max(2, math.ceil((warmup + job.vpp * step) / (job.vpp * step))) * step
+        result = (m, full)
+        while count < m:
+            try:
+                schedule = make_schedule(kind, job.pp, job.vpp, count, group if kind != "1f1b" else None)
+            except ValueError:
+                count += step
+                continue
+            got = peaks(schedule)
+            if all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1.0) for x, y in zip(got, want) for a, b in zip(x, y)):
+                result = (count, schedule)
+                break
+            count *= 2
+        self._proxies[key] = result
+        return result
+
+    def layer_score(self, kind, group, setting: Setting, chunks: int) -> LayerScore | None:
+        """Score (kind, group, setting) at layer granularity with units of chunks < ``chunks``
+        streaming (cached). None when the layers do not stream (full recomputation) or the
+        per-plan number of layer simulations is spent."""
+        key = (kind, group, setting.recompute, chunks)
+        if key in self.layer_scores:
+            return self.layer_scores[key]
+        if not _streams_layers(self.job, setting) or self.layer_runs >= self.layer_budget:
+            return None
+        self.layer_runs += 1
+        job = self.job
+        microbatches, schedule = self.proxy(kind, group, setting, chunks)
+        profiles = self.layer_profiles(setting, microbatches)
+        link = LinkModel(d2h_bytes_per_time=self.hardware.link_bytes_per_s)
+        result = plan_layer_streaming(schedule, job.layers_per_chunk, profiles, link, chunks=chunks,
+                                      reload_distance="auto", drop_unhidden=True)
+        sims = result.simulation.ranks
+        if microbatches < job.microbatches:
+            # Copies the D2H lane cannot drain within the rank's compute pile up over a long
+            # iteration: the short schedule would understate the peak; simulate the job's own.
+            saturated = any(sum(e - b for op, b, e in zip(r.ops, r.start, r.end) if op.kind is OpKind.OFFLOAD) > 0.9 * r.busy
+                            for r in sims)
+            if saturated:
+                microbatches, schedule = job.microbatches, self.schedule(kind, group)
+                profiles = self.layer_profiles(setting, microbatches)
+                result = plan_layer_streaming(schedule, job.layers_per_chunk, profiles, link, chunks=chunks,
+                                              reload_distance="auto", drop_unhidden=True)
+                sims = result.simulation.ranks
+        activation = list(result.simulation.peak_bytes)
+        memory = [st.total + w + a for st, w, a in zip(setting.static, setting.working, activation)]
+        host = [_host_peak(r, profiles[rank]) for rank, r in enumerate(sims)]
+        host_node = max(host) * self.hardware.gpus_per_node if host else 0.0
+        full = self.schedule(kind, group)
+        sets = [stream_sets(ops, chunks) if chunks else (set(), set()) for ops in full.ranks]
+        base = self.base(kind, group, setting)
+        score = LayerScore(
+            chunks=chunks, activation_bytes=activation, memory_bytes=memory, host_bytes=host, host_bytes_per_node=host_node,
+            slowdown=result.slowdown, makespan=base.makespan * (1.0 + result.slowdown),
+            streamed_units=[len(streamed) for streamed, _ in sets], offloaded_units=[len(gone) for _, gone in sets],
+            copies=list(result.simulation.copies), stall_s=list(result.simulation.stall), simulated_microbatches=microbatches,
+            gpu_fits=max(memory) <= self.budget, host_fits=host_node <= self.host_budget)
+        self.layer_scores[key] = score
+        return score
+
+    def unit_at(self, kind, group, setting: Setting, chunks: int) -> Candidate:
+        """The combination at unit granularity with every unit of chunks < ``chunks`` a
+        candidate (no memory target): the unit-granularity numbers next to a layer score."""
+        base = self.base(kind, group, setting)
+        if chunks == 0:
+            return base
+        return self._pass(kind, group, setting, base, chunks, None)
+
+    def choose_granularity(self, best: Candidate | None, shapes, settings: list[Setting], refine: bool = True
+                           ) -> tuple[Candidate | None, str, str]:
+        """(plan, granularity, reason); see :func:`plan_job`."""
+        tol = self.layer_tolerance
+        reason = ""
+        granularity = "unit"
+        if best is not None and best.offload_chunks > 0 and refine:
+            score = self.layer_score(best.kind, best.group_size, best.setting, best.offload_chunks)
+            if score is None:
+                reason = ("unit: layers under full recomputation keep only their checkpoint inputs, nothing to stream"
+                          if not _streams_layers(self.job, best.setting) else "unit: layer streaming not scored")
+            else:
+                best.layer = score
+                worst_unit, worst_layer = max(best.memory_bytes), max(score.memory_bytes)
+                if not score.gpu_fits:
+                    reason = f"unit: layer streaming does not fit ({worst_layer / GiB:.2f} GiB on the worst rank)"
+                elif not score.host_fits:
+                    reason = (f"unit: layer streaming needs {score.host_bytes_per_node / GiB:.1f} GiB of pinned host memory per "
+                              f"node, over the host budget")
+                elif score.slowdown > tol or score.makespan > best.makespan * (1 + tol):
+                    reason = (f"unit: layer streaming would slow the iteration by {score.slowdown:+.2%} (the host link cannot "
+                              f"hide the per-layer copies; tolerance {tol:.1%})")
+                elif worst_layer >= worst_unit - 2**20:
+                    reason = (f"unit: layer streaming does not lower the worst rank's memory ({worst_layer / GiB:.2f} GiB vs "
+                              f"{worst_unit / GiB:.2f} GiB)")
+                else:
+                    granularity = "layer"
+                    reason = (f"layer: lowers the worst rank's memory from {worst_unit / GiB:.2f} to {worst_layer / GiB:.2f} GiB "
+                              f"at {score.slowdown:+.2%}, with the same offload chunks (K = {best.offload_chunks})")
+        # Faster combinations (or any, when nothing fits) that fit only with layer streaming.
+        limit = math.inf if best is None else best.layer.makespan if granularity == "layer" else best.makespan
+        pairs = []
+        floor: dict[tuple, float] = {}  # a shape's makespan only grows up the recompute ladder
+        for setting in settings:
+            for kind, group in shapes:
+                if floor.get((kind, group), 0.0) >= limit * (1 - _TOLERANCE):
+                    continue
+                base = self.base(kind, group, setting)
+                floor[(kind, group)] = base.makespan
+                if best is not None and (kind, group, setting.recompute) == (best.kind, best.group_size, best.setting.recompute):
+                    continue
+                if base.makespan < limit * (1 - _TOLERANCE) and _streams_layers(self.job, setting):
+                    pairs.append((base.makespan, base.sort_key(), kind, group, setting))
+        pairs.sort(key=lambda item: item[:2])
+        tried = []
+        for makespan, _, kind, group, setting in pairs:
+            if self.layer_runs >= self.layer_budget:
+                break
+            score = self.layer_score(kind, group, setting, self.job.vpp)
+            if score is None:
+                continue
+            if not score.fits or score.slowdown > tol or score.makespan >= limit * (1 - _TOLERANCE):
+                tried.append(f"{kind}{'' if group is None else f' g={group}'} recompute {setting.recompute.label}: "
+                             + (f"{max(score.memory_bytes) / GiB:.2f} GiB on the worst rank" if not score.gpu_fits
+                                else "host memory over budget" if not score.host_fits else f"{score.slowdown:+.2%} slower"))
+                continue
+            candidate = self.unit_at(kind, group, setting, self.job.vpp)
+            candidate.layer = score
+            why = ("nothing fits at unit granularity" if best is None
+                   else f"faster than the {granularity} plan ({best.label()}, {limit:.3f} s)")
+            return candidate, "layer", (f"layer: {candidate.kind}{'' if candidate.group_size is None else f' g={candidate.group_size}'}"
+                                        f", recompute {setting.recompute.label} fits only with layer streaming "
+                                        f"({max(score.memory_bytes) / GiB:.2f} GiB on the worst rank, "
+                                        f"{score.slowdown:+.2%}): {why}")
+        what = "a faster combination" if best is not None else "the job"
+        if granularity == "layer":
+            # Fewer streamed chunks (less host memory and link traffic) if they meet the same rule.
+            worst_unit = max(best.memory_bytes)
+            while best.layer.chunks > 1 and self.layer_runs < self.layer_budget:
+                fewer = self.layer_score(best.kind, best.group_size, best.setting, best.layer.chunks - 1)
+                if (fewer is None or not fewer.fits or fewer.slowdown > tol or fewer.makespan > best.makespan * (1 + tol)
+                        or max(fewer.memory_bytes) >= worst_unit - 2**20):
+                    break
+                best.layer = fewer
+                reason = (f"layer: lowers the worst rank's memory from {worst_unit / GiB:.2f} to "
+                          f"{max(fewer.memory_bytes) / GiB:.2f} GiB at {fewer.slowdown:+.2%}, streaming fewer chunks "
+                          f"(K = {fewer.chunks}) than the unit plan offloads (K = {best.offload_chunks})")
+            return best, "layer", reason
+        if tried:
+            reason = (reason + "; " if reason else "unit: ") + (
+                f"layer streaming of every chunk does not make {what} fit ({'; '.join(tried)})")
+        elif not reason:
+            reason = ("unit: no offload needed" if best is not None and best.offload_chunks == 0 and not pairs
+                      else "unit: the plan offloads nothing" if best is not None and best.offload_chunks == 0
+                      else "unit: layer streaming does not make the job fit either")
+        return best, "unit", reason
 
     def _offload_search(self, kind, group, setting: Setting, baseline: Candidate) -> Candidate | None:
         """The fitting candidate with the fewest offload chunks K for one combination, or None.
@@ -539,6 +947,9 @@ def plan_job(
     measured_unit_bytes: Sequence[Sequence[float]] | None = None,
     min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES,
     remedies: bool = True,
+    granularities: Sequence[str] = GRANULARITIES,
+    layer_slowdown_tolerance: float = DEFAULT_LAYER_SLOWDOWN_TOLERANCE,
+    layer_refine: bool = True,
 ) -> Plan:
     """Plan ``job`` on ``hardware``.
 
@@ -556,6 +967,39 @@ def plan_job(
       is scaled by measured / predicted, for every recompute level.
     - ``min_offload_bytes``: the runtime's threshold; smaller saved tensors stay on the device.
     - ``remedies``: when nothing fits, re-plan with changes to find the cheapest that fits.
+    - ``granularities``: ``("unit", "layer")`` (default) also scores layer streaming;
+      ``("unit",)`` plans whole units only.
+    - ``layer_slowdown_tolerance``: the most a layer-granularity plan may add to the iteration
+      time (default 1%): over the same schedule without copies, and over the unit plan it
+      replaces.
+    - ``layer_refine``: score the fitting unit plan at layer granularity too (else only look
+      for faster combinations that fit only with layer streaming).
+
+    **Granularity** (``--offload-granularity``). The search above runs at unit granularity.
+    Then, with ``layer`` allowed (at most :data:`LAYER_SCORES_PER_PLAN` layer simulations,
+    each :meth:`_Search.layer_score`: the cost model's bytes per layer, per-layer times from
+    the FLOPs, the host link's GB/s, reloads as late as the link allows and copies it cannot
+    hide dropped):
+
+    1. a fitting plan that offloads (K chunks) is scored at layer granularity with the same K;
+       it becomes a ``layer`` plan when that fits, lowers the worst rank's predicted memory
+       and keeps the iteration time within the tolerance (of the same schedule without
+       copies and of the unit plan); otherwise it stays ``unit`` (the reason says which
+       condition failed: a link too slow to hide per-layer copies, no lower peak, ...). With
+       simulations left after step 2, a layer plan then streams fewer chunks (K - 1, ...)
+       while that still meets the same rule (less host memory and link traffic);
+    2. combinations faster than the plan (or all, when nothing fits at unit granularity;
+       recompute levels whose floor with one layer resident fits), fastest first, are scored
+       with every chunk streaming; the first that fits within the tolerance and is faster
+       becomes the plan, at ``layer`` granularity. So a job that fits only with layer
+       streaming is reported as fitting, with ``granularity == "layer"``.
+
+    Remedies (when nothing fits at either granularity) are planned at unit granularity only,
+    to keep the search fast: the change they name is enough, perhaps more than needed.
+
+    The plan's headline predictions (:attr:`Plan.activation_bytes`, memory, host, slowdown)
+    are those of its granularity; both granularities' peaks are in
+    :meth:`Plan.granularity_peaks`.
     """
     started = time.perf_counter()
     if not 0 < host_memory_fraction <= 1:
@@ -594,7 +1038,10 @@ def plan_job(
                 row.append(float(measured_unit_bytes[rank][chunk]) / predicted if predicted else 1.0)
             calibration.append(row)
 
-    search = _Search(job, hardware, budget, host_budget, min_offload_bytes, calibration)
+    granularities = tuple(granularities)
+    if "unit" not in granularities or set(granularities) - set(GRANULARITIES):
+        raise ValueError(f"--offload-granularity {','.join(granularities)}: plan with unit, or unit and layer")
+    search = _Search(job, hardware, budget, host_budget, min_offload_bytes, calibration, layer_tolerance=layer_slowdown_tolerance)
     shapes, notes = schedule_shapes(job, families)
     if not shapes:
         raise ValueError("no schedule can run this job: " + "; ".join(notes) + " (allow --offload-schedule gis, or change "
@@ -613,17 +1060,26 @@ def plan_job(
     settings = [search.setting(recompute, level) for level, recompute in enumerate(ladder)]
     viable = [setting for setting in settings if max(setting.floor) <= budget]
     best, combos = search.run(shapes, viable)
+    granularity, granularity_reason = "unit", "unit: --offload-granularity unit"
+    if "layer" in granularities:
+        # With layer streaming a rank can hold less than a whole unit: static + working + one layer.
+        layer_viable = [setting for setting in settings if max(_layer_floor(job, setting, min_offload_bytes)) <= budget]
+        best, granularity, granularity_reason = search.choose_granularity(best, shapes, layer_viable, refine=layer_refine)
     scored = sorted(search.scored, key=lambda c: (not c.fits, c.makespan, c.sort_key()))
     plan = Plan(job=job, hardware=hardware, fits=best is not None, chosen=best, baseline=baseline, budget_bytes=budget,
                 reserve_bytes=reserve_bytes, host_budget_bytes_per_node=host_budget, host_memory_source=host_source,
                 missing_bytes=0.0, missing_host_bytes_per_node=0.0, remedy=None, remedies_tried=[], reasons=[],
-                alternatives=[c for c in scored if c is not best][:8], notes=notes + [n for n in own_notes if n not in notes])
+                alternatives=[c for c in scored if c is not best][:8], notes=notes + [n for n in own_notes if n not in notes],
+                granularity=granularity, granularity_reason=granularity_reason)
     lowest = min(settings, key=lambda setting: max(setting.floor))
     plan.floor_bytes = lowest.floor
     if best is None:
         if search.scored:
             closest = min(search.scored, key=lambda c: (max(0.0, c.excess(budget)), max(0.0, c.host_bytes_per_node - host_budget), c.makespan))
             plan.chosen = closest
+            if closest.layer is None:  # scored at layer granularity too (no new simulation)
+                closest.layer = search.layer_scores.get((closest.kind, closest.group_size, closest.setting.recompute,
+                                                         closest.offload_chunks))
             plan.missing_bytes = max(0.0, closest.excess(budget))
             plan.missing_host_bytes_per_node = max(0.0, closest.host_bytes_per_node - host_budget)
         else:  # even the floor is over budget: what is missing is at least this
@@ -634,11 +1090,41 @@ def plan_job(
             plan.remedy, plan.remedies_tried = _find_remedy(job, hardware, memory_budget_gib=memory_budget_gib, reserve_gib=reserve_gib,
                                                              host_memory_gib=host_gib, host_memory_fraction=host_memory_fraction,
                                                              families=families, allow_recompute=allow_recompute,
-                                                             min_offload_bytes=min_offload_bytes)
+                                                             min_offload_bytes=min_offload_bytes, granularities=("unit",))
     plan.evaluated = len(search.scored)
+    plan.layer_scores = search.layer_runs
     plan.reasons = _reasons(plan, combos)
     plan.planning_s = time.perf_counter() - started
     return plan
+
+
+def score_layer_granularity(plan: Plan, chunks: int | None = None, *, candidate: Candidate | None = None,
+                            shape: tuple[str, int | None] | None = None, min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES,
+                            full_schedule: bool = False) -> LayerScore | None:
+    """``candidate``'s combination (default the plan's; ``shape`` = (kind, group size)
+    replaces its schedule) scored at layer granularity with the units of chunks < ``chunks``
+    streaming (default its offload chunks; 0 = nothing streams, which must reproduce the unit
+    peaks without offload), against ``plan``'s budgets, from cost-model bytes (no
+    calibration). ``full_schedule``: simulate the job's own microbatches instead of the short
+    schedule. None under full recomputation."""
+    candidate = candidate or plan.chosen or plan.baseline
+    search = _Search(plan.job, plan.hardware, plan.budget_bytes, plan.host_budget_bytes_per_node, min_offload_bytes, None,
+                     layer_scores=1)
+    setting = search.setting(candidate.setting.recompute, candidate.setting.level)
+    kind, group = shape or (candidate.kind, candidate.group_size)
+    chunks = candidate.offload_chunks if chunks is None else chunks
+    if full_schedule:
+        search._proxies[(kind, group, setting.recompute, chunks)] = (plan.job.microbatches, search.schedule(kind, group))
+    return search.layer_score(kind, group, setting, chunks)
+
+
+def _layer_floor(job: JobSpec, setting: Setting, min_offload_bytes: int) -> list[float]:
+    """Per rank, a lower bound on what a layer-streaming plan holds: static state, working
+    memory and one layer's saved activations (or the rank's smallest unit, if smaller)."""
+    if not _streams_layers(job, setting):
+        return setting.floor
+    layer = split_bytes(layer_terms(job, setting.recompute), min_offload_bytes).total
+    return [s.total + w + min(layer, min(u.total for u in row)) for s, w, row in zip(setting.static, setting.working, setting.units)]
 
 
 # ---- remedies ------------------------------------------------------------------------------------------
@@ -736,8 +1222,13 @@ def _reasons(plan: Plan, combos) -> list[str]:
         if chosen is base or (chosen.kind, chosen.group_size, chosen.setting.level, chosen.offload_chunks) == (base.kind, base.group_size, 0, 0):
             reasons.append("chosen: the job as given, no offload needed")
         else:
-            reasons.append(f"chosen: {chosen.label()}: worst rank {gib(max(chosen.memory_bytes))}, slowdown {plan.slowdown:+.2%}")
-            if chosen.offload_chunks:
+            reasons.append(f"chosen: {plan.label()}: worst rank {gib(max(plan.memory_bytes))}, slowdown {plan.slowdown:+.2%}")
+            if plan.granularity == "layer":
+                layer = chosen.layer
+                reasons.append(f"streamed units per rank: {', '.join(map(str, layer.streamed_units))}; leaving the device entirely "
+                               f"(those with a lifespan): {', '.join(map(str, layer.offloaded_units))}; host "
+                               f"{gib(layer.host_bytes_per_node)} per node")
+            elif chosen.offload_chunks:
                 per_rank = ", ".join(str(len(u)) for u in chosen.offloaded)
                 reasons.append(f"offloaded units per rank: {per_rank} (longest-lived first, chunks < {chosen.offload_chunks}); "
                                f"host {gib(chosen.host_bytes_per_node)} per node")
@@ -750,7 +1241,8 @@ def _reasons(plan: Plan, combos) -> list[str]:
         if same and not as_given:
             reasons.append(f"also fits at the same predicted time: {same[0].label()} (worst rank {gib(max(same[0].memory_bytes))}); "
                            "the plan prefers less recomputation, fewer offloaded units, then Megatron's own schedule")
-        faster = [c for c in plan.alternatives if c.makespan < chosen.makespan * (1 - _TOLERANCE)]
+        reasons.append(f"granularity {plan.granularity_reason}")
+        faster = [c for c in plan.alternatives if c.makespan < plan.iteration_time_s * (1 - _TOLERANCE)]
         if faster:
             f = min(faster, key=lambda c: c.makespan)
             reasons.append(f"faster but over budget: {f.label()} ({gib(max(f.memory_bytes))} on the worst rank)")

@@ -172,7 +172,7 @@ def test_recompute_ladder():
 def test_recompute_fallback_when_offload_cannot_reach_the_budget():
     hardware = hardware_for(2.0)
     megatron_floor = floor_gib(JOB, hardware, **MEGATRON_ONLY)
-    plan = plan_job(JOB, hardware, memory_budget_gib=megatron_floor - 0.3, families=("megatron",))
+    plan = plan_job(JOB, hardware, memory_budget_gib=megatron_floor - 0.3, families=("megatron",), granularities=("unit",))
     assert plan.fits and plan.recompute.granularity != "none" and plan.slowdown > 0
     assert "recompute" in " ".join(plan.reasons)
 
