@@ -61,6 +61,12 @@ def _tensors(obj) -> list[torch.Tensor]:
 
 
 class ActivationOffloader:
+    planned_copies = False
+    """False: the offloader decides when copies run (offload right after a unit's forward,
+    reload --offload-prefetch ops ahead). True: only :meth:`offload` / :meth:`reload` start
+    copies, at the positions a planned schedule gives (``runtime/executor.py``); a unit still
+    offloaded when its backward starts is then reloaded on the spot (a plan without its R)."""
+
     def __init__(
         self,
         config: OffloadConfig,
@@ -253,7 +259,7 @@ class ActivationOffloader:
         if unit is not None:
             self._stats.kept_shared_storages += unit.skipped_shared
             self._stats.kept_released_storages += unit.skipped_released
-        if unit is not None and offload and unit.movable:
+        if unit is not None and offload and unit.movable and not self.planned_copies:
             self._start_offload(unit)
         self._position += 1
         return result
@@ -285,6 +291,33 @@ class ActivationOffloader:
         self._outputs.pop(self._output_of_unit.pop(key, None), None)
         self._position += 1
         return result
+
+    # ------------------------------------------------- planned copies (the executor's O / R)
+    def offload(self, key: UnitKey) -> bool:
+        """Start the offload of ``key`` now (an O op of a planned schedule). The unit must have
+        run its forward in this iteration under an offload set containing it; returns False
+        when it has nothing movable (then nothing moves, and its R is a no-op too)."""
+        unit = self.store.units.get(key)
+        if unit is None or key not in self._offload_units:
+            raise ScheduleMismatchError(
+                f"{self.rank_label}O{key} planned, but unit {key} ran no forward under the "
+                "offload set of this iteration"
+            )
+        if unit.state is not UnitState.RESIDENT or not unit.movable:
+            return False
+        self._advance()
+        self._start_offload(unit)
+        return True
+
+    def reload(self, key: UnitKey) -> bool:
+        """Start the reload of ``key`` now (an R op of a planned schedule); its backward waits
+        for the copy. Returns False when the unit was not offloaded (nothing to bring back)."""
+        unit = self.store.units.get(key)
+        if unit is None or unit.state is not UnitState.OFFLOADED:
+            return False
+        self._advance()
+        self._start_reload(unit)
+        return True
 
     # ------------------------------------------------------------------------ internals
     def _expect(self, kind: OpKind, key: UnitKey) -> None:
@@ -330,6 +363,8 @@ class ActivationOffloader:
         self._host_releases = pending
 
     def _prefetch(self) -> None:
+        if self.planned_copies:
+            return
         last = min(len(self._order), self._position + 1 + self.config.prefetch_distance)
         for op in self._order[self._position + 1 : last]:
             if op.kind is OpKind.BACKWARD:
