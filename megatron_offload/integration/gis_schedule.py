@@ -23,14 +23,29 @@ Forward-only calls run the same schedule's forwards, without hooks. The no-pipel
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 from megatron_offload.config import OffloadConfig
 from megatron_offload.runtime.offloader import iteration
 from megatron_offload.schedule.costs import CostModel
 from megatron_offload.schedule.gis import gis_schedule
+from megatron_offload.schedule.megatron import megatron_schedule
 from megatron_offload.schedule.ir import OpKind, Schedule
 from megatron_offload.schedule.offload import plan_offload
 from megatron_offload.schedule.p2p import P2PPlan, build_plan
+
+@dataclass(slots=True)
+class ExecutorSettings:
+    """Process-wide knobs of the executor path (tests and benchmarks set them)."""
+
+    timeout_s: float = 300.0
+    """How long a rank waits for one p2p message before raising PeerTimeoutError."""
+    order: str = "gis"
+    """``gis``: generalized interleaving (the product). ``megatron``: the executor runs
+    Megatron's own 1F1B / interleaved order (g = Megatron's group size), for comparisons."""
+
+
+settings = ExecutorSettings()
 
 PIPELINED = (
     "forward_backward_pipelining_without_interleaving",
@@ -48,10 +63,15 @@ def costs_for(backend: str) -> CostModel:
 
 @functools.lru_cache(maxsize=64)
 def planned_schedule(pp: int, vpp: int, microbatches: int, group_size: int, policy: str,
-                     offload_chunks: int | None, backend: str) -> tuple[Schedule, P2PPlan, P2PPlan]:
+                     offload_chunks: int | None, backend: str, order: str = "gis") -> tuple[Schedule, P2PPlan, P2PPlan]:
     """(GIS schedule with the offload pass's copies, its p2p plan, its forward-only plan);
-    raises ScheduleError (with the grid) for a schedule that would deadlock."""
-    compute = gis_schedule(pp, vpp, microbatches, group_size)
+    raises ScheduleError (with the grid) for a schedule that would deadlock. ``order``
+    ``megatron``: Megatron's 1F1B (v = 1) or interleaved order with group size ``group_size``."""
+    if order == "megatron":
+        compute = (megatron_schedule("1f1b", pp, 1, microbatches) if vpp == 1
+                   else megatron_schedule("interleaved", pp, vpp, microbatches, group_size))
+    else:
+        compute = gis_schedule(pp, vpp, microbatches, group_size)
     if policy == "none" or (policy == "chunks" and offload_chunks == 0):
         schedule = compute
     else:
@@ -97,7 +117,7 @@ def _default_pg_collection(schedules):
 def gis_schedule_function(runtime, name: str, original):
     """The replacement of Megatron's pipelined schedule function ``name``."""
     from megatron_offload.integration import megatron_core as mc
-    from megatron_offload.runtime.executor import DEFAULT_TIMEOUT_S, run_rank
+    from megatron_offload.runtime.executor import run_rank
 
     def schedule_function(**kwargs):
         if runtime.active:
@@ -119,12 +139,15 @@ def gis_schedule_function(runtime, name: str, original):
             return original(**kwargs)
         m = kwargs["num_microbatches"]
         g = min(offload_config.group_size or pp, m)
+        if settings.order == "megatron":
+            g = config.microbatch_group_size_per_vp_stage or pp
         backend = offload_config.backend
         if backend == "auto":
             param = next(chunks[0].parameters(), None)
             backend = "cuda" if param is not None and param.device.type == "cuda" else "cpu"
         schedule, plan, forward_plan = planned_schedule(
-            pp, len(chunks), m, g, offload_config.policy, offload_config.offload_chunks, backend)
+            pp, len(chunks), m, g, offload_config.policy, offload_config.offload_chunks, backend,
+            settings.order)
         pg_collection = kwargs.get("pg_collection") or _default_pg_collection(schedules)
         cp = pg_collection.cp.size() if getattr(pg_collection, "cp", None) is not None else 1
         shape = [kwargs["seq_length"], kwargs["micro_batch_size"], config.hidden_size]
@@ -145,7 +168,7 @@ def gis_schedule_function(runtime, name: str, original):
             backward_step=runtime.originals["backward_step"], call_by_name=mc.call_by_name,
             cp_group_size=cp, collect_non_loss_data=kwargs.get("collect_non_loss_data", False),
             first_val_step=kwargs.get("first_val_step"), model_type=get_model_type(chunks[0]),
-            timeout_s=getattr(runtime, "p2p_timeout_s", DEFAULT_TIMEOUT_S),
+            timeout_s=settings.timeout_s,
         )
         timers = getattr(config, "timers", None)
         if timers is not None:

@@ -286,6 +286,7 @@ def run_rank(
         else:
             output, num_tokens = step_fn()
         total_tokens += num_tokens
+        _forget_input(chunks[c])
         if step in rank_plan.sends:
             channels.produced(step, output)
             produced_at[(c, mb)] = step
@@ -363,6 +364,19 @@ def run_rank(
         if finalize is not None:
             finalize(total_tokens)
     return store
+
+
+def _forget_input(chunk) -> None:
+    """Megatron's model keeps the last input it was given (``set_input_tensor``) until its next
+    forward: after a unit's backward that would keep the unit's received activation resident
+    (reloaded, if it was offloaded). The forward is done with it: drop the model's reference,
+    so that only the unit (autograd, the executor until the backward) holds it."""
+    module = chunk
+    while not hasattr(module, "set_input_tensor") and hasattr(module, "module"):
+        module = module.module
+    setter = getattr(module, "set_input_tensor", None)
+    if setter is not None:
+        setter([None])
 
 
 def _deallocate(output) -> None:
