@@ -150,3 +150,58 @@ def _parse(text: str) -> tuple[int, str, int]:
             chunk, mb = text.split(letter)
             return int(chunk), letter, int(mb)
     raise ValueError(text)
+
+
+
+def peer_failure_worker(rank: int, port: int, report: str, mode: str, timeout_s: float = 10.0) -> None:
+    """One of two spawned ranks (not a pool worker: a pool tears down every rank when one
+    dies). PP=2 gis run where pipeline rank 1, in its third forward, exits abruptly
+    (``mode="die"``) or stops answering (``mode="hang"``); rank 0 writes the error it raised,
+    and after how long, to ``report``."""
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=120))
+    from megatron_offload.config import OffloadConfig
+    from megatron_offload.integration.gis_schedule import settings
+    from megatron_offload.integration.megatron_core import install
+    from megatron_offload.testing import reference
+    from megatron_offload.testing.gpt import TinyGPTCase, build_model
+
+    case = TinyGPTCase(pp=2, microbatches=6, num_layers=2)
+    reference.ensure_cpu_shims()
+    reference.init_parallel_state(case)
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    chunks = build_model(case)
+    settings.timeout_s = timeout_s
+    install(OffloadConfig(schedule="gis", policy="full"))
+    calls = [0]
+    original = reference._ForwardStep.__call__
+
+    def failing(self, data_iterator, model):
+        calls[0] += 1
+        if pp_rank == 1 and calls[0] == 3:
+            if mode == "die":
+                os._exit(9)
+            time.sleep(3 * timeout_s)
+        return original(self, data_iterator, model)
+
+    reference._ForwardStep.__call__ = failing
+    started = time.monotonic()
+    try:
+        reference._one_iteration(case, chunks, get_forward_backward_func(), 0, 0, pp_rank, None)
+        outcome = "no error"
+    except Exception as error:  # noqa: BLE001 - recorded for the test
+        outcome = f"{type(error).__name__} after {time.monotonic() - started:.1f} s: {error}"
+    if rank == 0:
+        with open(report + ".tmp", "w") as handle:
+            handle.write(outcome)
+        os.replace(report + ".tmp", report)
+    os._exit(0)  # skip process-group teardown with a dead or stuck peer

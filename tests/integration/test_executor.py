@@ -120,3 +120,108 @@ def test_gis_bitwise_and_peaks(pool3, pool4, pp, vpp, m):
 def test_gis_bitwise_and_peaks_sweep(pool3, pool4, pp, vpp, m):
     problems = check_matrix(_pool(3 if pp == 3 else 4, pool3, pool4), pp, vpp, m)
     assert not problems, "\n".join(problems[:30])
+
+
+def _run(pool, case, variants, iterations=3):
+    return pool.run(RUN_VARIANTS, case=case, variants=variants, iterations=iterations, timeout=300)
+
+
+def _mismatches(ranks) -> list[str]:
+    return [x for rank in ranks for result in rank[1:] for x in result["mismatches"]]
+
+
+def test_full_offload_gis_p4_v2_keeps_at_most_4_units(pool4):
+    """Acceptance: gis g = ceil(p/2), p=4, v=2, full offload: every rank <= 4 units measured,
+    against 11 on rank 0 under Megatron's interleaved schedule without offload."""
+    case = matrix_case(4, 2, 8)
+    none = OffloadConfig(policy="none", measure_memory=True, min_offload_bytes=0)
+    ranks = _run(pool4, case, [{"offload": None}, {"offload": none}, {"offload": gis("full", 2)}], 2)
+    assert not _mismatches(ranks)
+    megatron, offloaded = [], []
+    for rank in sorted(ranks, key=lambda r: r[0]["pp_rank"]):
+        # Megatron's schedule keeps its last inputs referenced (see _forget_input): count its
+        # units by the ops it ran, and check the bytes cover at least those units.
+        stats = rank[1]["stats"]
+        alive, peak = set(), 0
+        for text in stats["executed_ops"]:
+            if "F" in text:
+                alive.add(text.replace("F", ","))
+                peak = max(peak, len(alive))
+            elif "B" in text:
+                alive.discard(text.replace("B", ","))
+        megatron.append(peak)
+        assert stats["peak_saved_bytes"] >= peak * min(stats["unit_bytes"].values())
+        offloaded.append(max(measured_units(rank[2]["stats"])))
+    assert megatron == [11, 9, 7, 5]
+    assert all(units <= 4 for units in offloaded), offloaded
+    print(f"\npeak units per rank: Megatron interleaved {megatron}, gis g=2 full offload {offloaded}")
+
+
+def test_tied_embeddings_and_overlapped_grad_reduce(pool4):
+    """DDP with overlap_grad_reduce (config.grad_sync_func per chunk, small buckets) and data
+    parallelism 2, tied embeddings (finalize_model_grads' embedding all-reduce)."""
+    for case in (
+        TinyGPTCase(pp=2, vpp=2, microbatches=4, num_layers=4, tie_embeddings=True, overlap_grad_reduce=True,
+                    ddp_bucket_size=20_000),
+        TinyGPTCase(pp=4, vpp=2, microbatches=5, num_layers=8, tie_embeddings=True, microbatch_group_size=5),
+        TinyGPTCase(pp=2, microbatches=3, num_layers=2, tie_embeddings=True, overlap_grad_reduce=True),
+    ):
+        variants = [{"offload": None}, {"offload": gis("full", 1)}, {"offload": gis("full", 2)},
+                    {"offload": gis("none", case.pp)}]
+        ranks = _run(pool4, case, variants)
+        problems = _mismatches(ranks)
+        assert not problems, f"{case.label()}: " + "\n".join(problems[:10])
+
+
+def test_a_different_microbatch_count_on_each_call(pool4):
+    for case, counts in (
+        (TinyGPTCase(pp=2, vpp=2, microbatches=4, num_layers=4), [2, 6, 4]),
+        (TinyGPTCase(pp=4, microbatches=4, num_layers=4), [1, 3, 6]),  # 1F1B takes any m
+    ):
+        variants = [{"offload": None, "microbatches": counts},
+                    {"offload": gis("full", 1), "microbatches": counts},
+                    {"offload": gis("chunks1", 3), "microbatches": counts}]
+        ranks = _run(pool4, case, variants)
+        problems = _mismatches(ranks)
+        assert not problems, "\n".join(problems[:10])
+
+
+def test_forward_only_evaluation(pool4):
+    ranks = pool4.run("megatron_offload.testing.reference:run_forward_only",
+                      case=TinyGPTCase(pp=4, vpp=2, microbatches=4), offload_config=gis("full", 2))
+    assert any(rank["losses_unpatched"] for rank in ranks)
+    for rank in ranks:
+        assert rank["stats_recorded"] == 0
+        assert rank["losses_patched"] == rank["losses_unpatched"]
+
+
+
+@pytest.mark.parametrize("mode", ["die", "hang"])
+def test_a_dead_or_stuck_peer_fails_the_other_with_a_clear_error(mode):
+    """Pipeline rank 1 exits abruptly (or stops) in the middle of an iteration; rank 0 must
+    raise PeerTimeoutError naming the peer and the message within the timeout (10 s here)
+    instead of hanging."""
+    import multiprocessing
+
+    from megatron_offload.testing.executor_cases import peer_failure_worker
+    from megatron_offload.testing.pool import free_tcp_port
+
+    report = os.path.join(tempfile.mkdtemp(), "rank0.txt")
+    context = multiprocessing.get_context("spawn")
+    port = free_tcp_port()
+    procs = [context.Process(target=peer_failure_worker, args=(rank, port, report, mode), daemon=True)
+             for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    try:
+        procs[0].join(120)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+    with open(report) as handle:
+        text = handle.read()
+    assert text.startswith("PeerTimeoutError") and "pp rank 1" in text, text
+    assert float(text.split("after ")[1].split(" s")[0]) < 25, text
+    print(f"\n{mode}: {text[:300]}")
