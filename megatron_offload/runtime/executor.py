@@ -34,6 +34,7 @@ caller (``integration/gis_schedule.py``); only arguments of ``forward_step`` /
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -158,13 +159,17 @@ class _Channels:
                                f"unconsumed receives {sorted(self.recvs)}, unsent outputs {sorted(self.outputs)}")
 
     def _wait(self, work, what: str) -> None:
+        started = time.monotonic()
         try:
             work.wait(self.timeout)
         except RuntimeError as error:
-            raise PeerTimeoutError(
-                f"{self.label}{what} did not complete within {self.timeout_s:g} s: that rank died, "
-                f"hangs, or runs a different schedule ({error})"
-            ) from error
+            waited = time.monotonic() - started
+            if waited < 0.9 * self.timeout_s:
+                why = f"failed after {waited:.1f} s: the connection to that rank broke (did it die?)"
+            else:
+                why = (f"did not complete within {self.timeout_s:g} s: that rank died, hangs, or runs a "
+                       "different schedule")
+            raise PeerTimeoutError(f"{self.label}{what} {why} ({error})") from error
 
 
 def _describe(message) -> str:
