@@ -318,6 +318,9 @@ def run_rank(
                                 output_tensor_grad=output_grad, model_type=model_type, config=config)
 
         if offloader is not None:
+            if offloader.is_offloaded((c, mb)):
+                raise RuntimeError(f"{label}the backward of unit {(c, mb)} is due but the unit is still "
+                                   "offloaded: the schedule has no R op for it before its B")
             input_grad = offloader.run_backward((c, mb), step_fn)
         else:
             input_grad = step_fn()

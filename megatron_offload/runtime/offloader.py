@@ -64,8 +64,8 @@ class ActivationOffloader:
     planned_copies = False
     """False: the offloader decides when copies run (offload right after a unit's forward,
     reload --offload-prefetch ops ahead). True: only :meth:`offload` / :meth:`reload` start
-    copies, at the positions a planned schedule gives (``runtime/executor.py``); a unit still
-    offloaded when its backward starts is then reloaded on the spot (a plan without its R)."""
+    copies, at the positions a planned schedule gives (``runtime/executor.py``, which refuses
+    to run the backward of a unit still offloaded: a plan without its R)."""
 
     def __init__(
         self,
@@ -318,6 +318,11 @@ class ActivationOffloader:
         self._advance()
         self._start_reload(unit)
         return True
+
+    def is_offloaded(self, key: UnitKey) -> bool:
+        """True while ``key``'s bytes are off the device (offloaded, reload not started)."""
+        unit = self.store.units.get(key)
+        return unit is not None and unit.state is UnitState.OFFLOADED
 
     # ------------------------------------------------------------------------ internals
     def _expect(self, kind: OpKind, key: UnitKey) -> None:

@@ -107,6 +107,7 @@ def check_matrix(pool, pp: int, vpp: int, m: int) -> list[str]:
 
 FAST = [(2, 2, 2), (4, 2, 9)]
 SWEEP = [(p, v, m) for p in (2, 3, 4) for v in (1, 2, 3) for m in (p, 2 * p + 1) if (p, v, m) not in FAST]
+SWEEP += [(2, 4, 5), (4, 4, 4)]  # v = 4
 
 
 @pytest.mark.parametrize("pp, vpp, m", FAST, ids=[f"p{p}v{v}m{m}" for p, v, m in FAST])
