@@ -75,8 +75,13 @@ def variants_for(pp: int, vpp: int) -> list[tuple[str, dict]]:
 
 
 def check_matrix(pool, pp: int, vpp: int, m: int) -> list[str]:
+    return check_matrix_variants(pool, pp, vpp, m, variants_for(pp, vpp)[1:])
+
+
+def check_matrix_variants(pool, pp: int, vpp: int, m: int, variants: list) -> list[str]:
+    """Run the reference and ``variants`` [(name, variant)]; every problem found."""
     case = matrix_case(pp, vpp, m)
-    named = variants_for(pp, vpp)
+    named = [("reference", {"offload": None}), *variants]
     ranks = pool.run(RUN_VARIANTS, case=case, variants=[v for _, v in named], iterations=3, timeout=300)
     problems = []
     world = len(ranks)
@@ -85,7 +90,7 @@ def check_matrix(pool, pp: int, vpp: int, m: int) -> list[str]:
             result = rank[index]
             problems += [f"{name}: {x}" for x in result["mismatches"][:3]]
             if "group" not in variant:
-                continue
+                continue  # the executor on Megatron's order: bitwise only
             config = variant["offload"]
             schedule = planned_schedule(pp, vpp, m, min(variant["group"], m), config.policy,
                                         config.offload_chunks, "cpu")[0]
@@ -226,3 +231,15 @@ def test_a_dead_or_stuck_peer_fails_the_other_with_a_clear_error(mode):
     assert text.startswith("PeerTimeoutError") and "pp rank 1" in text, text
     assert float(text.split("after ")[1].split(" s")[0]) < 25, text
     print(f"\n{mode}: {text[:300]}")
+
+
+@pytest.mark.slow
+def test_eight_stages():
+    """p = 8 (the top of the supported range), v = 2, m = 8: bitwise and peaks = simulator."""
+    with WorkerPool(8) as pool8:
+        problems = check_matrix_variants(pool8, 8, 2, 8, [
+            ("gis-g4-full", {"offload": gis("full", 4), "group": 4}),
+            ("gis-g8-none", {"offload": gis("none", 8), "group": 8}),
+            ("gis-g1-chunks1", {"offload": gis("chunks1", 1), "group": 1}),
+        ])
+    assert not problems, "\n".join(problems[:30])
