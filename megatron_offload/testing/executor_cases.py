@@ -153,7 +153,7 @@ def _parse(text: str) -> tuple[int, str, int]:
 
 
 
-def peer_failure_worker(rank: int, port: int, report: str, mode: str, timeout_s: float = 10.0) -> None:
+def peer_failure_worker(rank: int, port: int, report: str, mode: str, timeout_s: float = 5.0) -> None:
     """One of two spawned ranks (not a pool worker: a pool tears down every rank when one
     dies). PP=2 gis run where pipeline rank 1, in its third forward, exits abruptly
     (``mode="die"``) or stops answering (``mode="hang"``); rank 0 writes the error it raised,

@@ -201,7 +201,7 @@ def test_forward_only_evaluation(pool4):
 @pytest.mark.parametrize("mode", ["die", "hang"])
 def test_a_dead_or_stuck_peer_fails_the_other_with_a_clear_error(mode):
     """Pipeline rank 1 exits abruptly (or stops) in the middle of an iteration; rank 0 must
-    raise PeerTimeoutError naming the peer and the message within the timeout (10 s here)
+    raise PeerTimeoutError naming the peer and the message within the timeout (5 s here)
     instead of hanging."""
     import multiprocessing
 
