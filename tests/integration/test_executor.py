@@ -239,3 +239,23 @@ def test_eight_stages():
             ("gis-g1-chunks1", {"offload": gis("chunks1", 1), "group": 1}),
         ])
     assert not problems, "\n".join(problems[:30])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"schedule": "zigzag"}, "--offload-schedule 'zigzag' is not a schedule"),
+        ({"group_size": 2}, "--offload-group-size 2 only applies to --offload-schedule gis"),
+        ({"schedule": "gis", "group_size": 0}, "--offload-group-size 0 must be an integer >= 1"),
+        ({"schedule": "gis", "policy": "auto", "memory_budget_gib": 1.0},
+         "--offload-policy auto is not supported with --offload-schedule gis"),
+    ],
+)
+def test_bad_schedule_flags_name_the_flag(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        OffloadConfig(**kwargs)
+
+
+def test_group_size_is_capped_at_the_microbatch_count():
+    schedule = planned_schedule(4, 2, 3, min(4, 3), "full", None, "cpu")[0]
+    assert schedule.group_size == 3 and schedule.microbatches == 3
