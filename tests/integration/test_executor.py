@@ -30,6 +30,7 @@ from megatron_offload.testing.gpt import TinyGPTCase
 from megatron_offload.testing.pool import WorkerPool, session_pool
 
 RUN_VARIANTS = "megatron_offload.testing.executor_cases:run_variants"
+RUN_CASE = "megatron_offload.testing.reference:run_case"
 POLICIES = {
     "none": dict(policy="none"),
     "chunks1": dict(policy="chunks", offload_chunks=1),
@@ -259,3 +260,30 @@ def test_bad_schedule_flags_name_the_flag(kwargs, message):
 def test_group_size_is_capped_at_the_microbatch_count():
     schedule = planned_schedule(4, 2, 3, min(4, 3), "full", None, "cpu")[0]
     assert schedule.group_size == 3 and schedule.microbatches == 3
+
+
+def _realistic_rows():
+    import test_realistic_matrix  # noqa: PLC0415 - the rows of the realistic matrix, same dir
+
+    return test_realistic_matrix
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row", range(15))
+def test_realistic_rows_under_gis(pool4, row):
+    """Every row of test_realistic_matrix (bf16 + fp32 main params, fused wgrad, overlapped
+    grad reduce and param gather, distributed optimizer, recompute, RoPE/SwiGLU/GQA, MoE,
+    sequence length changing between iterations, tied embeddings, Megatron's Adam) under
+    gis with g = max(1, p / 2) and full offload, bitwise against unpatched Megatron."""
+    from megatron_offload.testing.reference import compare_runs_per_rank
+
+    rows = _realistic_rows()
+    assert len(rows.ROWS) == 15
+    case = rows.ROWS[row].values[0]
+    config = OffloadConfig(policy="full", min_offload_bytes=0, measure_memory=True, schedule="gis",
+                           group_size=max(1, case.pp // 2))
+    pool = _pool(4, pool4)
+    reference = pool.run(RUN_CASE, case=case, iterations=3, offload_config=None, timeout=120)
+    patched = pool.run(RUN_CASE, case=case, iterations=3, offload_config=config, timeout=120)
+    problems = compare_runs_per_rank(reference, patched) + rows.check_offload_moved_bytes(patched)
+    assert not problems, f"{case.label()}: " + "\n".join(problems[:20])
