@@ -16,8 +16,10 @@ in one order, computed by both from the same schedule, one ``isend`` / ``irecv``
 earlier where the pair order requires it), sends as soon as their op ends; a rank waits for a
 receive right before the op that consumes it, and for a send only before the storage it reads
 is released (``deallocate_pipeline_outputs``, the backward of that unit, the end of the call).
-Every wait has a timeout: a dead or stuck peer raises :class:`PeerTimeoutError` naming the
-ranks and the message instead of hanging.
+On CPU (gloo) every wait has a timeout: a dead or stuck peer raises :class:`PeerTimeoutError`
+naming the ranks and the message instead of hanging; on GPUs (NCCL) the process group's
+watchdog timeout does that job (a host-side timed wait would serialize the host with the
+device).
 
 What Megatron's schedule functions do around the steps and the executor repeats: data-parallel
 grad sync disabled (``config.no_sync_func``) except for the backward of each chunk's last
@@ -161,7 +163,13 @@ class _Channels:
     def _wait(self, work, what: str) -> None:
         started = time.monotonic()
         try:
-            work.wait(self.timeout)
+            if self.device.type == "cpu":
+                work.wait(self.timeout)
+            else:
+                # NCCL: a wait with a timeout blocks the host until the transfer ends (no more
+                # overlap of kernel launches); without one it only orders the current stream,
+                # and the process group's watchdog (its own timeout) aborts on a dead peer.
+                work.wait()
         except RuntimeError as error:
             waited = time.monotonic() - started
             if waited < 0.9 * self.timeout_s:
