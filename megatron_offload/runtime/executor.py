@@ -75,7 +75,11 @@ class _Channels:
         self.outputs: dict[int, torch.Tensor] = {}
         self.recvs: dict[tuple, _Posted] = {}
         self.sends: dict[int, _Posted] = {}  # by producing step
-        self.posted_sends: list[int] = []
+        # where each of this rank's sends (by producing step) and receives (by message) sits
+        # in its pair's queue
+        self.send_index = {post.step: i for posts in plan.queues.values() for i, post in enumerate(posts) if post.send}
+        self.recv_index = {post.message: i for posts in plan.queues.values() for i, post in enumerate(posts)
+                           if not post.send}
 
     # ----------------------------------------------------------------------- posting
     def _post(self, peer: int, *, upto: int | None = None, window: int | None = None) -> None:
@@ -97,7 +101,6 @@ class _Channels:
                     break
                 work = dist.isend(tensor, group=self.group, group_dst=peer)
                 self.sends[post.step] = _Posted(work, tensor)
-                self.posted_sends.append(post.step)
                 del self.outputs[post.step]
             else:
                 if not forced and (window is None or post.step > window):
@@ -115,9 +118,7 @@ class _Channels:
         if not isinstance(tensor, torch.Tensor):
             raise RuntimeError(f"{self.label}step {step} produced {type(tensor).__name__}, not a tensor, for pp rank {peer}")
         self.outputs[step] = tensor.contiguous() if not tensor.is_contiguous() else tensor
-        queue = self.plan.queues[peer]
-        index = next(i for i, p in enumerate(queue) if p.send and p.step == step)
-        self._post(peer, upto=index)
+        self._post(peer, upto=self.send_index[step])
 
     def prefetch(self, step: int) -> None:
         """Post the receives consumed within ``lookahead`` compute steps of ``step``."""
@@ -128,9 +129,7 @@ class _Channels:
         """The input of compute step ``step``, received (waits for it)."""
         peer, message = self.plan.receives[step]
         if message not in self.recvs:
-            queue = self.plan.queues[peer]
-            index = next(i for i, p in enumerate(queue) if not p.send and p.message == message)
-            self._post(peer, upto=index)
+            self._post(peer, upto=self.recv_index[message])
         posted = self.recvs.pop(message)
         self._wait(posted.work, f"receiving {_describe(message)} from pp rank {peer}")
         return posted.tensor
@@ -228,6 +227,9 @@ def run_rank(
     if vpp != schedule.vpp or num_microbatches != schedule.microbatches:
         raise ValueError(f"schedule is for vpp={schedule.vpp}, m={schedule.microbatches}; called with {vpp} chunks, m={num_microbatches}")
     pp = schedule.pp
+    if pp_group.size() != pp or pp_group.rank() != rank:
+        raise ValueError(f"schedule for {pp} ranks run as rank {rank} of a pipeline group of size "
+                         f"{pp_group.size()} (rank {pp_group.rank()})")
     data = data_iterator if isinstance(data_iterator, list) else [data_iterator] * vpp
     label = f"[pp rank {rank}] "
     param = next(chunks[0].parameters(), None)
