@@ -40,7 +40,7 @@ def main(argv=None) -> int:
 
     case = TinyGPTCase(pp=4, vpp=2, microbatches=args.microbatches, hidden_size=args.hidden_size,
                        seq_length=args.seq_length)
-    executor = OffloadConfig(schedule="gis", policy="none")
+    executor = OffloadConfig(schedule="gis", policy="none", granularity="unit")
     named = {
         "megatron": {"offload": None},
         "executor (megatron order)": {"offload": executor, "order": "megatron"},

@@ -15,11 +15,13 @@ from typing import Literal, get_args
 OffloadPolicy = Literal["none", "full", "chunks", "auto"]
 TransferBackendName = Literal["auto", "cpu", "cuda"]
 MemoryBudgetScope = Literal["activations", "device"]
+Granularity = Literal["unit", "layer"]
 ScheduleName = Literal["megatron", "gis"]
 
 POLICIES: tuple[str, ...] = get_args(OffloadPolicy)
 BACKENDS: tuple[str, ...] = get_args(TransferBackendName)
 BUDGET_SCOPES: tuple[str, ...] = get_args(MemoryBudgetScope)
+GRANULARITIES: tuple[str, ...] = get_args(Granularity)
 SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
 
 ENABLE_FLAG = "--pipeline-offload"
@@ -90,10 +92,24 @@ class OffloadConfig:
     """Track every saved storage through weak references and report the peak of bytes
     really resident (--offload-report). Costs one Python call per saved tensor."""
 
-    prefetch_distance: int = field(
-        default=1, metadata=_flag("--offload-prefetch", type=int, metavar="OPS"))
-    """How many ops ahead a reload is started (--offload-prefetch). 1 = reload the unit
-    of the next backward when the op before it starts."""
+    granularity: Granularity = field(
+        default="layer", metadata=_flag("--offload-granularity", choices=GRANULARITIES))
+    """What moves as one piece (--offload-granularity). ``layer`` (default): each transformer
+    layer's activations are their own piece: they start moving out when the layer's forward
+    ends (while the next layer computes) and come back layer by layer in the backward, just
+    before the layer that needs them; a unit the policy offloads leaves entirely (embedding,
+    output layer and loss too) when other ops run between its forward and backward, and still
+    streams all its layers but the last when its backward follows its forward directly (last
+    pipeline stage). Layers under full recompute stream nothing. ``unit``: a (chunk,
+    microbatch) unit's activations leave after its forward and come back before its
+    backward, whole (fewer, larger copies; about two units stay resident per rank)."""
+
+    prefetch_distance: int | None = field(
+        default=None, metadata=_flag("--offload-prefetch", type=int, metavar="OPS"))
+    """How far ahead a reload starts, in ops (--offload-prefetch): with ``unit`` granularity
+    in forward/backward steps (>= 1), with ``layer`` in layer forwards/backwards (>= 0; 0 =
+    right before the layer that needs it). Default: 1 step for ``unit``; for ``layer`` 1 layer
+    on CUDA and 0 on the CPU backend, whose copies are synchronous."""
 
     host_budget_gib: float | None = field(
         default=None, metadata=_flag("--offload-host-budget-gib", type=float, metavar="GIB"))
@@ -119,7 +135,13 @@ class OffloadConfig:
 
     def __post_init__(self) -> None:
         _require_int("--offload-min-bytes", self.min_offload_bytes)
-        _require_int("--offload-prefetch", self.prefetch_distance)
+        if self.prefetch_distance is not None:
+            _require_int("--offload-prefetch", self.prefetch_distance)
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"--offload-granularity {self.granularity!r} is not a granularity; choose one "
+                f"of {', '.join(GRANULARITIES)}"
+            )
         if not isinstance(self.measure_memory, bool):
             raise ValueError(
                 f"--offload-report takes no value; OffloadConfig.measure_memory must be True "
@@ -228,15 +250,30 @@ class OffloadConfig:
                 f"--offload-min-bytes {self.min_offload_bytes} must be >= 0 (0 offloads "
                 "every non-parameter tensor)"
             )
-        if self.prefetch_distance < 1:
-            raise ValueError(
-                f"--offload-prefetch {self.prefetch_distance} must be >= 1: a reload has "
-                "to start at least one op before the backward that needs it"
-            )
+        if self.prefetch_distance is not None:
+            least = 1 if self.granularity == "unit" else 0
+            if self.prefetch_distance < least:
+                raise ValueError(
+                    f"--offload-prefetch {self.prefetch_distance} must be >= {least} with "
+                    f"--offload-granularity {self.granularity}: "
+                    + ("a unit's reload has to start at least one step before the backward "
+                       "that needs it" if least else "0 reloads right before the layer")
+                )
 
     @property
     def memory_budget_bytes(self) -> int | None:
         return None if self.memory_budget_gib is None else int(self.memory_budget_gib * 2**30)
+
+    @property
+    def unit_prefetch_distance(self) -> int:
+        """The reload distance in steps at unit granularity."""
+        return 1 if self.prefetch_distance is None else self.prefetch_distance
+
+    def layer_reload_distance(self, *, synchronous_copies: bool) -> int:
+        """The reload distance in layer entries at layer granularity."""
+        if self.prefetch_distance is not None:
+            return self.prefetch_distance
+        return 0 if synchronous_copies else 1
 
     @property
     def host_budget_bytes(self) -> int | None:
@@ -348,7 +385,7 @@ def _require_int(flag: str, value) -> None:
 
 
 __all__ = [
-    "OffloadConfig", "OffloadPolicy", "POLICIES", "BACKENDS", "BUDGET_SCOPES", "SCHEDULES",
-    "ENABLE_FLAG",
+    "OffloadConfig", "OffloadPolicy", "POLICIES", "BACKENDS", "BUDGET_SCOPES", "GRANULARITIES",
+    "SCHEDULES", "ENABLE_FLAG",
     "offload_flags", "add_offload_arguments", "offload_config_from_args",
 ]

@@ -101,6 +101,7 @@ class RowSpec:
     dtype: torch.dtype
     rope_fusion: bool
     fp8_recipe: str | None = None  # megatron-core Fp8Recipe value ("delayed", "tensorwise")
+    granularity: str = "unit"  # "layer": layer streaming (hooks on the transformer layers)
 
     @property
     def bf16(self) -> bool:
@@ -111,6 +112,8 @@ ROWS = (
     RowSpec("local_fp32", "local", torch.float32, rope_fusion=False),
     RowSpec("te_bf16_rope", "te", torch.bfloat16, rope_fusion=True),
     RowSpec("te_fp8", "te", torch.bfloat16, rope_fusion=True, fp8_recipe="delayed"),
+    RowSpec("local_fp32_layers", "local", torch.float32, rope_fusion=False, granularity="layer"),
+    RowSpec("te_bf16_rope_layers", "te", torch.bfloat16, rope_fusion=True, granularity="layer"),
 )
 ROW_NAMES = tuple(row.name for row in ROWS)
 
@@ -358,11 +361,19 @@ class _Run:
         self.offloader = offloader
         self.config = get_model_config(chunks[0])
         self.iterations: list[dict] = []
+        self.plan = None
         if offloader is not None:
-            from megatron_offload.policy import units_to_offload
+            from megatron_offload.policy import runtime_plan, units_to_offload
 
             offloader.register_model(chunks)
             self.offload_units = units_to_offload(order, offloader.config)
+            layers = 0
+            if offloader.config.granularity == "layer":
+                from megatron_offload.integration.layers import attach_layer_hooks
+
+                layers = attach_layer_hooks(offloader, chunks, self.config).layers_per_chunk
+            self.plan = runtime_plan(order, self.offload_units, offloader.config, layers,
+                                     synchronous_copies=not offloader.backend.asynchronous)
 
     def train_step(self) -> dict:
         """One iteration as Megatron-LM's ``train_step`` runs it: zero the grad buffers, the
@@ -382,7 +393,7 @@ class _Run:
         else:
             from megatron_offload.runtime.offloader import iteration
 
-            with iteration(self.offloader, self.order, self.offload_units):
+            with iteration(self.offloader, self.order, self.offload_units, plan=self.plan):
                 losses = _forward_backward(self)
         if cuda:
             torch.cuda.synchronize(self.device)
@@ -552,6 +563,7 @@ def run_row(row: RowSpec | str, device: torch.device, size: RowSize = SMALL, *,
         "row": row.name, "spec": row.layer_spec, "dtype": str(row.dtype).replace("torch.", ""),
         "fp8": None if row.fp8_recipe is None else f"hybrid/{row.fp8_recipe}",
         "rope_fusion": row.rope_fusion, "gradient_accumulation_fusion": True,
+        "granularity": row.granularity,
         "overlap_grad_reduce": True, "device": str(device), "size": asdict(size),
         "pipeline": f"rank 0 of PP={PP} VPP={VPP}, {MICROBATCHES} microbatches",
         "iterations": iterations,
@@ -588,7 +600,8 @@ def run_row(row: RowSpec | str, device: torch.device, size: RowSize = SMALL, *,
         if min_offload_bytes is None:
             min_offload_bytes = 0 if device.type == "cpu" else 64 * 1024
         offloader = ActivationOffloader(
-            OffloadConfig(policy="full", min_offload_bytes=min_offload_bytes),
+            OffloadConfig(policy="full", min_offload_bytes=min_offload_bytes,
+                          granularity=row.granularity),
             make_backend("auto", device), device_type=device.type,
             rank_label=f"[gpu row {row.name}] ",
         )

@@ -26,7 +26,8 @@ import sys
 
 USAGE = (
     "usage: python -m megatron_offload.launch SCRIPT [Megatron-LM flags] --pipeline-offload "
-    "[--offload-policy {none,full,chunks}] [--offload-chunks K] [--offload-min-bytes BYTES] "
+    "[--offload-policy {none,full,chunks,auto}] [--offload-chunks K] "
+    "[--offload-granularity {unit,layer}] [--offload-min-bytes BYTES] "
     "[--offload-backend {auto,cpu,cuda}] [--offload-prefetch OPS] [--offload-host-budget-gib "
     "GIB] [--offload-report]\n"
     "  SCRIPT: a Megatron-LM pretrain script (pretrain_gpt.py, examples/pretrain_gpt.py);\n"

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from megatron_offload.config import OffloadConfig
 from megatron_offload.schedule.ir import Op, OpKind, Schedule
+from megatron_offload.schedule.layers import expand_rank
 
 UnitKey = tuple[int, int]
 
@@ -49,28 +50,46 @@ def runtime_rank_ops(order: Sequence[Op], offload: set[UnitKey], prefetch_distan
     """One rank's ops with offload/reload inserted where the runtime issues them.
 
     The runtime (``runtime/offloader.py``) starts a unit's offload right after its forward and
-    its reload when the op ``prefetch_distance`` places before the unit's backward starts. The
-    same rule as data, so the simulator and the renderer score the schedule that runs.
+    its reload when the op ``prefetch_distance`` places before the unit's backward starts. A
+    unit whose reload would start right after its offload, with no op between them, is not
+    offloaded: the copy would come back before anything could use the memory it freed. The
+    same rule as data (:func:`schedule.layers.expand_rank` with no layers), so the simulator
+    and the renderer score the schedule that runs.
     """
-    compute = [op for op in order if op.kind in (OpKind.FORWARD, OpKind.BACKWARD)]
-    ops: list[Op] = []
-    reloaded: set[UnitKey] = set()
-    for position, op in enumerate(compute):
-        ahead = compute[position : position + 1 + prefetch_distance]
-        for later in ahead:
-            if later.kind is OpKind.BACKWARD and later.unit in offload and later.unit not in reloaded:
-                reloaded.add(later.unit)
-                ops.append(Op(OpKind.RELOAD, *later.unit))
-        ops.append(op)
-        if op.kind is OpKind.FORWARD and op.unit in offload:
-            ops.append(Op(OpKind.OFFLOAD, *op.unit))
-    return ops
+    entries = expand_rank(order, 0, streamed=offload, offloaded=offload,
+                          reload_distance=prefetch_distance)
+    return [Op(e.kind, e.chunk, e.microbatch) for e in entries]
 
 
 def runtime_schedule(compute: Schedule, config: OffloadConfig) -> Schedule:
     """``compute`` (F/B only) with the copies the runtime makes under ``config``'s policy."""
     ranks = tuple(
-        tuple(runtime_rank_ops(ops, units_to_offload(ops, config), config.prefetch_distance))
+        tuple(runtime_rank_ops(ops, units_to_offload(ops, config), config.unit_prefetch_distance))
         for ops in compute.ranks
     )
     return Schedule(ranks, compute.vpp, compute.microbatches, compute.kind, compute.group_size)
+
+
+def streamed_units(order: Sequence[Op], config: OffloadConfig, offload: set[UnitKey]) -> set[UnitKey]:
+    """At layer granularity, the units whose layers stream: ``offload`` (units that leave
+    entirely) plus, for ``full`` and ``chunks``, the policy's units without a lifespan, which
+    still stream within their own forward and backward."""
+    if config.granularity != "layer":
+        return set()
+    if config.policy in ("full", "chunks"):
+        rule = {op.unit for op in order if op.kind is OpKind.FORWARD and config.offloads_chunk(op.chunk)}
+        return rule | set(offload)
+    return set(offload)
+
+
+def runtime_plan(order: Sequence[Op], offload: set[UnitKey], config: OffloadConfig,
+                 layers_per_chunk: Sequence[int] | int = 0, *, synchronous_copies: bool) -> list:
+    """The list the runtime follows entry for entry in one iteration, copies included: unit
+    ops (:func:`runtime_rank_ops`) at ``unit`` granularity, layer ops
+    (:func:`schedule.layers.expand_rank`) at ``layer`` granularity."""
+    if config.granularity != "layer":
+        return runtime_rank_ops(order, offload, config.unit_prefetch_distance)
+    return expand_rank(
+        order, layers_per_chunk, streamed=streamed_units(order, config, offload),
+        offloaded=offload,
+        reload_distance=config.layer_reload_distance(synchronous_copies=synchronous_copies))

@@ -152,6 +152,7 @@ def offload_argv(args, *, policy: str | None = None) -> list[str]:
         else (0 if args._device == "cpu" else None),
         "--offload-backend": args.offload_backend,
         "--offload-prefetch": args.offload_prefetch,
+        "--offload-granularity": args.offload_granularity,
         "--offload-host-budget-gib": args.offload_host_budget_gib,
         # the baseline runs Megatron's own schedule: gis is then compared against it
         "--offload-schedule": None if policy == "none" else args.offload_schedule,

@@ -253,7 +253,7 @@ def auto_offload_units(runtime, name: str, kwargs, config, chunks, order, group)
     budgets = _activation_budgets(offload_config, job, chunks, rank, group)
     ranks = sorted(orders)
     overheads = [overhead_bytes(job, r) for r in range(job.pp)]
-    plan = plan_auto_offload(job, orders, budgets, prefetch_distance=offload_config.prefetch_distance,
+    plan = plan_auto_offload(job, orders, budgets, prefetch_distance=offload_config.unit_prefetch_distance,
                              min_offload_bytes=offload_config.min_offload_bytes, overhead_bytes=overheads, ranks=ranks)
     plan.notes += notes
     mine = next(choice for choice in plan.ranks if choice.rank == rank)

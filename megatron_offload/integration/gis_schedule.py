@@ -14,8 +14,10 @@ included) runs PipeOffload's generalized interleaving. Per call:
    deadlock) before any step runs; cached per shape, so a call with another microbatch count
    simply gets its own schedule;
 2. the p2p plan of that schedule (``schedule.p2p``);
-3. ``runtime.executor.run_rank`` on this rank's row, the offload runtime driven in planned
-   mode (copies only at the IR's O and R ops).
+3. ``runtime.executor.run_rank`` on this rank's row; the offload runtime follows the same
+   row as its runtime list (``--offload-granularity unit``: copies exactly at the IR's O and
+   R ops), or at ``layer`` granularity the layer-level expansion of the GIS order
+   (``policy.runtime_plan``) with the units the offload pass chose.
 
 Forward-only calls run the same schedule's forwards, without hooks. The no-pipelining function
 (PP = 1) stays Megatron's.
@@ -180,13 +182,16 @@ def gis_schedule_function(runtime, name: str, original):
             row = schedule.ranks[rank]
             order = [op for op in row if op.kind in (OpKind.FORWARD, OpKind.BACKWARD)]
             units = {op.unit for op in row if op.kind is OpKind.OFFLOAD}
+            if offload_config.granularity == "unit":
+                entries = list(row)  # the offload pass's copies, where it put them
+            else:
+                entries = mc._runtime_plan(runtime, offloader, chunks, config,
+                                           mc.RankOrder(rank=rank, ops=order), units)
             runtime.active = True
-            offloader.planned_copies = True
             try:
-                with iteration(offloader, order, units):
+                with iteration(offloader, order, units, plan=entries):
                     return run_rank(plan=plan, offloader=offloader, finalize=finalize, **common)
             finally:
-                offloader.planned_copies = False
                 runtime.active = False
         finally:
             if timers is not None:

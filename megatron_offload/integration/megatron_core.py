@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_offload.config import OffloadConfig
-from megatron_offload.policy import units_to_offload
+from megatron_offload.integration.layers import LayerHooks, attach_layer_hooks
+from megatron_offload.policy import runtime_plan, units_to_offload
 from megatron_offload.runtime.accounting import IterationStats
 from megatron_offload.runtime.offloader import ActivationOffloader, iteration
 from megatron_offload.runtime.transfer import make_backend
@@ -155,6 +156,8 @@ class OffloadRuntime:
     originals: dict = field(default_factory=dict)
     auto: dict = field(default_factory=dict)
     """Policy auto: the planner's decision per schedule shape (``integration.auto``)."""
+    layer_hooks: LayerHooks | None = None
+    """--offload-granularity layer: the hooks on the model's transformer layers."""
 
     @property
     def iteration_stats(self) -> Sequence[IterationStats]:
@@ -271,6 +274,8 @@ def uninstall() -> None:
     schedules = _schedules_module()
     for name, original in _runtime.originals.items():
         setattr(schedules, name, original)
+    if _runtime.layer_hooks is not None:
+        _runtime.layer_hooks.remove()
     if _runtime.offloader is not None:
         _runtime.offloader.close()  # returns the host pool's (pinned) memory
     _runtime = None
@@ -344,9 +349,10 @@ def _patched_schedule(runtime: OffloadRuntime, name: str, original):
         order = predict_rank_order(name, kwargs, config, len(chunks))
         offload = choose_offload_set(runtime, name, kwargs, config, chunks, order)
         offloader = _offloader_for(runtime, chunks, order.rank)
+        plan = _runtime_plan(runtime, offloader, chunks, config, order, offload)
         runtime.active = True
         try:
-            with iteration(offloader, order.ops, offload):
+            with iteration(offloader, order.ops, offload, plan=plan):
                 return original(*args, **kwargs)
         finally:
             runtime.active = False
@@ -366,6 +372,19 @@ def choose_offload_set(runtime: OffloadRuntime, name: str, kwargs, config, chunk
 
     group = None if name == "forward_backward_no_pipelining" else _pipeline_group(kwargs)
     return set(auto_offload_units(runtime, name, kwargs, config, chunks, order, group))
+
+
+def _runtime_plan(runtime: OffloadRuntime, offloader, chunks, model_config, order, offload):
+    """The entries the runtime follows this call; at layer granularity the transformer
+    layers are hooked first (every call: the model may have been rebuilt)."""
+    layers = 0
+    if runtime.config.granularity == "layer":
+        if runtime.layer_hooks is not None:
+            runtime.layer_hooks.remove()
+        runtime.layer_hooks = attach_layer_hooks(offloader, chunks, model_config)
+        layers = runtime.layer_hooks.layers_per_chunk
+    return runtime_plan(order.ops, offload, runtime.config, layers,
+                        synchronous_copies=not offloader.backend.asynchronous)
 
 
 def _offloader_for(runtime: OffloadRuntime, chunks, rank: int) -> ActivationOffloader:

@@ -85,6 +85,12 @@ class IterationStats:
     host_peak_bytes: int = 0
     """Most host bytes holding offloaded activations at once in this iteration (the need)."""
     offloaded_units: int = 0
+    """Units whose rest (everything outside the transformer layers) left the device."""
+    offloaded_subunits: int = 0
+    """Offload entries issued: one per streamed layer, one per unit rest."""
+    copies: list = field(default_factory=list)
+    """One (sub-unit 'c,m' or 'c,m.l', bytes, compute entries run while it was away,
+    seconds away) per round trip, at its reload: what each copy freed, for how long."""
     units: int = 0
     kept_shared_storages: int = 0
     """Saved storages that stayed because something besides the unit's saved tensors

@@ -7,8 +7,9 @@
   non-blocking send of the output;
 - ``B``: waits for the output gradient (if any), runs megatron-core's ``backward_step``,
   posts the non-blocking send of the input gradient;
-- ``O`` / ``R``: starts the unit's offload / reload (``ActivationOffloader.offload`` /
-  ``reload``) exactly there; the backward waits only for its own unit's copy.
+- ``O`` / ``R``: the unit's offload / reload, exactly there: the offload runtime follows the
+  same row as its runtime list (``ActivationOffloader.begin_iteration(plan=row)``) and issues
+  each copy at its entry; the backward waits only for its own unit's copy.
 
 Communication follows :mod:`schedule.p2p`: each pair of ranks posts the messages it exchanges
 in one order, computed by both from the same schedule, one ``isend`` / ``irecv`` per message
@@ -219,9 +220,10 @@ def run_rank(
     """Run ``schedule.ranks[rank]`` (``plan`` = ``schedule.p2p.build_plan(schedule,
     forward_only=forward_only)``); returns Megatron's ``forward_data_store``.
 
-    ``offloader``: an ``ActivationOffloader`` inside ``begin_iteration`` with
-    ``planned_copies`` set, or None (no hooks, O/R ops skipped). ``finalize(total_tokens)``
-    runs after the last op (finalize_model_grads); not called when ``forward_only``."""
+    ``offloader``: an ``ActivationOffloader`` inside ``begin_iteration`` whose runtime list
+    is this row (it issues the O / R entries itself), or None (no hooks, O / R skipped).
+    ``finalize(total_tokens)`` runs after the last op (finalize_model_grads); not called when
+    ``forward_only``."""
     chunks = list(model)
     vpp = len(chunks)
     if vpp != schedule.vpp or num_microbatches != schedule.microbatches:
@@ -328,9 +330,6 @@ def run_rank(
                                 output_tensor_grad=output_grad, model_type=model_type, config=config)
 
         if offloader is not None:
-            if offloader.is_offloaded((c, mb)):
-                raise RuntimeError(f"{label}the backward of unit {(c, mb)} is due but the unit is still "
-                                   "offloaded: the schedule has no R op for it before its B")
             input_grad = offloader.run_backward((c, mb), step_fn)
         else:
             input_grad = step_fn()
@@ -343,17 +342,7 @@ def run_rank(
             channels.produced(step, input_grad)
 
     try:
-        for op in schedule.ranks[rank]:
-            if op.kind is OpKind.OFFLOAD:
-                if offloader is not None and not forward_only:
-                    offloader.offload(op.unit)
-                continue
-            if op.kind is OpKind.RELOAD:
-                if offloader is not None and not forward_only:
-                    offloader.reload(op.unit)
-                continue
-            if forward_only and op.kind is OpKind.BACKWARD:
-                continue
+        for op in rank_plan.ops:  # F and B; the offloader issues the row's O and R itself
             step = step_of[op]
             channels.prefetch(step)
             if op.kind is OpKind.FORWARD:

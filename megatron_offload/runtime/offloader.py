@@ -1,14 +1,21 @@
-"""The offload runtime of one rank: follows a known op order, moves units, measures memory.
+"""The offload runtime of one rank: follows a runtime list, moves (sub-)units, measures memory.
 
-``ActivationOffloader`` is driven one step at a time by whoever runs the pipeline (the patched
-Megatron schedules today, the project's own executor later):
+``ActivationOffloader`` is driven by whoever runs the pipeline (the patched Megatron
+schedules, the project's executor) through :meth:`run_forward` / :meth:`run_backward` per
+step and, with layer streaming, the transformer-layer hooks (``layer_forward_starts`` /
+``layer_forward_ends``, and a gradient hook on each layer's output for its backward). Each
+iteration follows a runtime list (``begin_iteration(plan=...)``: ``policy.runtime_plan``,
+the same IR the simulator scores) entry for entry:
 
-- :meth:`run_forward` checks that the step is the next op of the expected order, starts the
-  reload of the next backward's unit (one op ahead, so the copy overlaps this op), runs the
-  forward under saved-tensor hooks, then starts the unit's device -> host copy and releases
-  the unit's device bytes at once (the allocator reuses them only after the copy read them);
-- :meth:`run_backward` makes sure the unit is back (compute waits only for its own copy),
-  prefetches the next one, runs the backward and forgets the unit.
+- a compute entry (a step, or a layer's forward/backward) first issues the reloads the list
+  puts before it, then checks it is the next entry; a mismatch raises;
+- after a forward entry, the offloads the list puts after it: the sub-unit's storages decided
+  so far are copied device -> host and their device bytes released at once (the allocator
+  reuses them only after the copy read them); storages decided later (a layer's input, once
+  the next layer has taken over) follow as soon as they are decided;
+- before a backward entry its sub-unit must be back (compute waits only for its own copy);
+  once back, the runtime holds no reference to its storages, so autograd frees each as soon
+  as the last node that saved it has run.
 
 A unit counted as offloaded was freed: there is no "copy started but kept" state. After a
 fault, :meth:`abort` copies every offloaded unit back before forgetting it, so tensors the
@@ -20,6 +27,7 @@ turn an overlapped copy into a stall, or worse, a use of freed memory.
 from __future__ import annotations
 
 import contextlib
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -29,8 +37,10 @@ import torch
 
 from megatron_offload.config import OffloadConfig
 from megatron_offload.runtime.accounting import IterationStats, ResidentStorageTracker
+from megatron_offload.policy import runtime_rank_ops
 from megatron_offload.runtime.store import (
     ActivationStore,
+    SubUnit,
     UnitActivations,
     UnitKey,
     UnitState,
@@ -43,6 +53,7 @@ from megatron_offload.runtime.host_pool import (
 )
 from megatron_offload.runtime.transfer import TransferBackend
 from megatron_offload.schedule.ir import Op, OpKind
+from megatron_offload.schedule.layers import LayerOp, streamed_sub_units
 
 
 STATS_HISTORY = 64
@@ -61,12 +72,6 @@ def _tensors(obj) -> list[torch.Tensor]:
 
 
 class ActivationOffloader:
-    planned_copies = False
-    """False: the offloader decides when copies run (offload right after a unit's forward,
-    reload --offload-prefetch ops ahead). True: only :meth:`offload` / :meth:`reload` start
-    copies, at the positions a planned schedule gives (``runtime/executor.py``, which refuses
-    to run the backward of a unit still offloaded: a plan without its R)."""
-
     def __init__(
         self,
         config: OffloadConfig,
@@ -94,8 +99,13 @@ class ActivationOffloader:
         self.iteration_stats: deque[IterationStats] = deque(maxlen=STATS_HISTORY)
         self.iterations_done = 0
         self._order: list[Op] = []
+        self._plan: list[LayerOp] = []
+        self._streams: dict[UnitKey, set] = {}
+        self._cursor = 0
+        self._computes = 0
+        self._layered = False
+        self._capturing: UnitActivations | None = None
         self._position = 0
-        self._offload_units: set[UnitKey] = set()
         self._in_iteration = False
         # Megatron's backward_step gets the output tensor, not the microbatch: map it back.
         self._outputs: dict[int, tuple[weakref.ref, UnitKey]] = {}
@@ -103,6 +113,9 @@ class ActivationOffloader:
         self._parameter_identity = None
         self._host_releases: list[tuple[Any, list[torch.Tensor]]] = []
         self._stats: IterationStats | None = None
+        self.entry_listener: Callable[[LayerOp], None] | None = None
+        """Called with each compute entry as it starts, after its reloads (measuring tools
+        use it to cut the iteration into the entries the simulator replays)."""
 
     def register_model(self, modules) -> None:
         """Parameters and buffers outlive every unit: their storages never move."""
@@ -112,12 +125,29 @@ class ActivationOffloader:
             self.store.add_persistent(torch.nn.Module.buffers(module))
 
     # ----------------------------------------------------------------------- iteration
-    def begin_iteration(self, order: Sequence[Op], offload_units: set[UnitKey]) -> None:
+    def begin_iteration(
+        self, order: Sequence[Op], offload_units: set[UnitKey], *,
+        plan: Sequence[Op | LayerOp] | None = None,
+    ) -> None:
+        """Start one iteration. ``order``: this rank's compute ops (F/B); ``plan``: the runtime
+        list to follow entry for entry, copies included (unit-level ``Op`` or layer-level
+        ``LayerOp`` entries); None: unit granularity, ``offload_units`` offloaded after their
+        forward and reloaded ``prefetch_distance`` ops before their backward."""
         if self._in_iteration:
             raise RuntimeError("begin_iteration called twice without end_iteration/abort")
         self._order = [op for op in order if op.kind in (OpKind.FORWARD, OpKind.BACKWARD)]
+        if plan is None:
+            plan = runtime_rank_ops(self._order, set(offload_units), self.config.unit_prefetch_distance)
+        self._plan = [LayerOp.of(entry) for entry in plan]
+        compute = [(e.kind, e.unit) for e in self._plan if e.is_compute and e.layer is None]
+        if compute != [(op.kind, op.unit) for op in self._order]:
+            raise ScheduleMismatchError(
+                f"{self.rank_label}the runtime list's unit ops differ from the rank's order")
+        self._streams = streamed_sub_units(self._plan)
+        self._layered = any(e.layer is not None for e in self._plan)
+        self._cursor = 0
+        self._computes = 0
         self._position = 0
-        self._offload_units = set(offload_units)
         self._in_iteration = True
         self._parameter_identity = preserve_saved_parameters()
         self._parameter_identity.__enter__()
@@ -128,11 +158,12 @@ class ActivationOffloader:
         )
 
     def end_iteration(self) -> IterationStats:
-        if self._position != len(self._order):
+        if self._position != len(self._order) or self._cursor != len(self._plan):
             remaining = " ".join(str(op) for op in self._order[self._position :])
             raise ScheduleMismatchError(
                 f"{self.rank_label}the schedule ended after {self._position} of "
-                f"{len(self._order)} predicted ops; never ran: {remaining}"
+                f"{len(self._order)} predicted ops; never ran: {remaining}; runtime list "
+                f"stopped at entry {self._cursor} of {len(self._plan)}"
             )
         if self.store.units:
             raise RuntimeError(
@@ -167,9 +198,10 @@ class ActivationOffloader:
                     first_error = first_error or error
         finally:
             for unit in self.store.units.values():
-                for buffer in unit.host.values():
-                    self.pool.release(buffer)
-                unit.host.clear()
+                for sub in unit.subunits.values():
+                    for buffer in sub.host.values():
+                        self.pool.release(buffer)
+                    sub.host.clear()
             for _, buffers in self._host_releases:
                 for buffer in buffers:
                     self.pool.release(buffer)
@@ -183,24 +215,23 @@ class ActivationOffloader:
 
     def _restore(self, unit: UnitActivations) -> None:
         """Synchronously bring an offloaded or reloading unit's bytes back (fault path)."""
-        if unit.state is UnitState.OFFLOADED:
-            pairs = []
-            for sid, storage in unit.movable.items():
-                storage.resize_(unit.sizes[sid])
-                pairs.append((storage, unit.host[sid]))
-            unit.h2d = self.backend.host_to_device(pairs, after=unit.d2h)
-            unit.state = UnitState.RELOADING
-        if unit.state is UnitState.RELOADING:
-            self.backend.wait_host(unit.h2d)
-            unit.state = UnitState.RESIDENT
-        elif unit.d2h is not None:
-            self.backend.wait_host(unit.d2h)
+        for sub in unit.subunits.values():
+            if sub.state is UnitState.OFFLOADED:
+                self._reload_bytes(sub)
+            if sub.state is UnitState.RELOADING:
+                self.backend.wait_host(sub.h2d)
+                sub.state = UnitState.RESIDENT
+            elif sub.d2h is not None:
+                self.backend.wait_host(sub.d2h)
 
     def _reset_iteration_state(self) -> None:
         self._in_iteration = False
         self._order = []
+        self._plan = []
+        self._streams = {}
+        self._cursor = 0
+        self._capturing = None
         self._position = 0
-        self._offload_units = set()
         self._outputs.clear()
         self._output_of_unit.clear()
         self._host_releases.clear()
@@ -229,24 +260,28 @@ class ActivationOffloader:
     def run_forward(self, key: UnitKey, inputs: Sequence, step: Callable[[], Any]) -> Any:
         """Run one forward step (``step()`` returns Megatron's ``(output, num_tokens)``)."""
         self._expect(OpKind.FORWARD, key)
-        self._advance()
-        self._prefetch()
-        self._stats.executed_ops.append(str(Op(OpKind.FORWARD, *key)))
+        self._enter(LayerOp(OpKind.FORWARD, *key))
         input_tensors = _tensors(list(inputs))
         measuring = self.tracker is not None
-        offload = key in self._offload_units
-        if offload or measuring:
-            with self.store.capture(key, offload=offload):
-                result = step()
+        streams = self._streams.get(key, set())
+        if streams or measuring or self._layered:  # layer hooks need the unit being captured
+            with self.store.capture(key, streams=streams) as unit:
+                self._capturing = unit
+                try:
+                    result = step()
+                finally:
+                    self._capturing = None
         else:
+            unit = None
             result = step()
         outputs = _tensors(result[0] if isinstance(result, tuple) else result)
         if outputs:
             self._outputs[id(outputs[0])] = (weakref.ref(outputs[0]), key)
             self._output_of_unit[key] = id(outputs[0])
-        unit = self.store.units.get(key)
         if unit is not None:
-            self.store.seal(unit, input_tensors, outputs, offload=offload)
+            unit.current = None
+            self.store.seal(unit, input_tensors, outputs)
+            self._send_decided(unit)
         if measuring:
             for t in input_tensors + outputs:
                 self.tracker.track(t.untyped_storage())
@@ -259,10 +294,45 @@ class ActivationOffloader:
         if unit is not None:
             self._stats.kept_shared_storages += unit.skipped_shared
             self._stats.kept_released_storages += unit.skipped_released
-        if unit is not None and offload and unit.movable and not self.planned_copies:
-            self._start_offload(unit)
+        self._check_layers_ran(key, OpKind.FORWARD)
+        self._offload_due(key, None)
         self._position += 1
         return result
+
+    # Layer boundaries, called by the transformer-layer hooks (integration/layers.py).
+    def layer_forward_starts(self, layer: int) -> None:
+        unit = self._capturing
+        if unit is None or not self._layered or not torch.is_grad_enabled():
+            return  # not inside a layer-granular training forward (evaluation, recompute)
+        self._enter(LayerOp(OpKind.FORWARD, *unit.key, layer))
+        self.store.decide(unit)
+        self._send_decided(unit)
+        unit.current = layer
+
+    def layer_forward_ends(self, layer: int, output) -> None:
+        unit = self._capturing
+        if unit is None or not self._layered or not torch.is_grad_enabled():
+            return
+        if unit.current != layer:
+            raise ScheduleMismatchError(
+                f"{self.rank_label}layer {layer} of unit {unit.key} ended while layer "
+                f"{unit.current} was running (nested or re-entered transformer layers)")
+        unit.current = None
+        self.store.decide(unit)
+        self._send_decided(unit)
+        self._offload_due(unit.key, layer)
+        first = _tensors(output)
+        if first and first[0].requires_grad:
+            key = unit.key
+            first[0].register_hook(lambda grad: self._layer_backward_starts(key, layer))
+
+    def _layer_backward_starts(self, key: UnitKey, layer: int) -> None:
+        if not self._in_iteration:
+            return
+        self._enter(LayerOp(OpKind.BACKWARD, *key, layer))
+        unit = self.store.units.get(key)
+        if unit is not None and layer in unit.subunits:
+            self._make_resident(unit, unit.subunits[layer])
 
     def unit_for_output(self, output) -> UnitKey:
         """The unit whose forward returned ``output`` (Megatron's backward gets no microbatch)."""
@@ -277,52 +347,19 @@ class ActivationOffloader:
 
     def run_backward(self, key: UnitKey, step: Callable[[], Any]) -> Any:
         self._expect(OpKind.BACKWARD, key)
-        self._advance()
+        self._enter(LayerOp(OpKind.BACKWARD, *key))
         unit = self.store.units.get(key)
-        if unit is not None:
-            self._make_resident(unit)
-        self._prefetch()
-        self._stats.executed_ops.append(str(Op(OpKind.BACKWARD, *key)))
+        if unit is not None and None in unit.subunits:
+            self._make_resident(unit, unit.subunits[None])
         if self.tracker is not None:
             self._sample(key, OpKind.BACKWARD, "before_backward")
         result = step()
+        self._check_layers_ran(key, OpKind.BACKWARD)
         if unit is not None:
             self.store.release(key)
         self._outputs.pop(self._output_of_unit.pop(key, None), None)
         self._position += 1
         return result
-
-    # ------------------------------------------------- planned copies (the executor's O / R)
-    def offload(self, key: UnitKey) -> bool:
-        """Start the offload of ``key`` now (an O op of a planned schedule). The unit must have
-        run its forward in this iteration under an offload set containing it; returns False
-        when it has nothing movable (then nothing moves, and its R is a no-op too)."""
-        unit = self.store.units.get(key)
-        if unit is None or key not in self._offload_units:
-            raise ScheduleMismatchError(
-                f"{self.rank_label}O{key} planned, but unit {key} ran no forward under the "
-                "offload set of this iteration"
-            )
-        if unit.state is not UnitState.RESIDENT or not unit.movable:
-            return False
-        self._advance()
-        self._start_offload(unit)
-        return True
-
-    def reload(self, key: UnitKey) -> bool:
-        """Start the reload of ``key`` now (an R op of a planned schedule); its backward waits
-        for the copy. Returns False when the unit was not offloaded (nothing to bring back)."""
-        unit = self.store.units.get(key)
-        if unit is None or unit.state is not UnitState.OFFLOADED:
-            return False
-        self._advance()
-        self._start_reload(unit)
-        return True
-
-    def is_offloaded(self, key: UnitKey) -> bool:
-        """True while ``key``'s bytes are off the device (offloaded, reload not started)."""
-        unit = self.store.units.get(key)
-        return unit is not None and unit.state is UnitState.OFFLOADED
 
     # ------------------------------------------------------------------------ internals
     def _expect(self, kind: OpKind, key: UnitKey) -> None:
@@ -341,19 +378,85 @@ class ActivationOffloader:
                 "offload plan would reload the wrong unit; report this with your schedule flags."
             )
 
-    def _start_offload(self, unit: UnitActivations) -> None:
-        pairs = []
-        for sid, storage in unit.movable.items():
-            host = self.pool.acquire(unit.sizes[sid])
-            unit.host[sid] = host
+    def _check_layers_ran(self, key: UnitKey, kind: OpKind) -> None:
+        following = self._plan[self._cursor] if self._cursor < len(self._plan) else None
+        if following is not None and following.kind is kind and following.unit == key and (
+            following.layer is not None
+        ):
+            what = "forward" if kind is OpKind.FORWARD else "backward"
+            raise ScheduleMismatchError(
+                f"{self.rank_label}the {what} of unit {key} ended before {following} ran: the "
+                f"runtime list has more layers than the hooks reported (a layer not hooked, "
+                f"or its {what} hook never fired)")
+
+    def _enter(self, entry: LayerOp) -> None:
+        """A compute entry starts: issue the reloads listed before it, check it is next."""
+        self._advance()
+        plan, cursor = self._plan, self._cursor
+        while cursor < len(plan) and plan[cursor].kind is OpKind.RELOAD:
+            self._start_reload(plan[cursor])
+            cursor += 1
+        expected = plan[cursor] if cursor < len(plan) else None
+        if expected != entry:
+            lo = max(0, cursor - 4)
+            shown = " ".join(
+                f"[{e}]" if i == cursor else str(e) for i, e in enumerate(plan[lo : cursor + 5], lo))
+            raise ScheduleMismatchError(
+                f"{self.rank_label}{entry} ran where the runtime list has "
+                f"{expected if expected else 'nothing more'} (entry {cursor}): ... {shown} ...")
+        self._cursor = cursor + 1
+        self._computes += 1
+        self._stats.executed_ops.append(str(entry))
+        if self.entry_listener is not None:
+            self.entry_listener(entry)
+
+    def _offload_due(self, key: UnitKey, layer: int | None) -> None:
+        """After a forward entry: issue the offloads the runtime list puts right after it."""
+        plan = self._plan
+        while self._cursor < len(plan):
+            entry = plan[self._cursor]
+            if entry.kind is not OpKind.OFFLOAD or entry.unit != key or entry.layer != layer:
+                break
+            self._cursor += 1
+            self._stats.executed_ops.append(str(entry))
+            unit = self.store.units.get(key)
+            if unit is None:
+                continue
+            sub = unit.sub(layer)
+            self._send(unit, sub)
+            sub.offloaded_at = (self._computes, time.perf_counter())
+            sub.state = UnitState.OFFLOADED
+            self._stats.offloaded_subunits += 1
+            if layer is None:
+                self._stats.offloaded_units += 1
+
+    def _send_decided(self, unit: UnitActivations) -> None:
+        """Copy out storages decided after their sub-unit's offload op already ran."""
+        for sub in unit.subunits.values():
+            if sub.unsent and sub.state is UnitState.OFFLOADED:
+                self._send(unit, sub)
+
+    def _send(self, unit: UnitActivations, sub: SubUnit) -> None:
+        if not sub.unsent:
+            return
+        pairs, storages, hosts = [], [], {}
+        try:
+            for sid in sub.unsent:
+                hosts[sid] = self.pool.acquire(sub.sizes[sid])
+        except BaseException:  # e.g. over the host budget: nothing moved, nothing held
+            for buffer in hosts.values():
+                self.pool.release(buffer)
+            raise
+        for sid, host in hosts.items():
+            storage = sub.movable[sid]
+            sub.host[sid] = host
             pairs.append((storage, host))
+            storages.append(storage)
+        sub.unsent.clear()
         self._stats.host_peak_bytes = max(self._stats.host_peak_bytes, self.pool.in_use_bytes)
-        unit.d2h = self.backend.device_to_host(pairs)
-        self.backend.release_sources(unit.d2h, list(unit.movable.values()))
-        unit.state = UnitState.OFFLOADED
-        self._stats.executed_ops.append(str(Op(OpKind.OFFLOAD, *unit.key)))
-        self._stats.offloaded_bytes += unit.d2h.nbytes
-        self._stats.offloaded_units += 1
+        sub.d2h = self.backend.device_to_host(pairs)
+        self.backend.release_sources(sub.d2h, storages)
+        self._stats.offloaded_bytes += sub.d2h.nbytes
 
     def _advance(self) -> None:
         """An op boundary: let the backend progress; recycle host buffers no copy reads."""
@@ -367,37 +470,46 @@ class ActivationOffloader:
                 pending.append((transfer, buffers))
         self._host_releases = pending
 
-    def _prefetch(self) -> None:
-        if self.planned_copies:
+    def _start_reload(self, entry: LayerOp) -> None:
+        self._stats.executed_ops.append(str(entry))
+        unit = self.store.units.get(entry.unit)
+        sub = None if unit is None else unit.subunits.get(entry.layer)
+        if sub is None or sub.state is not UnitState.OFFLOADED:
             return
-        last = min(len(self._order), self._position + 1 + self.config.prefetch_distance)
-        for op in self._order[self._position + 1 : last]:
-            if op.kind is OpKind.BACKWARD:
-                unit = self.store.units.get(op.unit)
-                if unit is not None and unit.state is UnitState.OFFLOADED:
-                    self._start_reload(unit)
+        self._reload_bytes(sub)
+        self._host_releases.append((sub.h2d, list(sub.host.values())))
+        sub.host.clear()
+        self._stats.reloaded_bytes += sub.h2d.nbytes
+        computes, since = sub.offloaded_at
+        self._stats.copies.append(
+            (_sub_unit_text(entry), sub.h2d.nbytes, self._computes - computes, time.perf_counter() - since))
 
-    def _start_reload(self, unit: UnitActivations) -> None:
-        self._stats.executed_ops.append(str(Op(OpKind.RELOAD, *unit.key)))
+    def _reload_bytes(self, sub: SubUnit) -> None:
         pairs = []
-        for sid, storage in unit.movable.items():
-            storage.resize_(unit.sizes[sid])
-            pairs.append((storage, unit.host[sid]))
+        for sid, storage in sub.movable.items():
+            if sid not in sub.host:  # never copied out (a fault before its copy)
+                continue
+            storage.resize_(sub.sizes[sid])
+            pairs.append((storage, sub.host[sid]))
         # The copy back waits for the copy out (still in flight when the lifespan is short).
-        unit.h2d = self.backend.host_to_device(pairs, after=unit.d2h)
-        self._host_releases.append((unit.h2d, list(unit.host.values())))
-        unit.host.clear()
-        unit.d2h = None
-        unit.state = UnitState.RELOADING
-        self._stats.reloaded_bytes += unit.h2d.nbytes
+        sub.h2d = self.backend.host_to_device(pairs, after=sub.d2h)
+        sub.d2h = None
+        sub.state = UnitState.RELOADING
 
-    def _make_resident(self, unit: UnitActivations) -> None:
-        if unit.state is UnitState.OFFLOADED:
-            self._start_reload(unit)  # not prefetched (prefetch distance 0 or first op)
-        if unit.state is UnitState.RELOADING:
-            self.backend.order_compute_after(unit.h2d)
-            unit.h2d = None
-            unit.state = UnitState.RESIDENT
+    def _make_resident(self, unit: UnitActivations, sub: SubUnit) -> None:
+        if sub.state is UnitState.OFFLOADED:
+            raise ScheduleMismatchError(
+                f"{self.rank_label}sub-unit {sub.layer} is needed but the runtime list issued "
+                "no reload for it")
+        if sub.state is UnitState.RELOADING:
+            self.backend.order_compute_after(sub.h2d)
+            sub.h2d = None
+            sub.state = UnitState.RESIDENT
+            # Back for good: let autograd free each storage as soon as the last node saving
+            # it has run, not when the whole unit's backward ends.
+            for sid in sub.movable:
+                unit.location.pop(sid, None)
+            sub.forget_storages()
 
     def _drain(self) -> None:
         for transfer, _ in self._host_releases:
@@ -407,13 +519,20 @@ class ActivationOffloader:
     @staticmethod
     def _unit_bytes(unit, inputs, outputs) -> int:
         """Bytes the unit keeps until its backward: saved storages plus the received input,
-        not the output (Megatron's send buffer, released once sent)."""
+        not the output (Megatron's send buffer, released once sent). Storages already
+        streamed out count with the size they had."""
         storages = {} if unit is None else {sid: ref() for sid, ref in unit.kept.items()}
         for t in inputs:
             storages[id(t.untyped_storage())] = t.untyped_storage()
         for t in outputs:
             storages.pop(id(t.untyped_storage()), None)
-        return sum(s.nbytes() for s in storages.values() if s is not None)
+        total = 0
+        for sid, storage in storages.items():
+            if storage is None:
+                continue
+            sub = None if unit is None else unit.where(sid)
+            total += sub.sizes[sid] if sub is not None else storage.nbytes()
+        return total
 
     def _sample(self, key: UnitKey, kind: OpKind, where: str) -> int:
         resident = self.tracker.resident_bytes()
@@ -425,10 +544,17 @@ class ActivationOffloader:
         return resident
 
 
+def _sub_unit_text(entry: LayerOp) -> str:
+    """'c,m' for a unit's rest, 'c,m.l' for layer l."""
+    text = f"{entry.chunk},{entry.microbatch}"
+    return text if entry.layer is None else f"{text}.{entry.layer}"
+
+
 @contextlib.contextmanager
-def iteration(offloader: ActivationOffloader, order: Sequence[Op], offload_units: set[UnitKey]):
+def iteration(offloader: ActivationOffloader, order: Sequence[Op], offload_units: set[UnitKey],
+              *, plan: Sequence | None = None):
     """begin/end an iteration; abort (hold nothing) if the body raises."""
-    offloader.begin_iteration(order, offload_units)
+    offloader.begin_iteration(order, offload_units, plan=plan)
     try:
         yield offloader
         offloader.end_iteration()  # its own checks failing abort too

@@ -1,18 +1,27 @@
 """Saved-tensor capture per (model chunk, microbatch) unit: what stays, what may move.
 
 A unit's forward runs inside :meth:`ActivationStore.capture`, a pair of autograd saved-tensor
-hooks. At pack time each saved tensor is screened; the decision to move a storage is taken
-once, when the forward has returned (:meth:`ActivationStore.seal`):
+hooks. A unit is made of sub-units: with layer streaming one per transformer layer (the
+runtime tells the store, from the layer hooks, which layer is running) and "the rest"
+(layer None: embedding, final norm, output layer, loss, the received input); at unit
+granularity the rest is everything. At pack time each saved tensor is screened and recorded
+with the sub-unit that saved it last (the first to need it again in the backward). A storage
+is decided at the first boundary (a layer's start or end, the forward's return) where nothing
+but this unit's saved tensors references it (:meth:`ActivationStore.decide`,
+:meth:`ActivationStore.seal`); it then moves with that sub-unit if the runtime list streams
+it. What stays:
 
-- stays on the device: parameters, views of parameters, tensor subclasses, tensors on another
-  device, tensors smaller than ``min_offload_bytes``, tensors marked with
-  :func:`mark_not_offloadable`, storages that cannot be resized, storages their owner already
-  released (Megatron's ``CheckpointWithoutOutput`` shrinks its output to 0 bytes during the
-  forward and regrows it by recompute), and storages referenced by anything besides this
-  unit's saved tensors once the forward returned (caches: autocast's weight casts, rotary
-  tables, a module's buffers; another unit can only read a storage it can reach);
-- moves: everything else, plus the received inputs the schedule handed to the forward (the
-  schedule keeps them until the backward, so they are this unit's memory).
+- parameters, views of parameters, tensor subclasses, tensors on another device, tensors
+  smaller than ``min_offload_bytes``, tensors marked with :func:`mark_not_offloadable`,
+  storages that cannot be resized, storages their owner already released (Megatron's
+  ``CheckpointWithoutOutput`` shrinks its output to 0 bytes during the forward and regrows it
+  by recompute), and storages still referenced by anything besides this unit's saved tensors
+  when the forward returned (caches: autocast's weight casts, rotary tables, a module's
+  buffers; another unit can only read a storage it can reach);
+- the chunk output (an asynchronous send may still read it).
+
+The received inputs the schedule handed to the forward always move with their sub-unit (the
+schedule keeps them until the backward, so they are this unit's memory).
 
 Moving is done on whole storages *in place*: offload copies the bytes out and shrinks the
 storage to zero bytes; reload grows it back and copies the bytes in. Every alias of the storage
@@ -135,22 +144,52 @@ class UnitState(enum.Enum):
     RELOADING = "reloading"  # storages regrown; the H2D copy may still be in flight
 
 
+SubKey = int | None
+"""A sub-unit of a unit: a transformer layer's index in its chunk, or None for the rest
+(embedding, final norm, output layer, loss, the received input)."""
+
+
+@dataclass(slots=True, eq=False)
+class SubUnit:
+    """The storages one layer (or the rest) of a unit moves, and where its bytes are."""
+
+    layer: SubKey
+    streams: bool = False
+    """The runtime list offloads this sub-unit (its storages are moved when decided)."""
+    state: UnitState = UnitState.RESIDENT
+    movable: dict[int, torch.UntypedStorage] = field(default_factory=dict)
+    """Storages this sub-unit moves, by id (strong references: a storage shrunk to zero bytes
+    costs nothing, and holding it is what lets it be grown back in place)."""
+    sizes: dict[int, int] = field(default_factory=dict)
+    host: dict[int, torch.Tensor] = field(default_factory=dict)
+    unsent: list[int] = field(default_factory=list)
+    """Decided to move, not copied yet (its offload op has not come)."""
+    d2h: object | None = None
+    """The latest device -> host copy of this sub-unit (copies of one stream run in order)."""
+    offloaded_at: tuple[int, float] = (0, 0.0)
+    """(compute entries run, perf_counter) when its offload op ran."""
+    h2d: object | None = None
+
+
+    def forget_storages(self) -> None:
+        """Drop the strong references (the bytes are back and no copy reads them)."""
+        self.movable.clear()
+        self.host.clear()
+
+
 @dataclass(slots=True, eq=False)
 class UnitActivations:
     key: UnitKey
     state: UnitState = UnitState.CAPTURING
-    movable: dict[int, torch.UntypedStorage] = field(default_factory=dict)
-    """Storages this unit moves, by id (strong references: a storage shrunk to zero bytes
-    costs nothing, and holding it is what lets it be grown back in place)."""
-    sizes: dict[int, int] = field(default_factory=dict)
-    host: dict[int, torch.Tensor] = field(default_factory=dict)
-    d2h: object | None = None
-    """The device -> host copy of this unit (until its host copy has been read back)."""
-    h2d: object | None = None
-    candidates: dict[int, torch.UntypedStorage] = field(default_factory=dict)
-    """While capturing: storages that passed the pack-time screen, decided at seal."""
+    subunits: dict[SubKey, SubUnit] = field(default_factory=dict)
+    current: SubKey = None
+    """While capturing: the sub-unit whose forward runs (None outside the layers)."""
+    pending: dict[int, torch.UntypedStorage] = field(default_factory=dict)
+    """While capturing: storages that passed the pack-time screen and are not decided yet."""
+    owner: dict[int, SubKey] = field(default_factory=dict)
+    """The last sub-unit that saved each storage: the first to need it in the backward."""
     holders: Counter = field(default_factory=Counter)
-    """While capturing: how many saved tensors of this unit hold each storage."""
+    """How many saved tensors of this unit hold each storage."""
     vetoed: set[int] = field(default_factory=set)
     kept: dict[int, weakref.ref] = field(default_factory=dict)
     """Every storage the unit's saved tensors use (measuring only), movable or not."""
@@ -158,6 +197,30 @@ class UnitActivations:
     """Candidate storages already released by their owner when the forward returned."""
     skipped_shared: int = 0
     """Candidate storages referenced outside this unit's saved tensors (caches)."""
+    location: dict[int, SubKey] = field(default_factory=dict)
+    """Which sub-unit moves each movable storage."""
+
+    def sub(self, layer: SubKey) -> SubUnit:
+        sub = self.subunits.get(layer)
+        if sub is None:
+            sub = self.subunits[layer] = SubUnit(layer)
+        return sub
+
+    @property
+    def movable(self) -> dict[int, torch.UntypedStorage]:
+        """Every storage the unit moves, all sub-units together."""
+        out: dict[int, torch.UntypedStorage] = {}
+        for sub in self.subunits.values():
+            out.update(sub.movable)
+        return out
+
+    def where(self, sid: int) -> SubUnit | None:
+        """The sub-unit that moves storage ``sid`` (None: it stays)."""
+        layer = self.location.get(sid, _NOWHERE)
+        return None if layer is _NOWHERE else self.subunits[layer]
+
+
+_NOWHERE = object()
 
 
 class _Held:
@@ -218,13 +281,17 @@ class ActivationStore:
 
     # --------------------------------------------------------------------------- capture
     @contextlib.contextmanager
-    def capture(self, key: UnitKey, *, offload: bool):
-        """Run a unit's forward under saved-tensor hooks (``offload``: screen candidates)."""
+    def capture(self, key: UnitKey, *, streams: set[SubKey] = frozenset()):
+        """Run a unit's forward under saved-tensor hooks; ``streams``: the sub-units the
+        runtime list offloads (their candidates are screened and decided)."""
         if key in self.units:
             raise RuntimeError(f"unit (chunk, microbatch) = {key} captured twice in one iteration")
         unit = UnitActivations(key=key)
+        for layer in streams:
+            unit.sub(layer).streams = True
         self.units[key] = unit
         tracker = self.tracker
+        offload = bool(streams)
 
         def pack(t: torch.Tensor):
             if isinstance(t, torch.nn.Parameter):
@@ -242,7 +309,8 @@ class ActivationStore:
                 sid = id(storage)
                 unit.holders[sid] += 1
                 if self._screen(t, storage):
-                    unit.candidates.setdefault(sid, storage)
+                    unit.pending.setdefault(sid, storage)
+                    unit.owner[sid] = unit.current
                 else:
                     unit.vetoed.add(sid)
             return held
@@ -252,22 +320,19 @@ class ActivationStore:
                 _check_version(held)
                 _note_unpacked_parameter(held.tensor)
                 return held.tensor
-            unit_ = held.unit
-            if unit_.state not in (UnitState.RESIDENT, UnitState.CAPTURING) and (
-                id(held.tensor.untyped_storage()) in unit_.movable
-            ):
+            sub = held.unit.where(id(held.tensor.untyped_storage()))
+            if sub is not None and sub.state in (UnitState.OFFLOADED, UnitState.RELOADING):
+                where = "" if sub.layer is None else f", layer {sub.layer}"
                 raise RuntimeError(
-                    f"activation of unit (chunk, microbatch) = {unit_.key} used while "
-                    f"{unit_.state.value}: its reload was not issued before its backward "
-                    "(schedule order and offload plan disagree)"
+                    f"activation of unit (chunk, microbatch) = {held.unit.key}{where} used "
+                    f"while {sub.state.value}: its reload was not issued before its backward "
+                    "(runtime list and execution order disagree)"
                 )
             _check_version(held)
             return held.tensor
 
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield unit
-        if unit.state is UnitState.CAPTURING:
-            unit.state = UnitState.RESIDENT
 
     def _screen(self, t: torch.Tensor, storage: torch.UntypedStorage) -> bool:
         """Pack-time checks that do not depend on what happens later in the forward."""
@@ -277,39 +342,65 @@ class ActivationStore:
             return False
         return storage.nbytes() >= max(self.min_offload_bytes, 1)
 
-    def seal(self, unit: UnitActivations, inputs, outputs, *, offload: bool) -> None:
-        """Decide what moves, now that the unit's forward returned ``outputs``.
+    def decide(self, unit: UnitActivations) -> None:
+        """Decide the pending storages nothing else references any more (a layer boundary).
 
         A candidate moves when nothing but this unit's saved tensors (and the store's own
         handle) references its storage: nobody else can then read it before the backward.
-        The chunk output never moves (an asynchronous send may still read it; Megatron's
-        deallocate_pipeline_outputs releases it). The received inputs always move, unless
-        they are the output too.
+        It moves with the last sub-unit that saved it (the first to need it again), if that
+        sub-unit streams; otherwise it stays. Still referenced: decided later.
         """
-        candidates, holders, vetoed = unit.candidates, unit.holders, unit.vetoed
-        unit.candidates, unit.holders, unit.vetoed = {}, Counter(), set()
-        if not offload:
+        self._decide(unit, final=False, forced=set())
+
+    def seal(self, unit: UnitActivations, inputs, outputs) -> None:
+        """The unit's forward returned ``outputs``: decide every storage still pending.
+
+        The chunk output never moves (an asynchronous send may still read it; Megatron's
+        deallocate_pipeline_outputs releases it). The received inputs move with the
+        sub-unit that saved them last (the schedule keeps them until the backward, so they
+        are this unit's memory), unless they are the output too.
+        """
+        if unit.state is UnitState.CAPTURING:
+            unit.state = UnitState.RESIDENT
+        if not any(sub.streams for sub in unit.subunits.values()):
+            unit.pending, unit.holders, unit.vetoed, unit.owner = {}, Counter(), set(), {}
             return
-        excluded = vetoed | {id(out.untyped_storage()) for out in outputs}
+        unit.vetoed |= {id(out.untyped_storage()) for out in outputs}
+        forced = set()
         for t in inputs:
             storage = t.untyped_storage()
             sid = id(storage)
-            if sid not in excluded and self._screen(t, storage):
-                unit.movable[sid] = storage
-                unit.sizes[sid] = storage.nbytes()
-        for sid, storage in candidates.items():
-            if sid in excluded or sid in unit.movable:
+            if sid not in unit.vetoed and self._screen(t, storage):
+                unit.pending.setdefault(sid, storage)
+                forced.add(sid)
+        self._decide(unit, final=True, forced=forced)
+        unit.pending, unit.holders, unit.vetoed, unit.owner = {}, Counter(), set(), {}
+
+    def _decide(self, unit: UnitActivations, *, final: bool, forced: set[int]) -> None:
+        pending, holders = unit.pending, unit.holders
+        for sid, storage in list(pending.items()):
+            if sid in unit.vetoed:
+                del pending[sid]
                 continue
             size = storage.nbytes()
-            if size == 0:
+            if size == 0:  # released by its owner (recomputed before the backward)
                 unit.skipped_released += 1
+                del pending[sid]
                 continue
-            # + 1: the Python storage object in ``candidates`` holds a reference too.
-            if storage_use_count(storage) > holders[sid] + 1:
-                unit.skipped_shared += 1
+            # + 1: the Python storage object in ``pending`` holds a reference too.
+            if sid not in forced and storage_use_count(storage) > holders[sid] + 1:
+                if final:
+                    unit.skipped_shared += 1
+                    del pending[sid]
                 continue
-            unit.movable[sid] = storage
-            unit.sizes[sid] = size
+            del pending[sid]
+            sub = unit.subunits.get(unit.owner.get(sid))
+            if sub is None or not sub.streams:
+                continue
+            sub.movable[sid] = storage
+            sub.sizes[sid] = size
+            sub.unsent.append(sid)
+            unit.location[sid] = sub.layer
 
     def release(self, key: UnitKey) -> UnitActivations:
         """The unit's backward finished: forget it (its storages are autograd's to free)."""

@@ -33,6 +33,9 @@ class Transfer:
 class TransferBackend(Protocol):
     name: str
     pin_memory: bool
+    asynchronous: bool
+    """Copies overlap compute (reloads then start ahead of need); False: each copy is done
+    when its call returns."""
 
     def device_to_host(self, pairs: list[tuple[torch.UntypedStorage, torch.Tensor]]) -> Transfer:
         """Copy each device storage into its host buffer, ordered after the compute issued so far."""
@@ -70,6 +73,7 @@ class CpuTransferBackend:
 
     name = "cpu"
     pin_memory = False
+    asynchronous = False
 
     def device_to_host(self, pairs):
         nbytes = 0
@@ -107,6 +111,7 @@ class CudaTransferBackend:
 
     name = "cuda"
     pin_memory = True
+    asynchronous = True
 
     def __init__(self, device: torch.device | None = None) -> None:
         self.device = device or torch.device("cuda", torch.cuda.current_device())

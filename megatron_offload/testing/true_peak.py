@@ -56,6 +56,10 @@ class TruePeakMeter(TorchDispatchMode):
         self.host_peak_bytes = 0
         self.ops = 0
         self.samples = 0
+        self.segments: list[tuple[str, int, int, int]] = []
+        """With :meth:`mark`: (label, live bytes at its start, peak inside, live bytes at
+        its end) per segment, in order."""
+        self._segment: list | None = None  # [label, start, peak]
 
     # ------------------------------------------------------------------------ configuration
     def exclude(self, tensors: Iterable[torch.Tensor]) -> None:
@@ -120,11 +124,21 @@ class TruePeakMeter(TorchDispatchMode):
         live = self.live_bytes()
         if live > self.peak_bytes:
             self.peak_bytes = live
+        if self._segment is not None and live > self._segment[2]:
+            self._segment[2] = live
         if self._host:
             host = self.host_bytes()
             if host > self.host_peak_bytes:
                 self.host_peak_bytes = host
         return live
+
+    def mark(self, label: str | None) -> None:
+        """End the current segment (if any) and start one called ``label`` (None: none)."""
+        live = self.live_bytes()
+        if self._segment is not None:
+            name, start, peak = self._segment
+            self.segments.append((name, start, max(peak, live), live))
+        self._segment = None if label is None else [label, live, live]
 
     def sample_boundary(self) -> int:
         """Sample now as a step-boundary measurement would; returns the live bytes."""

@@ -10,6 +10,12 @@ iterations after the first are timed without the meter. Variants:
 - ``none``: no offload.
 - ``plugin``: ``OffloadConfig(policy="full", min_offload_bytes=0)`` (unit granularity);
   its host pool buffers are counted as host bytes.
+- ``layers``: the same with ``granularity="layer"`` (layer streaming).
+- ``profile``: no offload (policy ``none``) but the plugin's layer hooks installed, and the
+  measured iteration cut into the entries of the layer-level list (``TruePeakMeter.mark`` at
+  every forward_step / backward_step / layer start and end): the per-entry measurements the
+  simulator's :class:`~megatron_offload.schedule.layers.LayerProfile` is built from
+  (``layer_profile``).
 - ``fgao``: Megatron's fine-grained activation offloading with all dense modules
   (``fgao_cpu.DENSE_MODULES``, ``min_offloaded_tensor_size=0``) under the CPU stand-ins of
   ``fgao_cpu.fgao_stand_ins``; its host copies (``ChunkOffloadHandler.offload``) are
@@ -33,7 +39,7 @@ from megatron_offload.testing.reference import (
 )
 from megatron_offload.testing.true_peak import TruePeakMeter, _storage_key
 
-VARIANTS = ("none", "fgao", "plugin", "bound")
+VARIANTS = ("none", "fgao", "plugin", "layers", "bound", "profile")
 
 
 def _static_tensors(chunks: list) -> list[torch.Tensor]:
@@ -56,7 +62,7 @@ def _static_tensors(chunks: list) -> list[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def _step_boundaries(meter: TruePeakMeter):
+def _step_boundaries(meter: TruePeakMeter, marks=None):
     from megatron.core.pipeline_parallel import schedules
 
     orig_f, orig_b = schedules.forward_step, schedules.backward_step
@@ -67,6 +73,8 @@ def _step_boundaries(meter: TruePeakMeter):
             return orig_f(*a, **k)
         finally:
             meter.sample_boundary()
+            if marks is not None:
+                marks.step_ended()
 
     def backward_step(*a, **k):
         meter.sample_boundary()
@@ -74,12 +82,52 @@ def _step_boundaries(meter: TruePeakMeter):
             return orig_b(*a, **k)
         finally:
             meter.sample_boundary()
+            if marks is not None:
+                marks.step_ended()
 
     schedules.forward_step, schedules.backward_step = forward_step, backward_step
     try:
         yield
     finally:
         schedules.forward_step, schedules.backward_step = orig_f, orig_b
+
+
+class _EntryMarks:
+    """Cuts the measured iteration into the layer-level list's entries: a segment per entry
+    (from the runtime's entry listener), plus ``after:<entry>`` segments from a layer's end
+    and from a step's end to whatever comes next (the epilogue, p2p)."""
+
+    def __init__(self, meter: TruePeakMeter, runtime, chunks) -> None:
+        from megatron_offload.integration.layers import transformer_layers
+
+        self.meter, self.runtime = meter, runtime
+        self.layers = [layer for chunk in chunks for layer in transformer_layers(chunk)]
+        self.handles = []
+        self.unit_entry = None
+
+    def entry(self, entry) -> None:
+        if entry.layer is None:
+            self.unit_entry = str(entry)
+        self.meter.mark(str(entry))
+
+    def layer_ended(self, module, args, output) -> None:
+        if self.runtime.offloader._capturing is not None and torch.is_grad_enabled():
+            self.meter.mark(f"after:{self.meter._segment[0]}")
+
+    def step_ended(self) -> None:
+        self.meter.mark(f"after:{self.unit_entry}")
+
+    def __enter__(self):
+        # Registered before the runtime re-attaches its own hooks at the schedule call, so
+        # this layer-end mark comes before the runtime's offload at the same point.
+        self.handles = [layer.register_forward_hook(self.layer_ended) for layer in self.layers]
+        self.runtime.offloader.entry_listener = self.entry
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.runtime.offloader.entry_listener = None
 
 
 def _bound_hooks(meter: TruePeakMeter, static_keys: set[int]):
@@ -183,12 +231,14 @@ def measure(case: TinyGPTCase | dict, variant: str, iterations: int = 4,
         static = _static_tensors(chunks)
         meter.exclude(static)
         static_keys = {_storage_key(t.untyped_storage()) for t in static}
-        if variant == "plugin":
+        if variant in ("plugin", "layers", "profile"):
             from megatron_offload.config import OffloadConfig
             from megatron_offload.integration.megatron_core import install, uninstall
 
             restore.append(_host_pool_counted(meter))
-            runtime = install(OffloadConfig(policy="full", min_offload_bytes=0, backend="cpu"))
+            runtime = install(OffloadConfig(
+                policy="none" if variant == "profile" else "full", min_offload_bytes=0,
+                backend="cpu", granularity="unit" if variant == "plugin" else "layer"))
             restore.append(uninstall)
         records, times = [], []
         for it in range(iterations):
@@ -199,12 +249,17 @@ def measure(case: TinyGPTCase | dict, variant: str, iterations: int = 4,
             t0 = time.perf_counter()
             with contextlib.ExitStack() as stack:
                 stack.enter_context(hooks)
+                marks = _EntryMarks(meter, runtime, chunks) if (
+                    measured and variant == "profile") else None
                 if measured:
-                    stack.enter_context(_step_boundaries(meter))
+                    stack.enter_context(_step_boundaries(meter, marks))
                     stack.enter_context(meter)
                     meter.start()
+                    if marks is not None:
+                        stack.enter_context(marks)
                 store = _one_iteration(case, chunks, fb, it, dp_rank, pp_rank, None)
                 if measured:
+                    meter.mark(None)
                     meter.stop()
             dt = time.perf_counter() - t0
             if it > 0 and not measured:
@@ -216,8 +271,11 @@ def measure(case: TinyGPTCase | dict, variant: str, iterations: int = 4,
             records.append(rec)
             _sgd_step(chunks, case.lr)
         stats = None
+        host_pool = []
         if runtime is not None and runtime.iteration_stats:
             stats = runtime.iteration_stats[measure_iteration].as_dict()
+            stats.pop("samples", None)
+            host_pool = [s.host_pool_bytes for s in runtime.iteration_stats]
         return {
             "rank": dist.get_rank(), "pp_rank": pp_rank, "dp_rank": dp_rank,
             "variant": variant, "iterations": records,
@@ -227,6 +285,8 @@ def measure(case: TinyGPTCase | dict, variant: str, iterations: int = 4,
             "ops": meter.ops, "boundary_samples": meter.samples,
             "iteration_s": sum(times) / max(len(times), 1),
             "offload_stats": stats,
+            "host_pool_bytes": host_pool,
+            "segments": meter.segments,
         }
     except BaseException:
         release_parallel_state()

@@ -36,8 +36,11 @@ def _pool(pool4):
     return pool4 if pool4.alive() else session_pool(4)
 
 
-def _auto(budget_gib: float, **kw) -> OffloadConfig:
-    return OffloadConfig(policy="auto", memory_budget_gib=budget_gib, measure_memory=True, min_offload_bytes=0, **kw)
+def _auto(budget_gib: float, granularity: str = "unit", **kw) -> OffloadConfig:
+    """Unit granularity unless asked: the planner's residency model is the unit one (layer
+    streaming only lowers what it predicts)."""
+    return OffloadConfig(policy="auto", memory_budget_gib=budget_gib, measure_memory=True, min_offload_bytes=0,
+                         granularity=granularity, **kw)
 
 
 # hidden / heads / groups, seq, micro batch, SwiGLU, recompute, VPP, bf16, tied: every row has a
@@ -129,9 +132,11 @@ def test_auto_meets_a_budget_between_no_offload_and_full_offload(pool4, case, co
     iterations = 2
     reference = pool.run(RUN_CASE, case=case, iterations=iterations)
     none = _peaks(pool.run(RUN_CASE, case=case, iterations=iterations,
-                           offload_config=OffloadConfig(policy="none", measure_memory=True, min_offload_bytes=0)))
+                           offload_config=OffloadConfig(policy="none", measure_memory=True, min_offload_bytes=0,
+                                                        granularity="unit")))
     full = _peaks(pool.run(RUN_CASE, case=case, iterations=iterations,
-                           offload_config=OffloadConfig(policy="full", measure_memory=True, min_offload_bytes=0)))
+                           offload_config=OffloadConfig(policy="full", measure_memory=True, min_offload_bytes=0,
+                                                        granularity="unit")))
     budget = (max(none.values()) + max(full.values())) / 2
     assert max(full.values()) < budget < max(none.values())
 
@@ -160,6 +165,16 @@ def test_auto_meets_a_budget_between_no_offload_and_full_offload(pool4, case, co
     assert any(line.startswith("> megatron-offload auto plan: rank 0 offloads") for line in _plan(ranks[0])["log"])
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+    # The same budget with layer streaming: the same units leave, their layers stream; still
+    # within the budget and bitwise.
+    layered = pool.run(RUN_CASE, case=case, iterations=iterations, offload_config=_auto(budget / GIB, "layer"))
+    assert not compare(reference, layered)
+    for rank in layered:
+        offload = {tuple(unit) for unit in _plan(rank)["offload"]}
+        for stats in rank["offload_stats"]:
+            assert stats["peak_saved_bytes"] <= budget
+            assert stats["offloaded_units"] == len(offload)
 
     # A budget above the no-offload peak: nothing moves.
     generous = pool.run(RUN_CASE, case=case, iterations=1, offload_config=_auto(2 * max(none.values()) / GIB))

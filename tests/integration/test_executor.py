@@ -45,9 +45,10 @@ def _pool(world: int, pool4):
     return session_pool(world)
 
 
-def gis(policy: str, group: int, **extra) -> OffloadConfig:
+def gis(policy: str, group: int, granularity: str = "unit", **extra) -> OffloadConfig:
+    """Unit granularity by default: the unit-level simulator predicts what it measures."""
     return OffloadConfig(schedule="gis", group_size=group, measure_memory=True, min_offload_bytes=0,
-                         **POLICIES[policy], **extra)
+                         granularity=granularity, **POLICIES[policy], **extra)
 
 
 def matrix_case(pp: int, vpp: int, m: int, **extra) -> TinyGPTCase:
@@ -60,7 +61,8 @@ def matrix_case(pp: int, vpp: int, m: int, **extra) -> TinyGPTCase:
 
 def variants_for(pp: int, vpp: int) -> list[tuple[str, dict]]:
     out = [("reference", {"offload": None}),
-           ("executor-megatron-order", {"offload": OffloadConfig(schedule="gis", policy="none"),
+           ("executor-megatron-order", {"offload": OffloadConfig(schedule="gis", policy="none",
+                                                                 granularity="unit"),
                                         "order": "megatron"})]
     for group in sorted({1, math.ceil(pp / 2), pp}):
         for policy in POLICIES:
@@ -162,7 +164,8 @@ def test_full_offload_gis_p4_v2_keeps_at_most_4_units(pool4):
 
 def test_tied_embeddings_and_overlapped_grad_reduce(pool4):
     """DDP with overlap_grad_reduce (config.grad_sync_func per chunk, small buckets) and data
-    parallelism 2, tied embeddings (finalize_model_grads' embedding all-reduce)."""
+    parallelism 2, tied embeddings (finalize_model_grads' embedding all-reduce); unit and
+    layer granularity (layer streaming along the GIS order)."""
     for case in (
         TinyGPTCase(pp=2, vpp=2, microbatches=4, num_layers=4, tie_embeddings=True, overlap_grad_reduce=True,
                     ddp_bucket_size=20_000),
@@ -170,7 +173,8 @@ def test_tied_embeddings_and_overlapped_grad_reduce(pool4):
         TinyGPTCase(pp=2, microbatches=3, num_layers=2, tie_embeddings=True, overlap_grad_reduce=True),
     ):
         variants = [{"offload": None}, {"offload": gis("full", 1)}, {"offload": gis("full", 2)},
-                    {"offload": gis("none", case.pp)}]
+                    {"offload": gis("none", case.pp)}, {"offload": gis("full", 1, "layer")},
+                    {"offload": gis("chunks1", 2, "layer")}]
         ranks = _run(pool4, case, variants)
         problems = _mismatches(ranks)
         assert not problems, f"{case.label()}: " + "\n".join(problems[:10])
@@ -281,7 +285,7 @@ def test_realistic_rows_under_gis(pool4, row):
     assert len(rows.ROWS) == 15
     case = rows.ROWS[row].values[0]
     config = OffloadConfig(policy="full", min_offload_bytes=0, measure_memory=True, schedule="gis",
-                           group_size=max(1, case.pp // 2))
+                           group_size=max(1, case.pp // 2))  # --offload-granularity layer (default)
     pool = _pool(4, pool4)
     reference = pool.run(RUN_CASE, case=case, iterations=3, offload_config=None, timeout=120)
     patched = pool.run(RUN_CASE, case=case, iterations=3, offload_config=config, timeout=120)

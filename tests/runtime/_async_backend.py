@@ -34,6 +34,7 @@ class FakeEvent:
 class FakeAsyncBackend:
     name = "fake-async"
     pin_memory = False
+    asynchronous = True
 
     def __init__(self, delay_ops: int = 2) -> None:
         self.delay_ops = delay_ops

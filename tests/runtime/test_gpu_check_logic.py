@@ -30,8 +30,10 @@ def test_gpu_check_runs_on_cpu_and_passes(cpu_report):
     assert rows["local_fp32"]["bitwise_identical"]
     assert all(b > 0 for b in rows["local_fp32"]["offloaded_bytes"])
     # The CUDA-only rows say why they did not run; that is reported, and is not a pass.
-    assert "not_run" in rows["te_bf16_rope"] and "not_run" in rows["te_fp8"]
-    assert len(report["not_run"]) == 2
+    te_rows = {"te_bf16_rope", "te_fp8", "te_bf16_rope_layers"}
+    assert all("not_run" in rows[name] for name in te_rows)
+    assert len(report["not_run"]) == len(te_rows)
+    assert rows["local_fp32_layers"]["bitwise_identical"]
     assert gpu_check.exit_status(report) == gpu_check.EXIT_INCOMPLETE == 3
     assert gpu_check.exit_status(report, allow_not_run=True) == 0
     text = gpu_check.format_report(report)

@@ -42,6 +42,17 @@ def test_local_fp32_row_is_bitwise_identical_with_full_offload(local_row):
     assert gpu_check.problems({"device": "cpu", "rows": [row]}) == []
 
 
+def test_local_fp32_layers_row_streams_layers_bitwise():
+    """The same row at layer granularity (what scripts/gpu_check.sh runs on a GPU too)."""
+    (row,) = gpu_rows.run_rows(CPU, gpu_rows.SMALL, names=("local_fp32_layers",))
+    assert "error" not in row, row.get("traceback")
+    assert row["granularity"] == "layer"
+    assert row["bitwise_identical"], row["differences"]
+    assert all(b > 0 for b in row["offloaded_bytes"])
+    assert row["offloaded_bytes"] == row["reloaded_bytes"]
+    assert gpu_check.problems({"device": "cpu", "rows": [row]}) == []
+
+
 def test_local_row_fails_when_a_host_buffer_is_zeroed_before_reload(monkeypatch):
     from megatron_offload.runtime import transfer
 

@@ -131,28 +131,49 @@ def test_full_offload_is_bitwise_identical_and_frees_memory():
 def test_schedule_keeps_a_reference_yet_bytes_are_freed():
     """The received input is referenced by the caller (like Megatron's input_tensors list),
     so a copy alone would free nothing: the storage itself must shrink."""
-    order = order_1f1b(warmup=1, microbatches=2)
+    order = order_1f1b(warmup=2, microbatches=3)  # F0 F1 F2 B0 B1 B2
     offloader = offloader_for()
     model = make_model()
     held = torch.randn(TOKENS, HIDDEN).requires_grad_(True)
     offloader.begin_iteration(order, {(0, 0)})
     out = offloader.run_forward((0, 0), [held], lambda: (model(held).sum(),))
     assert held.untyped_storage().nbytes() == 0  # the schedule's tensor lost its bytes
-    offloader.run_forward((0, 1), [None], lambda: (model(torch.randn(TOKENS, HIDDEN)).sum(),))
+    outs = [offloader.run_forward((0, 1), [None], lambda: (model(torch.randn(TOKENS, HIDDEN)).sum(),))]
+    assert held.untyped_storage().nbytes() == 0  # still out while F1 runs
+    outs.append(offloader.run_forward((0, 2), [None], lambda: (model(torch.randn(TOKENS, HIDDEN)).sum(),)))
     assert held.untyped_storage().nbytes() == TOKENS * HIDDEN * 4  # prefetched back in place
-    offloader.run_backward(offloader.unit_for_output(out[0]), lambda: out[0].backward())
+    for o in [out] + outs:
+        offloader.run_backward(offloader.unit_for_output(o[0]), lambda o=o: o[0].backward())
+    offloader.end_iteration()
     assert held.grad is not None
+
+
+def test_a_reload_right_after_its_offload_is_not_issued():
+    """Lifespan 1 with prefetch distance 1: the reload would start as soon as the offload
+    ends, freeing nothing while any op runs; the runtime list leaves the unit alone."""
+    order = order_1f1b(warmup=1, microbatches=2)  # F0 F1 B0 B1: (0, 0) lives across F1
+    offloader = offloader_for()
+    model = make_model()
+    held = torch.randn(TOKENS, HIDDEN).requires_grad_(True)
+    offloader.begin_iteration(order, {(0, 0)})
+    out = offloader.run_forward((0, 0), [held], lambda: (model(held).sum(),))
+    assert held.untyped_storage().nbytes() == TOKENS * HIDDEN * 4
+    out1 = offloader.run_forward((0, 1), [None], lambda: (model(torch.randn(TOKENS, HIDDEN)).sum(),))
+    for o in (out, out1):
+        offloader.run_backward(offloader.unit_for_output(o[0]), lambda o=o: o[0].backward())
+    stats = offloader.end_iteration()
+    assert stats.offloaded_bytes == 0 and stats.executed_ops == ["0F0", "0F1", "0B0", "0B1"]
 
 
 def test_small_parameters_and_marked_tensors_stay():
     offloader = offloader_for(min_bytes=TOKENS * HIDDEN * 4 + 1)
     model = make_model()
-    order = order_1f1b(warmup=1, microbatches=2)
+    order = order_1f1b(warmup=2, microbatches=3)  # (0, 0) lives across F1 and F2
     offloader.begin_iteration(order, {(0, 0)})
     x = torch.randn(TOKENS, HIDDEN).requires_grad_(True)
     offloader.run_forward((0, 0), [x], lambda: (model(x).sum(),))
     unit = offloader.store.units[(0, 0)]
-    sizes = sorted(unit.sizes.values())
+    sizes = sorted(unit.subunits[None].sizes.values())
     assert sizes and min(sizes) > TOKENS * HIDDEN * 4  # only the 4x-wide MLP tensors moved
     assert not {id(p.untyped_storage()) for p in model.parameters()} & set(unit.movable)
     offloader.abort()
@@ -168,7 +189,7 @@ def test_small_parameters_and_marked_tensors_stay():
 
 def test_views_of_one_storage_move_once():
     offloader = offloader_for()
-    order = order_1f1b(warmup=1, microbatches=2)
+    order = order_1f1b(warmup=2, microbatches=3)
     offloader.begin_iteration(order, {(0, 0)})
     x = torch.randn(TOKENS, 3 * HIDDEN, requires_grad=True)
 

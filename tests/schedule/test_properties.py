@@ -1,5 +1,5 @@
 """Random p, v, m, g, k and costs: schedules validate, simulation ends, offload never hurts."""
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from megatron_offload.schedule.catalog import make_schedule
@@ -62,6 +62,10 @@ def test_megatron_orders_validate_where_accepted(case):
 
 @SETTINGS
 @given(cases(), st.integers(0, 8))
+# Found by hypothesis: on a shared link the pass's per-link estimate met the target while
+# the simulator peaked one unit higher (plan_offload now re-aims the ranks that missed).
+@example(case=(5, 2, 5, 3, CostModel(forward_time=(0.5, 1.0), backward_time=(1.0, 1.0),
+                                     offload_ratio=0.3, shared_link=True), None), target=3)
 def test_memory_target_is_met_or_everything_possible_is_offloaded(case, target):
     pp, vpp, m, g, costs, _ = case
     schedule = make_schedule("gis", pp, vpp, m, g)
