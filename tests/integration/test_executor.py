@@ -139,7 +139,7 @@ def test_full_offload_gis_p4_v2_keeps_at_most_4_units(pool4):
     """Acceptance: gis g = ceil(p/2), p=4, v=2, full offload: every rank <= 4 units measured,
     against 11 on rank 0 under Megatron's interleaved schedule without offload."""
     case = matrix_case(4, 2, 8)
-    none = OffloadConfig(policy="none", measure_memory=True, min_offload_bytes=0)
+    none = OffloadConfig(policy="none", measure_memory=True, min_offload_bytes=0, granularity="unit")
     ranks = _run(pool4, case, [{"offload": None}, {"offload": none}, {"offload": gis("full", 2)}], 2)
     assert not _mismatches(ranks)
     megatron, offloaded = [], []
