@@ -68,8 +68,11 @@ class IterationStats:
     executed_ops: list = field(default_factory=list)
     """Every op as issued, offloads ('0O3') and reloads ('0R3') included, in order."""
     peak_resident_bytes: int = 0
-    """Peak over step boundaries of activation bytes really resident on the device: saved
-    tensors, received inputs and chunk outputs (requires ``measure_memory``; 0 otherwise)."""
+    """Peak over step boundaries (and, at layer granularity, layer boundaries: a layer's
+    forward end before its activations leave, its backward start once they are back) of
+    activation bytes really resident on the device: saved tensors, received inputs and chunk
+    outputs (requires ``measure_memory``; 0 otherwise). Transients inside an op are not
+    counted (``testing.true_peak.TruePeakMeter`` measures those)."""
     peak_saved_bytes: int = 0
     """The same peak without chunk outputs: outputs are Megatron's send buffers, alive until
     their (asynchronous) send completes, whatever the offload policy."""
@@ -102,8 +105,9 @@ class IterationStats:
     """Bytes each unit kept resident right after its forward, keyed 'chunk,microbatch'
     (requires ``measure_memory``)."""
     samples: list = field(default_factory=list)
-    """(op text, 'after_forward'|'before_backward', resident bytes, of which chunk-output
-    bytes) at each sampling point (requires ``measure_memory``)."""
+    """(op text, 'after_forward'|'before_backward'|'layer L forward end'|'layer L backward
+    start', resident bytes, of which chunk-output bytes) at each sampling point (requires
+    ``measure_memory``)."""
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -320,6 +320,8 @@ class ActivationOffloader:
         unit.current = None
         self.store.decide(unit)
         self._send_decided(unit)
+        if self.tracker is not None:  # the layer's activations, before they leave
+            self._sample(unit.key, OpKind.FORWARD, f"layer {layer} forward end")
         self._offload_due(unit.key, layer)
         first = _tensors(output)
         if first and first[0].requires_grad:
@@ -333,6 +335,8 @@ class ActivationOffloader:
         unit = self.store.units.get(key)
         if unit is not None and layer in unit.subunits:
             self._make_resident(unit, unit.subunits[layer])
+        if self.tracker is not None:
+            self._sample(key, OpKind.BACKWARD, f"layer {layer} backward start")
 
     def unit_for_output(self, output) -> UnitKey:
         """The unit whose forward returned ``output`` (Megatron's backward gets no microbatch)."""
@@ -393,9 +397,16 @@ class ActivationOffloader:
         """A compute entry starts: issue the reloads listed before it, check it is next."""
         self._advance()
         plan, cursor = self._plan, self._cursor
-        while cursor < len(plan) and plan[cursor].kind is OpKind.RELOAD:
-            self._start_reload(plan[cursor])
+        # The reloads listed before it; an offload listed after a reload belongs to a
+        # forward that already ended (nothing ran in between): issued here as well.
+        while cursor < len(plan) and not plan[cursor].is_compute:
+            copy = plan[cursor]
             cursor += 1
+            self._cursor = cursor
+            if copy.kind is OpKind.RELOAD:
+                self._start_reload(copy)
+            else:
+                self._start_offload(copy)
         expected = plan[cursor] if cursor < len(plan) else None
         if expected != entry:
             lo = max(0, cursor - 4)
@@ -418,17 +429,23 @@ class ActivationOffloader:
             if entry.kind is not OpKind.OFFLOAD or entry.unit != key or entry.layer != layer:
                 break
             self._cursor += 1
-            self._stats.executed_ops.append(str(entry))
-            unit = self.store.units.get(key)
-            if unit is None:
-                continue
-            sub = unit.sub(layer)
-            self._send(unit, sub)
-            sub.offloaded_at = (self._computes, time.perf_counter())
-            sub.state = UnitState.OFFLOADED
-            self._stats.offloaded_subunits += 1
-            if layer is None:
-                self._stats.offloaded_units += 1
+            self._start_offload(entry)
+
+    def _start_offload(self, entry: LayerOp) -> None:
+        self._stats.executed_ops.append(str(entry))
+        unit = self.store.units.get(entry.unit)
+        if unit is None:  # nothing captured (a unit whose forward saved nothing movable)
+            return
+        if unit.state is UnitState.CAPTURING and entry.layer is None:
+            raise ScheduleMismatchError(
+                f"{self.rank_label}{entry} is due while unit {entry.unit}'s forward runs")
+        sub = unit.sub(entry.layer)
+        self._send(unit, sub)
+        sub.offloaded_at = (self._computes, time.perf_counter())
+        sub.state = UnitState.OFFLOADED
+        self._stats.offloaded_subunits += 1
+        if entry.layer is None:
+            self._stats.offloaded_units += 1
 
     def _send_decided(self, unit: UnitActivations) -> None:
         """Copy out storages decided after their sub-unit's offload op already ran."""

@@ -258,7 +258,9 @@ def test_unsupported_megatron_version_is_refused():
         ({"policy": "chunks", "offload_chunks": -1}, "--offload-chunks"),
         ({"policy": "full", "offload_chunks": 1}, "--offload-chunks"),
         ({"backend": "tpu"}, "--offload-backend"),
-        ({"prefetch_distance": 0}, "--offload-prefetch"),
+        ({"prefetch_distance": 0, "granularity": "unit"}, "--offload-prefetch"),
+        ({"prefetch_distance": -1}, "--offload-prefetch"),
+        ({"granularity": "tensor"}, "--offload-granularity"),
     ],
 )
 def test_bad_config_names_the_flag(kwargs, flag):

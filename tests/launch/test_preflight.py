@@ -64,7 +64,9 @@ def test_good_command_line_gives_the_config():
         (CPU + [ENABLE_FLAG, "--offload-policy", "chunks", "--offload-chunks", "3",
                 "--num-layers", "8", "--pipeline-model-parallel-size", "2",
                 "--num-virtual-stages-per-pipeline-rank", "2"], "outside 0..2"),
-        (CPU + [ENABLE_FLAG, "--offload-prefetch", "0"], "--offload-prefetch 0 must be >= 1"),
+        (CPU + [ENABLE_FLAG, "--offload-granularity", "unit", "--offload-prefetch", "0"],
+         "--offload-prefetch 0 must be >= 1 with --offload-granularity unit"),
+        (CPU + [ENABLE_FLAG, "--offload-prefetch", "-1"], "--offload-prefetch -1 must be >= 0"),
         (["--transformer-impl", "local", ENABLE_FLAG], "add --distributed-backend gloo"),
     ],
 )
