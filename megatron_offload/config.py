@@ -16,11 +16,13 @@ OffloadPolicy = Literal["none", "full", "chunks", "auto"]
 TransferBackendName = Literal["auto", "cpu", "cuda"]
 MemoryBudgetScope = Literal["activations", "device"]
 Granularity = Literal["unit", "layer"]
+ScheduleName = Literal["megatron", "gis"]
 
 POLICIES: tuple[str, ...] = get_args(OffloadPolicy)
 BACKENDS: tuple[str, ...] = get_args(TransferBackendName)
 BUDGET_SCOPES: tuple[str, ...] = get_args(MemoryBudgetScope)
 GRANULARITIES: tuple[str, ...] = get_args(Granularity)
+SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
 
 ENABLE_FLAG = "--pipeline-offload"
 """The switch: without it no offload flag may be given and nothing is patched."""
@@ -115,6 +117,22 @@ class OffloadConfig:
     None: half of the node's available RAM divided by the ranks on the node. The pool refuses,
     with an error naming this flag, the allocation that would cross it."""
 
+    schedule: ScheduleName = field(
+        default="megatron", metadata=_flag("--offload-schedule", choices=SCHEDULES))
+    """Which pipeline schedule runs the training steps (--offload-schedule). ``megatron``:
+    Megatron-Core's own 1F1B / interleaved functions, with the offload runtime under them and
+    each reload started --offload-prefetch ops ahead. ``gis``: PipeOffload's generalized
+    interleaving with microbatch groups of --offload-group-size, run by the plugin's executor
+    (``runtime/executor.py``) in place of Megatron's functions, with offloads and reloads at
+    the positions the offload pass plans (a reload as late as the host link allows)."""
+
+    group_size: int | None = field(
+        default=None, metadata=_flag("--offload-group-size", type=int, metavar="G"))
+    """Microbatches per group for --offload-schedule gis (--offload-group-size): any G in
+    1..m (Megatron requires p <= G); smaller groups keep fewer units resident and cost
+    bubble time. None = p (GIS with Megatron's group size: 1F1B's peak at Megatron's
+    makespan); capped at the microbatch count of each call."""
+
     def __post_init__(self) -> None:
         _require_int("--offload-min-bytes", self.min_offload_bytes)
         if self.prefetch_distance is not None:
@@ -185,6 +203,28 @@ class OffloadConfig:
             raise ValueError(
                 f"--offload-memory-budget-gib {self.memory_budget_gib} only applies to "
                 f"--offload-policy auto, not {self.policy!r}; drop it or set --offload-policy auto"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"--offload-schedule {self.schedule!r} is not a schedule; choose one of "
+                f"{', '.join(SCHEDULES)}"
+            )
+        if self.group_size is not None:
+            if self.schedule != "gis":
+                raise ValueError(
+                    f"--offload-group-size {self.group_size} only applies to --offload-schedule "
+                    f"gis, not {self.schedule!r}; drop it or add --offload-schedule gis"
+                )
+            if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+                raise ValueError(
+                    f"--offload-group-size {self.group_size!r} must be an integer >= 1 "
+                    "(microbatches per group); e.g. --offload-group-size 2"
+                )
+        if self.schedule == "gis" and self.policy == "auto":
+            raise ValueError(
+                "--offload-policy auto is not supported with --offload-schedule gis yet (the "
+                "planner plans Megatron's orders); use --offload-policy full / chunks / none "
+                "with gis, or --offload-schedule megatron with auto"
             )
         if self.memory_budget_scope not in BUDGET_SCOPES:
             raise ValueError(
@@ -345,6 +385,7 @@ def _require_int(flag: str, value) -> None:
 
 
 __all__ = [
-    "OffloadConfig", "OffloadPolicy", "POLICIES", "BACKENDS", "BUDGET_SCOPES", "GRANULARITIES", "ENABLE_FLAG",
+    "OffloadConfig", "OffloadPolicy", "POLICIES", "BACKENDS", "BUDGET_SCOPES", "GRANULARITIES",
+    "SCHEDULES", "ENABLE_FLAG",
     "offload_flags", "add_offload_arguments", "offload_config_from_args",
 ]

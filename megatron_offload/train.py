@@ -141,7 +141,7 @@ def drop_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
 
 def offload_argv(args, *, policy: str | None = None) -> list[str]:
     """The offload flags of one run: the command line's, with the report on (the summary
-    needs the measured peaks) and, for the baseline, policy none."""
+    needs the measured peaks) and, for the baseline, policy none on Megatron's own schedule."""
     if not args.pipeline_offload:
         return []
     out = [ENABLE_FLAG, "--offload-report"]
@@ -154,6 +154,9 @@ def offload_argv(args, *, policy: str | None = None) -> list[str]:
         "--offload-prefetch": args.offload_prefetch,
         "--offload-granularity": args.offload_granularity,
         "--offload-host-budget-gib": args.offload_host_budget_gib,
+        # the baseline runs Megatron's own schedule: gis is then compared against it
+        "--offload-schedule": None if policy == "none" else args.offload_schedule,
+        "--offload-group-size": None if policy == "none" else args.offload_group_size,
     }
     for flag, value in values.items():
         if value is not None:

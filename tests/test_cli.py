@@ -12,7 +12,7 @@ TRAIN_FLAGS = {
     "--pipeline-offload", "--offload-policy", "--offload-chunks", "--offload-min-bytes",
     "--offload-backend", "--offload-prefetch", "--offload-host-budget-gib", "--offload-report",
     "--offload-memory-budget-gib", "--offload-memory-budget-scope", "--offload-memory-reserve-gib",
-    "--offload-granularity",
+    "--offload-granularity", "--offload-schedule", "--offload-group-size",
 }
 """`train` is the launcher with a built-in script: every other flag is Megatron-LM's."""
 

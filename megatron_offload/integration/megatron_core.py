@@ -25,7 +25,8 @@ getter itself at import and, from 0.17 on, fetches the schedule function once be
 module globals the schedules call by name; from 0.17 on the non-interleaved schedule binds
 ``backward_func = backward_step`` when it starts, which reads the patched global too.
 Forward-only passes (evaluation, inference) run the original code untouched. :func:`uninstall`
-restores every original object.
+restores every original object. With ``OffloadConfig(schedule="gis")`` the two pipelined
+functions run the plugin's executor instead (``integration/gis_schedule.py``).
 """
 from __future__ import annotations
 
@@ -248,6 +249,10 @@ def install(config: OffloadConfig) -> OffloadRuntime:
     }
     for name in _SCHEDULE_FUNCTIONS:
         patched[name] = _patched_schedule(runtime, name, runtime.originals[name])
+    if config.schedule == "gis":  # the pipelined functions run the executor instead
+        from megatron_offload.integration.gis_schedule import patch_gis
+
+        patched.update(patch_gis(runtime))
     for name, fn in patched.items():
         setattr(schedules, name, fn)
         log.info("megatron-offload: patched %s.%s", _SCHEDULES, name)

@@ -504,10 +504,23 @@ def plan_lines(config: OffloadConfig, pp: int, vpp: int, microbatches: int,
     from megatron_offload.schedule.simulate import simulate
 
     kind = "interleaved" if vpp > 1 else "1f1b"
-    compute = megatron_schedule(kind, pp, vpp, microbatches, group_size if vpp > 1 else None)
     costs = CostModel(forward_time=1.0, backward_time=2.0, offload_ratio=0.5)
-    base = simulate(compute)
-    planned = simulate(runtime_schedule(compute, config), costs)
+    if config.schedule == "gis":
+        from megatron_offload.integration.gis_schedule import costs_for, planned_schedule
+
+        import torch
+
+        backend = config.backend if config.backend != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        group_size = min(config.group_size or pp, microbatches)
+        kind, costs = f"gis g={group_size}", costs_for(backend)
+        schedule = planned_schedule(pp, vpp, microbatches, group_size, config.policy,
+                                    config.offload_chunks, backend)[0]
+        compute = schedule.without_offload()
+        base, planned = simulate(compute, costs), simulate(schedule, costs)
+    else:
+        compute = megatron_schedule(kind, pp, vpp, microbatches, group_size if vpp > 1 else None)
+        base = simulate(compute)
+        planned = simulate(runtime_schedule(compute, config), costs)
     lines = [
         f"> pipeline offload plan: policy {config.policy}"
         + (f" (chunks 0..{config.offload_chunks - 1})" if config.policy == "chunks"
@@ -517,7 +530,8 @@ def plan_lines(config: OffloadConfig, pp: int, vpp: int, microbatches: int,
     ]
     for rank, ops in enumerate(compute.ranks):
         units = sum(1 for op in ops if op.kind.name == "FORWARD")
-        moved = len(units_to_offload(ops, config))
+        moved = (sum(1 for op in planned.schedule.ranks[rank] if op.kind.name == "OFFLOAD")
+                 if config.schedule == "gis" else len(units_to_offload(ops, config)))
         lines.append(
             f">   pp rank {rank}: {units} units, {moved} offloaded, peak units in flight "
             f"{base.peak_units[rank]} -> {planned.peak_units[rank]}"
@@ -525,7 +539,7 @@ def plan_lines(config: OffloadConfig, pp: int, vpp: int, microbatches: int,
     if picture:
         from megatron_offload.schedule.render import render_ascii
 
-        lines.append("> schedule as run (simulated times f=1 b=2, copies at k=0.5):")
+        lines.append(f"> schedule as run (simulated times f=1 b=2, copies at k={costs.offload_ratio:g}):")
         lines += render_ascii(planned, width=96).splitlines()
     return lines
 

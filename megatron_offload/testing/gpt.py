@@ -156,6 +156,10 @@ class TinyGPTCase:
     clip_grad: float = 1.0
     """Gradient clipping of megatron-core's optimizer (``optimizer="adam"``)."""
 
+    microbatch_group_size: int | None = None
+    """Megatron's ``microbatch_group_size_per_vp_stage`` (interleaving only); None = its
+    default, pp. Megatron needs pp <= g <= m and m % g in {0} or >= pp."""
+
     def __post_init__(self) -> None:
         if self.pp < 1:
             raise ValueError(f"TinyGPTCase {self.pp=} must be >= 1")
@@ -371,6 +375,8 @@ def transformer_config(case: TinyGPTCase):
         overlap_p2p_comm=case.p2p_overlap,
         batch_p2p_comm=case.p2p_batch,
         deallocate_pipeline_outputs=case.deallocate_pipeline_outputs,
+        **({} if case.microbatch_group_size is None
+           else {"microbatch_group_size_per_vp_stage": case.microbatch_group_size}),
         **recompute,
         **extra,
     )

@@ -20,7 +20,7 @@ OFFLOAD_FLAGS = {
     "--pipeline-offload", "--offload-policy", "--offload-chunks", "--offload-min-bytes",
     "--offload-backend", "--offload-prefetch", "--offload-host-budget-gib", "--offload-report",
     "--offload-memory-budget-gib", "--offload-memory-budget-scope", "--offload-memory-reserve-gib",
-    "--offload-granularity",
+    "--offload-granularity", "--offload-schedule", "--offload-group-size",
 }
 
 

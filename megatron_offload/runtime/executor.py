@@ -1,0 +1,392 @@
+"""Runs one pipeline rank's row of a schedule IR on Megatron-Core's own steps.
+
+``run_rank`` walks the rank's op list (``schedule/ir.py``) in order and, per op:
+
+- ``F``: waits for the input activation (if any), runs megatron-core's ``forward_step`` on
+  the model chunk (through the offload runtime's hooks when one is given), posts the
+  non-blocking send of the output;
+- ``B``: waits for the output gradient (if any), runs megatron-core's ``backward_step``,
+  posts the non-blocking send of the input gradient;
+- ``O`` / ``R``: the unit's offload / reload, exactly there: the offload runtime follows the
+  same row as its runtime list (``ActivationOffloader.begin_iteration(plan=row)``) and issues
+  each copy at its entry; the backward waits only for its own unit's copy.
+
+Communication follows :mod:`schedule.p2p`: each pair of ranks posts the messages it exchanges
+in one order, computed by both from the same schedule, one ``isend`` / ``irecv`` per message
+(never batched). Receives are posted ``lookahead`` compute ops before they are consumed (or
+earlier where the pair order requires it), sends as soon as their op ends; a rank waits for a
+receive right before the op that consumes it, and for a send only before the storage it reads
+is released (``deallocate_pipeline_outputs``, the backward of that unit, the end of the call).
+On CPU (gloo) every wait has a timeout: a dead or stuck peer raises :class:`PeerTimeoutError`
+naming the ranks and the message instead of hanging; on GPUs (NCCL) the process group's
+watchdog timeout does that job (a host-side timed wait would serialize the host with the
+device).
+
+What Megatron's schedule functions do around the steps and the executor repeats: data-parallel
+grad sync disabled (``config.no_sync_func``) except for the backward of each chunk's last
+microbatch (or ``config.grad_sync_func`` right after it), the remaining grad syncs at the
+end, ``config.param_sync_func`` for every chunk at the start, the token count and
+``config.finalize_model_grads_func`` at the end; forward-only calls run forwards only, with
+neither grad nor param sync. Gradients accumulate per chunk in microbatch order, as in every
+Megatron schedule, so the result is bitwise that of Megatron's functions.
+
+Pure mechanism: which schedule, which units move and where the copies go are decided by the
+caller (``integration/gis_schedule.py``); only arguments of ``forward_step`` /
+``backward_step`` are bound by name (``integration.megatron_core.call_by_name``).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_offload.schedule.ir import OpKind, Schedule
+from megatron_offload.schedule.p2p import P2PPlan, RankPlan
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class PeerTimeoutError(RuntimeError):
+    """A point-to-point message did not complete in time: the peer died or hangs."""
+
+
+@dataclass(slots=True)
+class _Posted:
+    work: Any
+    tensor: torch.Tensor
+
+
+class _Channels:
+    """This rank's posts on every pair, in the plan's order (see :mod:`schedule.p2p`)."""
+
+    def __init__(self, plan: RankPlan, group, *, shape, dtype, device, timeout_s: float,
+                 lookahead: int, label: str) -> None:
+        self.plan, self.group = plan, group
+        self.shape, self.dtype, self.device = shape, dtype, device
+        self.timeout = timedelta(seconds=timeout_s)
+        self.timeout_s = timeout_s
+        self.lookahead, self.label = lookahead, label
+        self.cursor = {peer: 0 for peer in plan.queues}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.recvs: dict[tuple, _Posted] = {}
+        self.sends: dict[int, _Posted] = {}  # by producing step
+        # where each of this rank's sends (by producing step) and receives (by message) sits
+        # in its pair's queue
+        self.send_index = {post.step: i for posts in plan.queues.values() for i, post in enumerate(posts) if post.send}
+        self.recv_index = {post.message: i for posts in plan.queues.values() for i, post in enumerate(posts)
+                           if not post.send}
+
+    # ----------------------------------------------------------------------- posting
+    def _post(self, peer: int, *, upto: int | None = None, window: int | None = None) -> None:
+        """Post this pair's items in order: all up to index ``upto`` (forced), then receives
+        consumed by step <= ``window`` and sends already produced."""
+        queue = self.plan.queues[peer]
+        i = self.cursor[peer]
+        while i < len(queue):
+            post = queue[i]
+            forced = upto is not None and i <= upto
+            if post.send:
+                tensor = self.outputs.get(post.step)
+                if tensor is None:
+                    if forced:
+                        raise RuntimeError(
+                            f"{self.label}p2p plan inconsistent: the send of {post.message} to pp rank "
+                            f"{peer} (compute step {post.step}) precedes a message needed now"
+                        )
+                    break
+                work = dist.isend(tensor, group=self.group, group_dst=peer)
+                self.sends[post.step] = _Posted(work, tensor)
+                del self.outputs[post.step]
+            else:
+                if not forced and (window is None or post.step > window):
+                    break
+                buffer = torch.empty(self.shape, dtype=self.dtype, device=self.device,
+                                     requires_grad=post.message[0] == "F")
+                work = dist.irecv(buffer, group=self.group, group_src=peer)
+                self.recvs[post.message] = _Posted(work, buffer)
+            i += 1
+        self.cursor[peer] = i
+
+    def produced(self, step: int, tensor: torch.Tensor) -> None:
+        """Step ``step`` made ``tensor`` for its consumer: post it (and what precedes it)."""
+        peer, message = self.plan.sends[step]
+        if not isinstance(tensor, torch.Tensor):
+            raise RuntimeError(f"{self.label}step {step} produced {type(tensor).__name__}, not a tensor, for pp rank {peer}")
+        self.outputs[step] = tensor.contiguous() if not tensor.is_contiguous() else tensor
+        self._post(peer, upto=self.send_index[step])
+
+    def prefetch(self, step: int) -> None:
+        """Post the receives consumed within ``lookahead`` compute steps of ``step``."""
+        for peer in self.plan.queues:
+            self._post(peer, window=step + self.lookahead)
+
+    def take(self, step: int) -> torch.Tensor:
+        """The input of compute step ``step``, received (waits for it)."""
+        peer, message = self.plan.receives[step]
+        if message not in self.recvs:
+            self._post(peer, upto=self.recv_index[message])
+        posted = self.recvs.pop(message)
+        self._wait(posted.work, f"receiving {_describe(message)} from pp rank {peer}")
+        return posted.tensor
+
+    # ------------------------------------------------------------------------- sends
+    def wait_send(self, step: int) -> None:
+        posted = self.sends.pop(step, None)
+        if posted is not None:
+            peer, message = self.plan.sends[step]
+            self._wait(posted.work, f"sending {_describe(message)} to pp rank {peer}")
+
+    def send_done(self, step: int) -> bool:
+        """True when nothing of step ``step``'s send is pending any more."""
+        posted = self.sends.get(step)
+        if posted is None:
+            return step not in self.outputs
+        if posted.work.is_completed():
+            self.wait_send(step)
+            return True
+        return False
+
+    def finish(self) -> None:
+        for step in list(self.sends):
+            self.wait_send(step)
+        left = {peer: len(q) - self.cursor[peer] for peer, q in self.plan.queues.items() if self.cursor[peer] < len(q)}
+        if left or self.recvs or self.outputs:
+            raise RuntimeError(f"{self.label}p2p messages left at the end of the schedule: unposted {left}, "
+                               f"unconsumed receives {sorted(self.recvs)}, unsent outputs {sorted(self.outputs)}")
+
+    def _wait(self, work, what: str) -> None:
+        started = time.monotonic()
+        try:
+            if self.device.type == "cpu":
+                work.wait(self.timeout)
+            else:
+                # NCCL: a wait with a timeout blocks the host until the transfer ends (no more
+                # overlap of kernel launches); without one it only orders the current stream,
+                # and the process group's watchdog (its own timeout) aborts on a dead peer.
+                work.wait()
+        except RuntimeError as error:
+            waited = time.monotonic() - started
+            if waited < 0.9 * self.timeout_s:
+                why = f"failed after {waited:.1f} s: the connection to that rank broke (did it die?)"
+            else:
+                why = (f"did not complete within {self.timeout_s:g} s: that rank died, hangs, or runs a "
+                       "different schedule")
+            raise PeerTimeoutError(f"{self.label}{what} {why} ({error})") from error
+
+
+def _describe(message) -> str:
+    kind, chunk, microbatch = message
+    what = "the activation" if kind == "F" else "the gradient"
+    return f"{what} for chunk {chunk} microbatch {microbatch}"
+
+
+def _per_chunk(value, chunks: int) -> list:
+    if value is None:
+        return [None] * chunks
+    return list(value) if isinstance(value, (list, tuple)) else [value] * chunks
+
+
+def run_rank(
+    *,
+    schedule: Schedule,
+    plan: P2PPlan,
+    rank: int,
+    forward_step_func: Callable,
+    data_iterator,
+    model: Sequence[torch.nn.Module],
+    num_microbatches: int,
+    config,
+    pp_group,
+    tensor_shape: Sequence[int],
+    forward_step: Callable,
+    backward_step: Callable,
+    call_by_name: Callable,
+    cp_group_size: int = 1,
+    forward_only: bool = False,
+    collect_non_loss_data: bool = False,
+    first_val_step: bool | None = None,
+    offloader=None,
+    finalize: Callable[[Any], None] | None = None,
+    model_type=None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    lookahead: int = 1,
+) -> list:
+    """Run ``schedule.ranks[rank]`` (``plan`` = ``schedule.p2p.build_plan(schedule,
+    forward_only=forward_only)``); returns Megatron's ``forward_data_store``.
+
+    ``offloader``: an ``ActivationOffloader`` inside ``begin_iteration`` whose runtime list
+    is this row (it issues the O / R entries itself), or None (no hooks, O / R skipped).
+    ``finalize(total_tokens)`` runs after the last op (finalize_model_grads); not called when
+    ``forward_only``."""
+    chunks = list(model)
+    vpp = len(chunks)
+    if vpp != schedule.vpp or num_microbatches != schedule.microbatches:
+        raise ValueError(f"schedule is for vpp={schedule.vpp}, m={schedule.microbatches}; called with {vpp} chunks, m={num_microbatches}")
+    pp = schedule.pp
+    if pp_group.size() != pp or pp_group.rank() != rank:
+        raise ValueError(f"schedule for {pp} ranks run as rank {rank} of a pipeline group of size "
+                         f"{pp_group.size()} (rank {pp_group.rank()})")
+    data = data_iterator if isinstance(data_iterator, list) else [data_iterator] * vpp
+    label = f"[pp rank {rank}] "
+    param = next(chunks[0].parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = getattr(config, "pipeline_dtype", None) or torch.float32
+    channels = _Channels(plan.ranks[rank], pp_group, shape=tuple(tensor_shape), dtype=dtype, device=device,
+                         timeout_s=timeout_s, lookahead=lookahead, label=label)
+    rank_plan = plan.ranks[rank]
+    step_of = {op: i for i, op in enumerate(rank_plan.ops)}
+    deallocate = bool(getattr(config, "deallocate_pipeline_outputs", False))
+    store: list = []
+    total_tokens = torch.zeros([], dtype=torch.int, device=device)
+    inputs: dict = {}
+    outputs: dict = {}
+    produced_at: dict = {}  # unit -> compute step whose output was sent
+
+    # --- data-parallel grad sync, as Megatron's schedules drive it ---------------------
+    no_sync_funcs = _per_chunk(getattr(config, "no_sync_func", None), vpp)
+    grad_sync = _per_chunk(getattr(config, "grad_sync_func", None), vpp)
+    param_sync = _per_chunk(getattr(config, "param_sync_func", None), vpp)
+    has_grad_sync = getattr(config, "grad_sync_func", None) is not None
+    sync_context = None
+
+    def disable_grad_sync():
+        nonlocal sync_context
+        if sync_context is None:
+            stack = contextlib.ExitStack()
+            for fn in no_sync_funcs:
+                if fn is not None:
+                    stack.enter_context(fn())
+            sync_context = stack
+
+    def enable_grad_sync():
+        nonlocal sync_context
+        if sync_context is not None:
+            sync_context.close()
+            sync_context = None
+
+    last_backward = {}
+    if not forward_only:
+        for i, op in enumerate(rank_plan.ops):
+            if op.kind is OpKind.BACKWARD:
+                last_backward[op.chunk] = i
+    synced: set[int] = set()
+    if not forward_only:
+        disable_grad_sync()
+        if getattr(config, "param_sync_func", None) is not None:
+            for c in range(vpp):
+                param_sync[c](chunks[c].parameters())
+
+    def run_forward(step: int, c: int, mb: int):
+        nonlocal total_tokens
+        input_tensor = channels.take(step) if step in rank_plan.receives else None
+        is_last = c == vpp - 1 and rank == pp - 1
+        first = mb == 0 if not (forward_only and first_val_step is not None) else (first_val_step and mb == 0)
+
+        def step_fn():
+            return call_by_name(
+                forward_step, forward_step_func=forward_step_func, data_iterator=data[c],
+                model=chunks[c], num_microbatches=num_microbatches, input_tensor=input_tensor,
+                forward_data_store=store, config=config, cp_group_size=cp_group_size,
+                collect_non_loss_data=collect_non_loss_data, checkpoint_activations_microbatch=None,
+                is_first_microbatch=first, current_microbatch=mb,
+                vp_stage=c if vpp > 1 else None, is_last_stage=is_last,
+            )
+
+        if offloader is not None:
+            output, num_tokens = offloader.run_forward((c, mb), [input_tensor], step_fn)
+        else:
+            output, num_tokens = step_fn()
+        total_tokens += num_tokens
+        _forget_input(chunks[c])
+        if step in rank_plan.sends:
+            channels.produced(step, output)
+            produced_at[(c, mb)] = step
+        if forward_only:
+            return
+        inputs[(c, mb)] = input_tensor
+        outputs[(c, mb)] = output
+
+    def run_backward(step: int, c: int, mb: int):
+        output_grad = channels.take(step) if step in rank_plan.receives else None
+        input_tensor = inputs.pop((c, mb))
+        output = outputs.pop((c, mb))
+        sent = produced_at.pop((c, mb), None)
+        if sent is not None:
+            channels.wait_send(sent)  # the output's storage may go only once its send read it
+            if deallocate:
+                _deallocate(output)
+        if has_grad_sync is False and last_backward.get(c) == step:
+            enable_grad_sync()  # the hooks reduce this chunk's grads during its last backward
+            synced.add(c)
+
+        def step_fn():
+            return call_by_name(backward_step, input_tensor=input_tensor, output_tensor=output,
+                                output_tensor_grad=output_grad, model_type=model_type, config=config)
+
+        if offloader is not None:
+            input_grad = offloader.run_backward((c, mb), step_fn)
+        else:
+            input_grad = step_fn()
+        if has_grad_sync and last_backward.get(c) == step:
+            enable_grad_sync()
+            grad_sync[c](chunks[c].parameters())
+            synced.add(c)
+        disable_grad_sync()
+        if step in rank_plan.sends:
+            channels.produced(step, input_grad)
+
+    try:
+        for op in rank_plan.ops:  # F and B; the offloader issues the row's O and R itself
+            step = step_of[op]
+            channels.prefetch(step)
+            if op.kind is OpKind.FORWARD:
+                run_forward(step, op.chunk, op.microbatch)
+            else:
+                run_backward(step, op.chunk, op.microbatch)
+            if deallocate and not forward_only:
+                for unit, sent in list(produced_at.items()):
+                    if channels.send_done(sent):
+                        del produced_at[unit]
+                        _deallocate(outputs[unit])
+            if forward_only:
+                for unit, sent in list(produced_at.items()):
+                    if channels.send_done(sent):
+                        del produced_at[unit]
+        channels.finish()
+    except BaseException:
+        enable_grad_sync()  # leave DDP as Megatron's functions would: hooks enabled
+        raise
+    if not forward_only:
+        enable_grad_sync()
+        if has_grad_sync:
+            for c in range(vpp):
+                if c not in synced:
+                    grad_sync[c](chunks[c].parameters())
+        if finalize is not None:
+            finalize(total_tokens)
+    return store
+
+
+def _forget_input(chunk) -> None:
+    """Megatron's model keeps the last input it was given (``set_input_tensor``) until its next
+    forward: after a unit's backward that would keep the unit's received activation resident
+    (reloaded, if it was offloaded). The forward is done with it: drop the model's reference,
+    so that only the unit (autograd, the executor until the backward) holds it."""
+    module = chunk
+    while not hasattr(module, "set_input_tensor") and hasattr(module, "module"):
+        module = module.module
+    setter = getattr(module, "set_input_tensor", None)
+    if setter is not None:
+        setter([None])
+
+
+def _deallocate(output) -> None:
+    """Megatron's ``deallocate_output_tensor``: keep the tensor (its grad_fn), drop its data."""
+    if isinstance(output, torch.Tensor) and output._base is None and output.numel() > 1:
+        output.data = torch.empty((1,), device=output.device, dtype=output.dtype)
