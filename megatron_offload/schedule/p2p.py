@@ -27,34 +27,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .ir import OpKind, Schedule, ScheduleError, format_grid
+from .ir import KIND_B, KIND_F, OpKind, Schedule, ScheduleError, format_grid
+from .ir import producer as ir_producer
 
 Message = tuple[str, int, int]
 """(kind 'F' activations / 'B' gradients, chunk at the receiver, microbatch)."""
 
 
+def producer(rank: int, kind: OpKind, chunk: int, pp: int, vpp: int) -> tuple[int, int] | None:
+    """Which rank and chunk produce a compute op's input: :func:`ir.producer`, by OpKind."""
+    return ir_producer(rank, KIND_F if kind is OpKind.FORWARD else KIND_B, chunk, pp, vpp)
+
+
 def consumer(rank: int, kind: OpKind, chunk: int, pp: int, vpp: int) -> tuple[int, int] | None:
     """Which rank and chunk consume the output of a compute op (None: nobody on another
     stage: the last virtual stage's forward ends in the loss, the first's backward in the
-    data). The inverse of :func:`ir.producer`."""
-    if kind is OpKind.FORWARD:
-        if rank < pp - 1:
-            return rank + 1, chunk
-        return (0, chunk + 1) if chunk < vpp - 1 else None
-    if rank > 0:
-        return rank - 1, chunk
-    return (pp - 1, chunk - 1) if chunk > 0 else None
-
-
-def producer(rank: int, kind: OpKind, chunk: int, pp: int, vpp: int) -> tuple[int, int] | None:
-    """Which rank and chunk produce a compute op's input (:func:`ir.producer`, by OpKind)."""
-    if kind is OpKind.FORWARD:
-        if rank > 0:
-            return rank - 1, chunk
-        return (pp - 1, chunk - 1) if chunk > 0 else None
-    if rank < pp - 1:
-        return rank + 1, chunk
-    return (0, chunk + 1) if chunk < vpp - 1 else None
+    data). Data flows the other way in the other direction: a forward's consumer is where its
+    backward's input comes from, and the reverse."""
+    return ir_producer(rank, KIND_B if kind is OpKind.FORWARD else KIND_F, chunk, pp, vpp)
 
 
 @dataclass(frozen=True, slots=True)

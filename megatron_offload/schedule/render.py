@@ -130,7 +130,14 @@ def render_figure(sim: Simulation, path: str, *, title: str | None = None) -> No
         levels = [level for _, level in curve] + [curve[-1][1]]
         memory.step(times, levels, where="post", color=cmap(rank / max(pp - 1, 1)), linewidth=1.4,
                     label=f"rank {rank} (peak {sim.peak_units[rank]})" if pp <= 8 or rank in (0, pp - 1) else None)
-    memory.set_ylabel("resident units")
+    save_with_memory_axis(figure, memory, "resident units", path)
+
+
+def save_with_memory_axis(figure, memory, ylabel: str, path: str) -> None:
+    """Finish a timeline's memory panel (labels, grid, legend outside) and save the figure."""
+    import matplotlib.pyplot as plt
+
+    memory.set_ylabel(ylabel)
     memory.set_xlabel("time")
     memory.set_ylim(bottom=0)
     memory.grid(alpha=0.3)

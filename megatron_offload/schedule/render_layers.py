@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from .ir import OpKind
 from .layer_sim import LayerScheduleSimulation, LayerSimulation
+from .render import save_with_memory_axis
 
 _ASCII_HELP = ("a-z: layer forward of chunk 0, 1, ...; A-Z: layer backward; '-' the rest's forward/backward "
                "(and the epilogue); '.' idle; '>' D2H copy, '<' H2D copy")
@@ -177,11 +178,4 @@ def render_layer_figure(sim: LayerSimulation | LayerScheduleSimulation, path: st
         memory.step(times, level + level[-1:], where="post", color=color, linewidth=1.3, label=label)
         memory.step(times, live + live[-1:], where="post", color=color, linewidth=0.5, alpha=0.6)
         memory.axhline(rank.peak_bytes / scale, color=color, linewidth=0.6, linestyle="--", alpha=0.7)
-    memory.set_ylabel(f"activation {unit} (thin: with transients)")
-    memory.set_xlabel("time")
-    memory.set_ylim(bottom=0)
-    memory.grid(alpha=0.3)
-    memory.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_with_memory_axis(figure, memory, f"activation {unit} (thin: with transients)", path)
