@@ -9,25 +9,9 @@ from collections.abc import Sequence
 
 from megatron_offload.config import OffloadConfig
 from megatron_offload.schedule.ir import Op, OpKind, Schedule
-from megatron_offload.schedule.layers import expand_rank
+from megatron_offload.schedule.layers import expand_rank, unit_lifespans
 
 UnitKey = tuple[int, int]
-
-
-def unit_lifespans(order: Sequence[Op]) -> dict[UnitKey, int]:
-    """Ops run between each unit's forward and its backward on this rank.
-
-    A unit whose backward directly follows its forward has lifespan 0: offloading it cannot
-    free anything, since it would have to come back before any other op ran.
-    """
-    forward_at: dict[UnitKey, int] = {}
-    lifespans: dict[UnitKey, int] = {}
-    for position, op in enumerate(order):
-        if op.kind is OpKind.FORWARD:
-            forward_at[op.unit] = position
-        elif op.kind is OpKind.BACKWARD:
-            lifespans[op.unit] = position - forward_at[op.unit] - 1
-    return lifespans
 
 
 def units_to_offload(order: Sequence[Op], config: OffloadConfig) -> set[UnitKey]:
