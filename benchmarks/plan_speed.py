@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_offload.costmodel import GiB, JobSpec  # noqa: E402
-from megatron_offload.hardware import preset  # noqa: E402
-from megatron_offload.planner import plan_job  # noqa: E402
+from megatron_offload.planning.costmodel import GiB, JobSpec  # noqa: E402
+from megatron_offload.planning.hardware import preset  # noqa: E402
+from megatron_offload.planning.planner import plan_job  # noqa: E402
 
 JOBS = {
     "llama3-70b": JobSpec(

@@ -48,7 +48,7 @@ def test_train_bad_input_fails_before_spawning(argv, message, capsys):
 
 def test_train_passes_megatron_flags_through():
     """Unknown flags are Megatron-LM's; the built-in job's defaults fill in the rest."""
-    from megatron_offload import train
+    from megatron_offload.cli import train
 
     parser = cli.build_parser("train")
     args, rest = parser.parse_known_args(["train", "--num-layers", "16", "--pipeline-offload"])

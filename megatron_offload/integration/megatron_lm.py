@@ -34,7 +34,7 @@ fails alike, before ``torch.distributed`` is initialized.
   otherwise exit rank 0);
 
 and :func:`megatron_offload.integration.megatron_core.install` puts the runtime under the
-pipeline schedules. On a machine without a GPU, :mod:`megatron_offload.cpu` is applied too.
+pipeline schedules. On a machine without a GPU, :mod:`megatron_offload.integration.cpu` is applied too.
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ class Launch:
     argument_api: str
     """``extra_args_provider`` (0.16/0.17) or ``parse_and_validate_args`` (0.18+)."""
     cpu: bool
-    """No GPU: Megatron-LM runs on CPU (gloo) through :mod:`megatron_offload.cpu`."""
+    """No GPU: Megatron-LM runs on CPU (gloo) through :mod:`megatron_offload.integration.cpu`."""
     help_requested: bool = False
 
 
@@ -216,7 +216,7 @@ def check_environment(args: argparse.Namespace) -> None:
 
 
 def check_release(version: str) -> None:
-    from megatron_offload.integration.megatron_core import check_megatron_version
+    from megatron_offload.releases import check_megatron_version
 
     try:
         check_megatron_version(version)
@@ -260,7 +260,7 @@ def preflight(script: str | os.PathLike | None, argv: list[str]) -> Launch:
         check_offload_against_megatron(args, launch.config)
     check_environment(args)
     if cpu:
-        from megatron_offload import cpu as cpu_support
+        from megatron_offload.integration import cpu as cpu_support
 
         problem = cpu_support.check_megatron_args(args)
         if problem:
@@ -430,7 +430,7 @@ def apply(launch: Launch) -> LaunchState:
 
     st = LaunchState(launch=launch)
     if launch.cpu:
-        from megatron_offload import cpu as cpu_support
+        from megatron_offload.integration import cpu as cpu_support
 
         st.cpu_applied = cpu_support.apply_cpu_support()
     _replace(st, arguments, "add_megatron_arguments", _add_megatron_arguments)
@@ -463,7 +463,7 @@ def remove() -> None:
 
         megatron_core.uninstall()
     if st.cpu_applied:
-        from megatron_offload import cpu as cpu_support
+        from megatron_offload.integration import cpu as cpu_support
 
         cpu_support.remove_cpu_support()
 
@@ -498,7 +498,7 @@ def plan_lines(config: OffloadConfig, pp: int, vpp: int, microbatches: int,
                group_size: int | None = None, *, picture: bool = False) -> list[str]:
     """The offload plan of every pipeline rank, from the schedule IR (no collective needed:
     each rank's order is predictable from p, v, m, g)."""
-    from megatron_offload.policy import runtime_schedule, units_to_offload
+    from megatron_offload.planning.policy import runtime_schedule, units_to_offload
     from megatron_offload.schedule.costs import CostModel
     from megatron_offload.schedule.megatron import megatron_schedule
     from megatron_offload.schedule.simulate import simulate

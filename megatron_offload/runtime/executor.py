@@ -32,7 +32,7 @@ Megatron schedule, so the result is bitwise that of Megatron's functions.
 
 Pure mechanism: which schedule, which units move and where the copies go are decided by the
 caller (``integration/gis_schedule.py``); only arguments of ``forward_step`` /
-``backward_step`` are bound by name (``integration.megatron_core.call_by_name``).
+``backward_step`` are bound by name (``releases.call_by_name``).
 """
 from __future__ import annotations
 

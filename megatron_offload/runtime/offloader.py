@@ -37,7 +37,6 @@ import torch
 
 from megatron_offload.config import OffloadConfig
 from megatron_offload.runtime.accounting import IterationStats, ResidentStorageTracker
-from megatron_offload.policy import runtime_rank_ops
 from megatron_offload.runtime.store import (
     ActivationStore,
     SubUnit,
@@ -53,7 +52,7 @@ from megatron_offload.runtime.host_pool import (
 )
 from megatron_offload.runtime.transfer import TransferBackend
 from megatron_offload.schedule.ir import Op, OpKind
-from megatron_offload.schedule.layers import LayerOp, streamed_sub_units
+from megatron_offload.schedule.layers import LayerOp, runtime_rank_ops, streamed_sub_units
 
 
 STATS_HISTORY = 64

@@ -28,7 +28,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from .ir import COMPUTE_KINDS, OpKind, Schedule, ScheduleError
+from .ir import COMPUTE_KINDS, Op, OpKind, Schedule, ScheduleError
 
 SubUnit = tuple[int, int, "int | None"]
 """(chunk, microbatch, layer); layer None = the rest of the unit."""
@@ -631,7 +631,7 @@ def forward_ends(ops: Sequence[LayerOp]) -> set[int]:
 
 def unit_ops_to_layer_ops(ops: Iterable, layers_per_chunk: int | Sequence[int]) -> list[LayerOp]:
     """A unit-granularity order (F, B and the runtime's whole-unit O, R: e.g.
-    ``policy.runtime_rank_ops``) in layer terms, to score it with the same profile and
+    ``schedule.layers.runtime_rank_ops``) in layer terms, to score it with the same profile and
     simulator as layer streaming: F(c,m) and B(c,m) gain their layer entries; a unit's O
     becomes O(c,m) then O(c,m,0..L-1) (after forward_step, so after the epilogue), its R
     becomes R(c,m) then R(c,m,L-1..0) (everything back before B(c,m)). On a link the unit's
@@ -730,3 +730,18 @@ def reload_distances_for_link(
         later_start = min(later_start, begin)
         distances[sub] = max(0, use - at)
     return distances
+
+
+def runtime_rank_ops(order: Sequence[Op], offload: set[tuple[int, int]], prefetch_distance: int = 1) -> list[Op]:
+    """One rank's ops with offload/reload inserted where the runtime issues them.
+
+    The runtime (``runtime/offloader.py``) starts a unit's offload right after its forward and
+    its reload when the op ``prefetch_distance`` places before the unit's backward starts. A
+    unit whose reload would start right after its offload, with no op between them, is not
+    offloaded: the copy would come back before anything could use the memory it freed. The
+    same rule as data (:func:`expand_rank` with no layers), so the simulator
+    and the renderer score the schedule that runs.
+    """
+    entries = expand_rank(order, 0, streamed=offload, offloaded=offload,
+                          reload_distance=prefetch_distance)
+    return [Op(e.kind, e.chunk, e.microbatch) for e in entries]

@@ -11,8 +11,9 @@ import types
 import pytest
 
 from megatron_offload.config import OffloadConfig
+from megatron_offload import releases
 from megatron_offload.integration import megatron_core
-from megatron_offload.policy import runtime_schedule
+from megatron_offload.planning.policy import runtime_schedule
 from megatron_offload.schedule.megatron import megatron_schedule
 from megatron_offload.testing.gpt import TinyGPTCase
 from megatron_offload.testing.reference import SAFE_FAULT_PP2_M4, compare_runs
@@ -94,7 +95,7 @@ def test_chunks_policy_is_bitwise_identical(pool4):
 
 
 def _lifespans(rank_order: str) -> list[int]:
-    from megatron_offload.policy import unit_lifespans
+    from megatron_offload.planning.policy import unit_lifespans
     from megatron_offload.schedule.ir import Op
 
     return list(unit_lifespans([Op.parse(t) for t in rank_order.split()]).values())
@@ -246,8 +247,8 @@ def test_unsupported_modes_are_refused(field, value, flag):
 
 def test_unsupported_megatron_version_is_refused():
     with pytest.raises(ValueError, match=r"megatron-core 0\.15\.2 is not supported.*0\.16"):
-        megatron_core.check_megatron_version("0.15.2")
-    assert megatron_core.check_megatron_version("0.16.1") == "0.16.1"
+        releases.check_megatron_version("0.15.2")
+    assert releases.check_megatron_version("0.16.1") == "0.16.1"
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_offload.config import OffloadConfig
-from megatron_offload.policy import units_to_offload
+from megatron_offload.planning.policy import units_to_offload
 from megatron_offload.schedule.ir import Op
 from megatron_offload.schedule.layers import expand_rank
 from megatron_offload.testing.gpt import TinyGPTCase

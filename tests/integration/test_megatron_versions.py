@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from megatron_offload.config import OffloadConfig
+from megatron_offload import releases
 from megatron_offload.integration import megatron_core
-from megatron_offload.integration.megatron_core import RELEASES, release
+from megatron_offload.releases import RELEASES, release
 
 INSTALLED = release()
 
@@ -25,7 +26,7 @@ INSTALLED = release()
 @pytest.mark.parametrize("version", ["0.16.0", "0.16.1", "0.17.0", "0.17.1", "0.18.2", "0.19.0",
                                      "0.19.2", "0.19.3rc1", "0.18.0.dev0"])
 def test_supported_versions_are_accepted(version):
-    assert megatron_core.check_megatron_version(version) == version
+    assert releases.check_megatron_version(version) == version
     assert release(version).minor == int(version.split(".")[1])
 
 
@@ -33,7 +34,7 @@ def test_supported_versions_are_accepted(version):
                                      "0.9.0", "0.160.0", "garbage"])
 def test_unsupported_versions_are_refused_with_the_range(version):
     with pytest.raises(ValueError) as info:
-        megatron_core.check_megatron_version(version)
+        releases.check_megatron_version(version)
     message = str(info.value)
     assert f"megatron-core {version} is not supported" in message
     assert "0.16.x to 0.19.x" in message and ">=0.16,<0.20" in message
@@ -49,7 +50,7 @@ def test_install_checks_the_installed_version_once_before_patching(monkeypatch):
         calls.append(1)
         return "0.20.0"
 
-    monkeypatch.setattr(megatron_core, "installed_megatron_version", fake_version)
+    monkeypatch.setattr(releases, "installed_megatron_version", fake_version)
     before = schedules.forward_step
     with pytest.raises(ValueError, match=r"0\.20\.0 is not supported.*>=0\.16,<0\.20"):
         megatron_core.install(OffloadConfig(policy="full"))
@@ -77,7 +78,7 @@ def test_installed_release_facts_match_its_source():
         line.strip().startswith("current_stream = torch.cuda.current_stream()")
         for line in grad_sync.splitlines())
     observed = dict(
-        minor=int(megatron_core.installed_megatron_version().split(".")[1]),
+        minor=int(releases.installed_megatron_version().split(".")[1]),
         backward_step_takes_model_type=(
             "model_type" in inspect.signature(schedules.backward_step).parameters),
         multimodule_pipelines=hasattr(schedules, "backward_step_multimodule"),
@@ -248,12 +249,12 @@ def test_backward_step_is_called_by_name_on_every_release():
                     output_tensor_grad=output_tensor_grad, config=config)
         return "ok"
 
-    assert megatron_core.call_by_name(
+    assert releases.call_by_name(
         backward_step, input_tensor=1, output_tensor=2, output_tensor_grad=3, model_type="m",
         config=4) == "ok"
     assert seen == dict(input_tensor=1, output_tensor=2, output_tensor_grad=3, config=4)
     with pytest.raises(TypeError, match="takes no argument 'surprise'"):
-        megatron_core.call_by_name(backward_step, input_tensor=1, output_tensor=2,
+        releases.call_by_name(backward_step, input_tensor=1, output_tensor=2,
                                    output_tensor_grad=3, config=4, surprise=5)
     takes = "model_type" in inspect.signature(schedules.backward_step).parameters
     assert takes == INSTALLED.backward_step_takes_model_type

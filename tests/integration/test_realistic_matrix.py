@@ -113,7 +113,7 @@ def _pool(pool4):
 
 
 def _lifespans(rank_order: str) -> list[int]:
-    from megatron_offload.policy import unit_lifespans
+    from megatron_offload.planning.policy import unit_lifespans
     from megatron_offload.schedule.ir import Op
 
     return list(unit_lifespans([Op.parse(t) for t in rank_order.split()]).values())

@@ -153,7 +153,7 @@ def test_slurm_environment_maps_to_torchrun_names():
 
 @pytest.mark.slow
 def test_bad_input_stops_every_rank_before_torch_distributed(tmp_path):
-    from megatron_offload.train import RunFailed, _Echo, spawn_run
+    from megatron_offload.cli.train import RunFailed, _Echo, spawn_run
 
     argv = [SCRIPT, *CPU, "--num-layers", "2", ENABLE_FLAG, "--fine-grained-activation-offloading"]
     with pytest.raises(RunFailed) as failed:

@@ -12,13 +12,14 @@ import pytest
 
 from megatron_offload import cli
 from megatron_offload.config import OffloadConfig
-from megatron_offload.costmodel import GiB, JobSpec, UnitBytes
-from megatron_offload.planner import (
+from megatron_offload.planning.costmodel import GiB, JobSpec, UnitBytes
+from megatron_offload.planning.planner import (
     choose_offload_units,
     plan_auto_offload,
     resident_peak,
 )
-from megatron_offload.policy import runtime_rank_ops, unit_lifespans, units_to_offload
+from megatron_offload.planning.policy import unit_lifespans, units_to_offload
+from megatron_offload.schedule.layers import runtime_rank_ops
 from megatron_offload.schedule.ir import Op, OpKind
 from megatron_offload.schedule.megatron import megatron_schedule
 
@@ -191,7 +192,7 @@ def test_plan_cli_shows_what_policy_auto_chooses(capsys):
     report = json.loads(capsys.readouterr().out)
     auto = report["auto"]
     orders = megatron_schedule("interleaved", 4, 2, 16).ranks
-    from megatron_offload.costmodel import overhead_bytes
+    from megatron_offload.planning.costmodel import overhead_bytes
 
     direct = plan_auto_offload(JOB, orders, budget * GiB, overhead_bytes=[overhead_bytes(JOB, r) for r in range(4)])
     assert auto["offloaded_units_per_rank"] == [len(c.offload) for c in direct.ranks]

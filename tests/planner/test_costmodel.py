@@ -6,8 +6,8 @@ from argparse import Namespace
 
 import pytest
 
-from megatron_offload import costmodel as cm
-from megatron_offload.costmodel import GiB, JobSpec, Recompute
+from megatron_offload.planning import costmodel as cm
+from megatron_offload.planning.costmodel import GiB, JobSpec, Recompute
 
 
 @pytest.mark.parametrize("hidden, seq, published", [(h, s, k) for h, row in cm.PAPER_VALUES.items() for s, k in row.items()])
@@ -27,7 +27,7 @@ def test_paper_k_values(hidden, seq, published):
 
 
 def test_paper_table_prints_its_assumptions(capsys):
-    """The table (also ``python -m megatron_offload.costmodel``) states every assumption next to
+    """The table (also ``python -m megatron_offload.planning.costmodel``) states every assumption next to
     the eight values; shown in the test output."""
     table = cm.paper_k_table()
     with capsys.disabled():

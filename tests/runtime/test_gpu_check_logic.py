@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from megatron_offload import gpu_check
+from megatron_offload.gpu_check import check as gpu_check
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_errors_and_broken_links_fail_and_not_run_is_not_a_pass():
 
 
 def test_single_rank_driver_follows_megatron_rank0_order():
-    from megatron_offload.single_rank import interleaved_rank0_order
+    from megatron_offload.runtime.single_rank import interleaved_rank0_order
 
     order = interleaved_rank0_order(4, 2, 8)
     text = " ".join(map(str, order))

@@ -9,7 +9,8 @@ import contextlib
 import pytest
 import torch
 
-from megatron_offload import gpu_check, gpu_rows
+from megatron_offload.gpu_check import check as gpu_check
+from megatron_offload.gpu_check import rows as gpu_rows
 
 CPU = torch.device("cpu")
 

@@ -13,7 +13,7 @@ import torch
 
 from megatron_offload.config import OffloadConfig
 from megatron_offload.integration.layers import hook_layers
-from megatron_offload.policy import runtime_plan, units_to_offload
+from megatron_offload.planning.policy import runtime_plan, units_to_offload
 from megatron_offload.runtime.offloader import (
     ActivationOffloader, ScheduleMismatchError, iteration,
 )

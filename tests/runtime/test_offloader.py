@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_offload.config import OffloadConfig
-from megatron_offload.policy import unit_lifespans, units_to_offload
+from megatron_offload.planning.policy import unit_lifespans, units_to_offload
 from megatron_offload.runtime.offloader import ActivationOffloader, ScheduleMismatchError, iteration
 from megatron_offload.runtime.store import mark_not_offloadable
 from megatron_offload.runtime.transfer import CpuTransferBackend
@@ -237,7 +237,8 @@ def test_fault_mid_iteration_leaves_nothing_and_next_iteration_is_exact():
 
 
 def test_runtime_schedule_is_valid_ir_with_copies_where_the_runtime_makes_them():
-    from megatron_offload.policy import runtime_rank_ops, runtime_schedule
+    from megatron_offload.planning.policy import runtime_schedule
+    from megatron_offload.schedule.layers import runtime_rank_ops
     from megatron_offload.schedule.megatron import megatron_schedule
 
     order = order_1f1b(warmup=2, microbatches=4)  # F0 F1 F2 B0 F3 B1 B2 B3

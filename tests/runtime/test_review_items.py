@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from megatron_offload.config import OffloadConfig
-from megatron_offload.integration.megatron_core import call_by_name
-from megatron_offload.policy import runtime_rank_ops, units_to_offload
+from megatron_offload.releases import call_by_name
+from megatron_offload.planning.policy import units_to_offload
+from megatron_offload.schedule.layers import runtime_rank_ops
 from megatron_offload.runtime.offloader import ActivationOffloader, iteration
 from megatron_offload.runtime.transfer import CpuTransferBackend
 from megatron_offload.schedule.ir import Op

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_offload.train import CPU_FLAGS, SMALL_GPT
+from megatron_offload.cli.train import CPU_FLAGS, SMALL_GPT
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("megatron.training", reason="megatron-core >= 0.17 ships megatron/training")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from megatron_offload.integration.megatron_core import release
+from megatron_offload.releases import release
 from megatron_offload.testing import cpu_shims
 
 FACTS = release()  # the installed megatron-core's version switches

@@ -8,7 +8,7 @@ global layer -> same weights.
 """
 import pytest
 
-from megatron_offload.integration.megatron_core import release
+from megatron_offload.releases import release
 from megatron_offload.testing.gpt import TinyGPTCase
 from megatron_offload.testing.reference import SAFE_FAULT_PP2_M4, compare_runs, merge_ranks
 

@@ -24,7 +24,7 @@ h_sp = h / t with sequence parallelism, h without (the width of the tensors in t
 parallel region: layer input, norm in/out, residual, dropout masks after a row-parallel linear).
 
 The paper's check (pipeoffload.md section 2) is :func:`paper_k`; ``python -m
-megatron_offload.costmodel`` prints it with its assumptions.
+megatron_offload.planning.costmodel`` prints it with its assumptions.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """GPU check: the offload runtime on CUDA streams and pinned memory, measured, with a verdict.
 
-    python -m megatron_offload.gpu_check [--device cuda] [--json FILE] [--rows NAMES]
+    python -m megatron_offload.gpu_check.check [--device cuda] [--json FILE] [--rows NAMES]
 
 One process, one GPU (NCCL refuses two pipeline ranks on one device), so every check drives
 pipeline rank 0's real order (Megatron's interleaved 1F1B, PP=4 VPP=2, 8 microbatches: 11
@@ -43,57 +43,14 @@ os.environ.setdefault("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "0")
 
 import torch  # noqa: E402
 
-from megatron_offload import gpu_rows  # noqa: E402
+from megatron_offload.gpu_check import rows as gpu_rows  # noqa: E402
 from megatron_offload.config import OffloadConfig
-from megatron_offload.policy import units_to_offload
+from megatron_offload.planning.policy import units_to_offload
 from megatron_offload.runtime.offloader import ActivationOffloader
 from megatron_offload.runtime.host_pool import CudaHostRegisterPinner, HostBufferPool
+from megatron_offload.runtime.link_probe import synchronize, measure_link
 from megatron_offload.runtime.transfer import make_backend
-from megatron_offload.single_rank import drive, interleaved_rank0_order
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure_link(device: torch.device, nbytes: int, repeats: int = 5) -> dict:
-    """GB/s of pinned host <-> device copies through the offload backend's streams."""
-    backend = make_backend("auto", device)
-    pool = HostBufferPool(pinner=CudaHostRegisterPinner() if backend.pin_memory else None)
-    source = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
-    target = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    host_out, host_in = pool.acquire(nbytes), pool.acquire(nbytes)
-    host_in.random_(0, 255)
-    s_src, s_dst = source.untyped_storage(), target.untyped_storage()
-
-    def timed(fn) -> float:
-        samples = []
-        for _ in range(repeats + 1):
-            _sync(device)
-            start = time.perf_counter()
-            for transfer in fn():
-                backend.wait_host(transfer)
-            samples.append(time.perf_counter() - start)
-        return statistics.median(samples[1:])
-
-    d2h = timed(lambda: [backend.device_to_host([(s_src, host_out)])])
-    h2d = timed(lambda: [backend.host_to_device([(s_dst, host_in)])])
-    both = timed(
-        lambda: [backend.device_to_host([(s_src, host_out)]), backend.host_to_device([(s_dst, host_in)])]
-    )
-    ok = bool(torch.equal(host_out, source.cpu())) and bool(torch.equal(target.cpu(), host_in))
-    pool.release(host_out)
-    pool.release(host_in)
-    pool.clear()  # unpin now: the checks after this one pin their own pools
-    gb = nbytes / 1e9
-    return {
-        "bytes": nbytes,
-        "d2h_gbps": gb / d2h,
-        "h2d_gbps": gb / h2d,
-        "duplex_gbps_each_way": gb / both,
-        "copies_bitwise_ok": ok,
-    }
+from megatron_offload.runtime.single_rank import drive, interleaved_rank0_order
 
 
 def _torch_chunk(hidden: int, layers: int, dtype, device) -> torch.nn.Module:
@@ -158,16 +115,16 @@ def check_equivalence(
     reference_runs, offload_runs, pool = [], [], []
     attention = _attention_backend(device, flavor)
     for _ in range(iterations):  # alternate, so warm-up and clocks hit both alike
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         with attention:
             reference_runs.append(drive(chunks, order, inputs, peak_memory=True))
-        _sync(device)
+        synchronize(device)
         reference_runs[-1]["time_s"] = time.perf_counter() - start
         start = time.perf_counter()
         with attention:
             offload_runs.append(drive(chunks, order, inputs, offloader, offload, peak_memory=True))
-        _sync(device)
+        synchronize(device)
         offload_runs[-1]["time_s"] = time.perf_counter() - start
         pool.append((offloader.pool.capacity_bytes, offloader.pool.pinned_bytes))
     identical = all(

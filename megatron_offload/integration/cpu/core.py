@@ -6,7 +6,7 @@ the original is kept (as the replacement's ``__wrapped__`` and in a private regi
 ``remove_cpu_shims()`` puts every original back, exactly (same object identity).
 
 One code path for every supported release; where releases differ, the switch is a fact of
-``megatron_offload.integration.megatron_core.RELEASES`` (the one place that knows Megatron's
+``megatron_offload.releases.RELEASES`` (the one place that knows Megatron's
 versions), named below. Line references are to 0.16.1 unless said otherwise.
 
 Patches, in the order they are applied (see ``_targets``):
@@ -383,7 +383,7 @@ def _activation_recompute_forward(activation_recompute: bool = False,
 def _make_fused_wgrad_module() -> types.ModuleType:
     module = types.ModuleType(
         FUSED_WGRAD_MODULE, "CPU stand-in of apex's fused_weight_gradient_mlp_cuda "
-        "(megatron_offload.cpu.core)")
+        "(megatron_offload.integration.cpu.core)")
     module.wgrad_gemm_accum_fp32 = wgrad_gemm_accum_fp32
     module.wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp16
     return module
@@ -479,7 +479,7 @@ def _targets(keep_async_send_storage: bool) -> list[tuple[Any, str, Callable[[An
     An owner may be an ``_Item`` (a mapping entry); ``make`` may return a ``_Value`` (set
     as is, unmarked). ``original`` is ``ABSENT`` when the owner lacks the name.
     """
-    from megatron_offload.integration.megatron_core import release
+    from megatron_offload.releases import release
 
     facts = release()  # which megatron-core release: its version switches below
     try:
@@ -492,7 +492,7 @@ def _targets(keep_async_send_storage: bool) -> list[tuple[Any, str, Callable[[An
         from megatron.core.transformer.moe import moe_utils
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ImportError(
-            "megatron_offload.cpu.core needs megatron.core.pipeline_parallel."
+            "megatron_offload.integration.cpu.core needs megatron.core.pipeline_parallel."
             "schedules, .p2p_communication, megatron.core.tensor_parallel.random / .layers "
             "and megatron.core.optimizer (written against megatron-core 0.16.x to 0.19.x; the "
             f"installed version may differ): {exc}"

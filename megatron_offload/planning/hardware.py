@@ -8,7 +8,7 @@ Three sources, in the planner's order of preference: values the user gives
 (``--gpu-memory-gib``, ``--gpu-tflops``, ``--host-link-gbps``, ``--host-memory-gib``), a
 measurement on this node (:func:`measure_device`, CUDA only, cached as JSON under
 ``~/.cache/megatron-offload``), and the presets below. Preset numbers marked "estimate" are not
-published facts: measure them (``python -m megatron_offload.hardware --measure``) or give them.
+published facts: measure them (``python -m megatron_offload.cli.hardware --measure``) or give them.
 Nothing is chosen by detecting hardware: the user names a preset or gives values.
 """
 from __future__ import annotations
@@ -216,14 +216,15 @@ def _cache_file(directory: Path, host: str) -> Path:
     return directory / f"device-{re.sub(r'[^A-Za-z0-9_.-]', '_', host)}.json"
 
 
-def measure_device(*, probe: Callable[[], dict] | None = None, refresh: bool = False, directory: str | Path | None = None,
+def measure_device(*, probe: Callable[[], dict], refresh: bool = False, directory: str | Path | None = None,
                    host: str | None = None) -> DeviceMeasurement:
     """This node's GPU link and matmul rate, from the cache when present (one JSON file per
     node under ``~/.cache/megatron-offload``), else measured and cached.
 
-    ``probe`` returns the measurement's fields but ``host`` and ``measured_at``; the default
-    runs on CUDA only (RuntimeError elsewhere): pinned D2H, H2D and both at once through the GPU
-    check's link probe, and a bf16 matmul. ``refresh`` measures again."""
+    ``probe`` returns the measurement's fields but ``host`` and ``measured_at``
+    (:func:`megatron_offload.runtime.link_probe.cuda_device_probe` on a GPU node: pinned D2H,
+    H2D and both at once through the offload backend's streams, and a bf16 matmul; this
+    module stays free of torch). ``refresh`` measures again."""
     directory = Path(directory) if directory is not None else cache_dir()
     host = host or socket.gethostname()
     path = _cache_file(directory, host)
@@ -233,51 +234,10 @@ def measure_device(*, probe: Callable[[], dict] | None = None, refresh: bool = F
             return DeviceMeasurement(**data)
         except (ValueError, TypeError):
             pass  # unreadable or from another version: measure again
-    fields_ = (probe or _cuda_probe)()
+    fields_ = probe()
     result = DeviceMeasurement(host=host, measured_at=time.time(), **fields_)
     directory.mkdir(parents=True, exist_ok=True)
     scratch = path.with_suffix(f".tmp{os.getpid()}")
     scratch.write_text(json.dumps(asdict(result), indent=2), encoding="utf-8")
     os.replace(scratch, path)  # atomic: concurrent ranks of one node never read half a file
     return result
-
-
-def _cuda_probe(copy_bytes: int = 1 << 28, matmul_size: int = 8192, repeats: int = 10) -> dict:  # pragma: no cover - needs a GPU
-    import torch
-
-    if not torch.cuda.is_available():
-        raise RuntimeError("measure_device needs a CUDA GPU; on this machine give --gpu PRESET or --gpu-memory-gib, --gpu-tflops, --host-link-gbps")
-    from megatron_offload.gpu_check import measure_link
-
-    device = torch.device("cuda", torch.cuda.current_device())
-    link = measure_link(device, copy_bytes)
-    a = torch.randn(matmul_size, matmul_size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(matmul_size, matmul_size, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    torch.cuda.synchronize(device)
-    seconds = (time.perf_counter() - start) / repeats
-    props = torch.cuda.get_device_properties(device)
-    return {
-        "gpu_name": props.name, "gpu_memory_gib": props.total_memory / 2**30,
-        "d2h_gbps": link["d2h_gbps"], "h2d_gbps": link["h2d_gbps"], "duplex_gbps_each_way": link["duplex_gbps_each_way"],
-        "matmul_tflops": 2 * matmul_size**3 / seconds / 1e12, "copy_bytes": copy_bytes,
-    }
-
-
-if __name__ == "__main__":  # pragma: no cover
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Show the GPU presets, or measure this node's GPU (CUDA).")
-    parser.add_argument("--measure", action="store_true", help="measure (or read the cached measurement of) this node")
-    parser.add_argument("--refresh", action="store_true", help="measure again even if cached")
-    args = parser.parse_args()
-    if args.measure or args.refresh:
-        print(json.dumps(asdict(measure_device(refresh=args.refresh)), indent=2))
-    else:
-        for hardware in PRESETS.values():
-            print(hardware.describe())

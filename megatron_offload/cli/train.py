@@ -66,7 +66,7 @@ PLAN_STARTS = ("> pipeline offload plan", ">   pp rank", "> schedule as run", "i
 
 def builtin_script() -> Path:
     """``examples/pretrain_gpt.py`` of this checkout, or as installed (megatron_offload.examples)."""
-    here = Path(__file__).resolve().parents[1] / "examples" / "pretrain_gpt.py"
+    here = Path(__file__).resolve().parents[2] / "examples" / "pretrain_gpt.py"
     if here.is_file():
         return here
     import importlib.util
@@ -437,7 +437,7 @@ def run(args, megatron_flags: list[str] | None = None) -> int:
 
 def _run_in_this_process(args, base: list[str]) -> int:
     """Under torchrun / srun: this process is one rank of a single run (no baseline)."""
-    from megatron_offload import launch
+    from megatron_offload.cli import launch
 
     folder = Path(args.log_dir or tempfile.gettempdir())
     folder.mkdir(parents=True, exist_ok=True)

@@ -111,7 +111,7 @@ class _KeepUnknownParser(argparse.ArgumentParser):
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from .hardware import PRESETS
+    from megatron_offload.planning.hardware import PRESETS
 
     parser = subparsers.add_parser(NAME, help="plan offload for a Megatron-LM job under a memory budget", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
@@ -120,7 +120,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     for flag, spec in MEGATRON_FLAGS.items():
         megatron.add_argument(flag, **spec)
     hw = parser.add_argument_group("hardware")
-    hw.add_argument("--gpu", choices=tuple(PRESETS), help="GPU preset (see python -m megatron_offload.hardware)")
+    hw.add_argument("--gpu", choices=tuple(PRESETS), help="GPU preset (see python -m megatron_offload.planning.hardware)")
     hw.add_argument("--gpu-memory-gib", type=float, help="GPU memory, GiB (overrides the preset)")
     hw.add_argument("--gpu-tflops", type=float, help="compute rate the job achieves, dense bf16 TFLOP/s (overrides the preset)")
     hw.add_argument("--host-link-gbps", type=float,
@@ -182,7 +182,7 @@ def _is_number(token: str) -> bool:
 
 
 def _job(args):
-    from .costmodel import JobSpec
+    from megatron_offload.planning.costmodel import JobSpec
 
     per_stage = 1
     if args.data_parallel_size is not None and args.world_size is not None:
@@ -210,7 +210,7 @@ def _job(args):
 
 
 def _check(args):
-    from .hardware import hardware_from_args
+    from megatron_offload.planning.hardware import hardware_from_args
 
     if args.out is not None and not args.out.lower().endswith((".svg", ".png")):
         raise ValueError(f"--out {args.out!r} must end in .svg or .png")
@@ -223,7 +223,7 @@ def _check(args):
 
 
 def run(args) -> int:
-    from .planner import auto_for_plan, plan_job
+    from megatron_offload.planning.planner import auto_for_plan, plan_job
 
     ignored = _ignored(getattr(args, "ignored_flags", []) or [])
     warnings = [f"{flag.split()[0]}: {_WARN_IF_GIVEN[flag.split()[0]]}" for flag in ignored if flag.split()[0] in _WARN_IF_GIVEN]
@@ -246,7 +246,7 @@ def run(args) -> int:
     if args.vocab_size is None and args.padded_vocab_size is None:
         warnings.append("--vocab-size not given: assumed 50257 (GPT-2); give the tokenizer's vocabulary for exact output-layer bytes")
     if args.out:
-        from .schedule.render import render_figure
+        from megatron_offload.schedule.render import render_figure
 
         chosen = plan.chosen or plan.baseline
         title = f"planned: {plan.label()}" + (" (drawn per unit)" if plan.granularity == "layer" else "")
@@ -270,7 +270,7 @@ def run(args) -> int:
 
 def auto_json(auto) -> dict:
     """The ``auto`` key of ``--json``: what --offload-policy auto chooses per rank."""
-    from .costmodel import GiB
+    from megatron_offload.planning.costmodel import GiB
 
     gib = lambda b: round(b / GiB, 4)  # noqa: E731
     return {
@@ -300,7 +300,7 @@ def auto_caveat(plan, auto) -> str | None:
 
 def format_auto(auto, plan=None) -> list[str]:
     """The report's "policy auto" lines."""
-    from .costmodel import GiB
+    from megatron_offload.planning.costmodel import GiB
 
     if auto is None:
         return ["policy auto: not available (Megatron's own schedule cannot run this job)"]
@@ -338,7 +338,7 @@ def recommended_flags(plan) -> list[str]:
 
 def format_granularity(plan) -> str:
     """One line: the chosen granularity, why, and the worst rank's activations at both."""
-    from .costmodel import GiB
+    from megatron_offload.planning.costmodel import GiB
 
     peaks = plan.granularity_peaks()
     worst = lambda values: "not scored" if values is None else f"{max(values) / GiB:.2f} GiB"  # noqa: E731
@@ -354,7 +354,7 @@ def format_granularity(plan) -> str:
 
 
 def format_plan(plan, ignored: list[str] = (), warnings: list[str] = (), auto=None) -> str:
-    from .costmodel import GiB
+    from megatron_offload.planning.costmodel import GiB
 
     job, hw = plan.job, plan.hardware
     chosen = plan.chosen or plan.baseline

@@ -1,5 +1,5 @@
 """Megatron-LM's training loop (``megatron.training``: pretrain, initialize, checkpoints) on a
-CPU-only machine, on top of the megatron-core shims of :mod:`megatron_offload.cpu.core`.
+CPU-only machine, on top of the megatron-core shims of :mod:`megatron_offload.integration.cpu.core`.
 
 ``apply_training_shims()`` does nothing when ``torch.cuda.is_available()``; every patch is one
 attribute on one owner, kept in a registry, and ``remove_training_shims()`` restores the
@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from megatron_offload.cpu import core
+from megatron_offload.integration.cpu import core
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class _TorchView:
         return getattr(torch, name)
 
     def __repr__(self) -> str:
-        return "<megatron_offload.cpu: torch with one (CPU) device>"
+        return "<megatron_offload.integration.cpu: torch with one (CPU) device>"
 
 
 # ------------------------------------------------------------------------- the patch table
@@ -159,7 +159,7 @@ def _initialize_megatron(original):
 def _no_jit_warmup(original):
     @functools.wraps(original)
     def _warmup_jit_function(*args, **kwargs):
-        log.debug("megatron_offload.cpu: JIT warm-up skipped (no GPU)")
+        log.debug("megatron_offload.integration.cpu: JIT warm-up skipped (no GPU)")
 
     return _warmup_jit_function
 
@@ -217,7 +217,7 @@ def training_shims_applied() -> bool:
 
 def apply_training_shims() -> bool:
     """Patch ``megatron.training`` so ``pretrain()`` runs without CUDA (see the module
-    docstring). Applies :func:`megatron_offload.cpu.core.apply_cpu_shims` first. Does nothing
+    docstring). Applies :func:`megatron_offload.integration.cpu.core.apply_cpu_shims` first. Does nothing
     and returns False when a GPU is present or when already applied."""
     if torch.cuda.is_available():
         return False
@@ -229,7 +229,7 @@ def apply_training_shims() -> bool:
             original = getattr(owner, name)
             _APPLIED.append(_Applied(owner, name, original))
             setattr(owner, name, make(original))
-            log.debug("megatron_offload.cpu: %s.%s replaced", owner.__name__, name)
+            log.debug("megatron_offload.integration.cpu: %s.%s replaced", owner.__name__, name)
         mode = CudaToCpuMode()
         mode.__enter__()
         _MODE.append(mode)

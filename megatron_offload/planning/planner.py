@@ -1,7 +1,7 @@
 """Memory budget -> Plan: schedule, group size, what to offload, recompute fallback, predictions.
 
-:func:`plan_job` searches, for one job (:class:`~megatron_offload.costmodel.JobSpec`) on one kind
-of hardware (:class:`~megatron_offload.hardware.Hardware`):
+:func:`plan_job` searches, for one job (:class:`~megatron_offload.planning.costmodel.JobSpec`) on one kind
+of hardware (:class:`~megatron_offload.planning.hardware.Hardware`):
 
 - the schedule: Megatron's own (1F1B, or interleaved with its group size, default g = p) and
   generalized interleaving (GIS) with g in {ceil(p/2), ceil(2p/3), p} (v > 1 only: with one chunk
@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .costmodel import (
+from megatron_offload.planning.costmodel import (
     DEFAULT_MIN_OFFLOAD_BYTES,
     RECOMPUTE_MODULES,
     GiB,
@@ -58,15 +58,15 @@ from .costmodel import (
     unit_bytes,
     working_bytes,
 )
-from .hardware import Hardware, host_memory_from_proc
-from .schedule.catalog import check_schedule_args, make_schedule
-from .schedule.costs import CostModel
-from .schedule.ir import OpKind, Schedule
-from .schedule.layer_sim import plan_layer_streaming
-from .schedule.layers import LayerProfile, LinkModel, stream_sets
-from .schedule.memory import byte_peaks
-from .schedule.offload import plan_offload
-from .schedule.simulate import Simulation, simulate
+from megatron_offload.planning.hardware import Hardware, host_memory_from_proc
+from megatron_offload.schedule.catalog import check_schedule_args, make_schedule
+from megatron_offload.schedule.costs import CostModel
+from megatron_offload.schedule.ir import OpKind, Schedule
+from megatron_offload.schedule.layer_sim import plan_layer_streaming
+from megatron_offload.schedule.layers import LayerProfile, LinkModel, stream_sets
+from megatron_offload.schedule.memory import byte_peaks
+from megatron_offload.schedule.offload import plan_offload
+from megatron_offload.schedule.simulate import Simulation, simulate
 
 Family = Literal["megatron", "gis"]
 FAMILIES: tuple[str, ...] = ("megatron", "gis")
@@ -1277,7 +1277,7 @@ class RankOffloadChoice:
 
     Peaks are resident activation bytes at the runtime's sampling points (after each forward,
     before its offload; before each backward, after the reloads issued ahead of it), walked on
-    the runtime's own op IR (:func:`policy.runtime_rank_ops`), plus ``overhead_bytes``."""
+    the runtime's own op IR (:func:`schedule.layers.runtime_rank_ops`), plus ``overhead_bytes``."""
 
     rank: int
     offload: frozenset
@@ -1323,7 +1323,7 @@ def _mib(nbytes: float) -> str:
 
 
 def _compute_positions(order) -> tuple[list, dict, dict]:
-    from .schedule.ir import OpKind
+    from megatron_offload.schedule.ir import OpKind
 
     compute = [op for op in order if op.kind in (OpKind.FORWARD, OpKind.BACKWARD)]
     forward_at, backward_at = {}, {}
@@ -1334,12 +1334,12 @@ def _compute_positions(order) -> tuple[list, dict, dict]:
 
 def resident_peak(ops, units: Sequence[UnitBytes], overhead_bytes: float = 0.0) -> float:
     """Peak resident activation bytes of one rank's runtime op list (F, B, O, R: what
-    :func:`policy.runtime_rank_ops` returns), sampled where the runtime measures: after each
+    :func:`schedule.layers.runtime_rank_ops` returns), sampled where the runtime measures: after each
     forward (before its offload) and before each backward (after the reloads before it). A
     forward adds its unit's ``total`` bytes, an offload removes the ``offloadable`` part, a
     reload brings it back, a backward frees the unit after its sample. ``units[c]``: bytes of
     one unit of model chunk c on this rank."""
-    from .schedule.ir import OpKind
+    from megatron_offload.schedule.ir import OpKind
 
     level, peak = 0.0, 0.0
     for op in ops:
@@ -1378,7 +1378,7 @@ def choose_offload_units(order, units: Sequence[UnitBytes], budget_bytes: float,
     """
     import heapq
 
-    from .policy import runtime_rank_ops
+    from megatron_offload.schedule.layers import runtime_rank_ops
 
     if prefetch_distance < 1:
         raise ValueError(f"--offload-prefetch {prefetch_distance} must be >= 1")

@@ -16,7 +16,7 @@ NAME = "simulate"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from .schedule.catalog import SCHEDULE_KINDS
+    from megatron_offload.schedule.catalog import SCHEDULE_KINDS
 
     parser = subparsers.add_parser(NAME, help="simulate a pipeline schedule with or without offload",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,8 +62,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _check(args) -> tuple:
     """Validate everything before any work; returns (group size, costs, offload chunks)."""
-    from .schedule.catalog import check_schedule_args
-    from .schedule.costs import CostModel
+    from megatron_offload.schedule.catalog import check_schedule_args
+    from megatron_offload.schedule.costs import CostModel
 
     group = check_schedule_args(args.schedule, args.pp, args.vpp, args.microbatches, args.group_size)
     chunks = args.offload_chunks
@@ -97,9 +97,9 @@ def _check(args) -> tuple:
 
 
 def run(args) -> int:
-    from .schedule.catalog import make_schedule
-    from .schedule.offload import plan_offload
-    from .schedule.simulate import simulate
+    from megatron_offload.schedule.catalog import make_schedule
+    from megatron_offload.schedule.offload import plan_offload
+    from megatron_offload.schedule.simulate import simulate
 
     try:
         group, costs, chunks = _check(args)
@@ -118,7 +118,7 @@ def run(args) -> int:
     if args.save_schedule:
         schedule.save(args.save_schedule)
     if args.out:
-        from .schedule.render import render_figure
+        from megatron_offload.schedule.render import render_figure
 
         render_figure(result, args.out)
     report = {
@@ -137,7 +137,7 @@ def run(args) -> int:
         json.dump(report, sys.stdout)
         sys.stdout.write("\n")
     else:
-        from .schedule.render import render_ascii
+        from megatron_offload.schedule.render import render_ascii
 
         print(render_ascii(result, width=args.width))
         if chunks:
@@ -150,9 +150,9 @@ def run(args) -> int:
 
 def _run_layers(args, schedule, group, costs, chunks) -> int:
     """--granularity layer: expand, place reloads, simulate in bytes, report."""
-    from .schedule.layer_sim import plan_layer_streaming
-    from .schedule.layers import LayerProfile, LinkModel
-    from .schedule.render_layers import format_bytes
+    from megatron_offload.schedule.layer_sim import plan_layer_streaming
+    from megatron_offload.schedule.layers import LayerProfile, LinkModel
+    from megatron_offload.schedule.render_layers import format_bytes
 
     layers = args.layers_per_chunk
     vpp = schedule.vpp
@@ -174,7 +174,7 @@ def _run_layers(args, schedule, group, costs, chunks) -> int:
         with open(args.save_schedule, "w", encoding="utf-8") as handle:
             handle.write(expanded.to_text())
     if args.out:
-        from .schedule.render_layers import render_layer_figure
+        from megatron_offload.schedule.render_layers import render_layer_figure
 
         render_layer_figure(result, args.out)
     makespan = result.makespan
@@ -209,7 +209,7 @@ def _run_layers(args, schedule, group, costs, chunks) -> int:
         json.dump(report, sys.stdout)
         sys.stdout.write("\n")
         return 0
-    from .schedule.render_layers import render_layers_ascii
+    from megatron_offload.schedule.render_layers import render_layers_ascii
 
     print(f"{schedule.kind} p={schedule.pp} v={vpp} m={schedule.microbatches}, {layers} layers per chunk, "
           f"layer {format_bytes(args.layer_bytes)}, rest {format_bytes(args.rest_bytes)}, unit {format_bytes(unit_bytes)}; "

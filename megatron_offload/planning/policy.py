@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from megatron_offload.config import OffloadConfig
 from megatron_offload.schedule.ir import Op, OpKind, Schedule
-from megatron_offload.schedule.layers import expand_rank, unit_lifespans
+from megatron_offload.schedule.layers import expand_rank, runtime_rank_ops, unit_lifespans
 
 UnitKey = tuple[int, int]
 
@@ -21,28 +21,13 @@ def units_to_offload(order: Sequence[Op], config: OffloadConfig) -> set[UnitKey]
     if config.policy == "auto":
         raise ValueError(
             "--offload-policy auto has no fixed rule: its units come from the planner "
-            "(megatron_offload.planner.choose_offload_units) at the first training call"
+            "(megatron_offload.planning.planner.choose_offload_units) at the first training call"
         )
     return {
         unit
         for unit, lifespan in unit_lifespans(order).items()
         if lifespan > 0 and config.offloads_chunk(unit[0])
     }
-
-
-def runtime_rank_ops(order: Sequence[Op], offload: set[UnitKey], prefetch_distance: int = 1) -> list[Op]:
-    """One rank's ops with offload/reload inserted where the runtime issues them.
-
-    The runtime (``runtime/offloader.py``) starts a unit's offload right after its forward and
-    its reload when the op ``prefetch_distance`` places before the unit's backward starts. A
-    unit whose reload would start right after its offload, with no op between them, is not
-    offloaded: the copy would come back before anything could use the memory it freed. The
-    same rule as data (:func:`schedule.layers.expand_rank` with no layers), so the simulator
-    and the renderer score the schedule that runs.
-    """
-    entries = expand_rank(order, 0, streamed=offload, offloaded=offload,
-                          reload_distance=prefetch_distance)
-    return [Op(e.kind, e.chunk, e.microbatch) for e in entries]
 
 
 def runtime_schedule(compute: Schedule, config: OffloadConfig) -> Schedule:

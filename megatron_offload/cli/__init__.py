@@ -11,9 +11,9 @@ import importlib
 import sys
 
 COMMANDS: dict[str, str] = {
-    "plan": "megatron_offload.cli_plan",
-    "simulate": "megatron_offload.cli_simulate",
-    "train": "megatron_offload.train",
+    "plan": "megatron_offload.cli.plan",
+    "simulate": "megatron_offload.cli.simulate",
+    "train": "megatron_offload.cli.train",
 }
 
 
@@ -41,6 +41,3 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return module.run(args) or 0
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

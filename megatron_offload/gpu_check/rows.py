@@ -27,7 +27,7 @@ data, the first as is, the second under :class:`ActivationOffloader` (policy ``f
 passes when every loss, every ``main_grad`` of every iteration and the final weights are
 bitwise identical, every iteration offloaded something and reloaded exactly what it offloaded,
 and (on CUDA) the peak of ``torch.cuda.max_memory_allocated`` above the start of the
-iteration is lower with offload (see :func:`megatron_offload.gpu_check.problems`).
+iteration is lower with offload (see :func:`megatron_offload.gpu_check.check.problems`).
 
 Rows:
 
@@ -182,7 +182,7 @@ def megatron_single_process(device: torch.device, dist_backend: str | None = Non
         created_group = True
     shims = contextlib.nullcontext(False)
     if device.type == "cpu":
-        from megatron_offload.cpu.core import cpu_shims
+        from megatron_offload.integration.cpu.core import cpu_shims
 
         shims = cpu_shims()
     try:
@@ -219,7 +219,7 @@ def fused_wgrad_kernel():
 
     from megatron.core.tensor_parallel import layers
 
-    from megatron_offload.cpu import core as cpu_shims
+    from megatron_offload.integration.cpu import core as cpu_shims
 
     bound = getattr(layers, cpu_shims.FUSED_WGRAD_MODULE, None)
     if layers._grad_accum_fusion_available and bound is not None:
@@ -247,7 +247,7 @@ def fused_wgrad_kernel():
 def _optimizer_context(device: torch.device):
     """On CPU, megatron-core's optimizer asks ``param.type()`` for 'torch.cuda.*' names."""
     if device.type == "cpu":
-        from megatron_offload.cpu.core import cuda_tensor_type_names
+        from megatron_offload.integration.cpu.core import cuda_tensor_type_names
 
         return cuda_tensor_type_names()
     return contextlib.nullcontext()
@@ -363,7 +363,7 @@ class _Run:
         self.iterations: list[dict] = []
         self.plan = None
         if offloader is not None:
-            from megatron_offload.policy import runtime_plan, units_to_offload
+            from megatron_offload.planning.policy import runtime_plan, units_to_offload
 
             offloader.register_model(chunks)
             self.offload_units = units_to_offload(order, offloader.config)
@@ -428,7 +428,7 @@ def _forward_backward(run: _Run) -> list[torch.Tensor]:
     from megatron.core.enums import ModelType
     from megatron.core.pipeline_parallel import schedules
 
-    from megatron_offload.integration.megatron_core import call_by_name
+    from megatron_offload.releases import call_by_name
     from megatron_offload.schedule.ir import OpKind
 
     chunks, config, offloader = run.chunks, run.config, run.offloader
@@ -555,7 +555,7 @@ def run_row(row: RowSpec | str, device: torch.device, size: RowSize = SMALL, *,
     from megatron_offload.config import OffloadConfig
     from megatron_offload.runtime.offloader import ActivationOffloader
     from megatron_offload.runtime.transfer import make_backend
-    from megatron_offload.single_rank import interleaved_rank0_order
+    from megatron_offload.runtime.single_rank import interleaved_rank0_order
 
     if isinstance(row, str):
         row = next(r for r in ROWS if r.name == row)

@@ -50,7 +50,7 @@ def check_megatron_args(args: argparse.Namespace) -> str | None:
         return (
             f"no GPU on this machine, and --distributed-backend {backend} needs one: add "
             "--distributed-backend gloo (Megatron-LM then runs on CPU through "
-            "megatron_offload.cpu)"
+            "megatron_offload.integration.cpu)"
         )
     for flag, dest in (("--fp16", "fp16"), ("--fp8-format", "fp8")):
         if getattr(args, dest, None):
@@ -68,13 +68,13 @@ def check_megatron_args(args: argparse.Namespace) -> str | None:
 
 def apply_cpu_support() -> bool:
     """Apply the megatron-core and Megatron-LM CPU shims. False (nothing done) with a GPU."""
-    from megatron_offload.cpu.training import apply_training_shims
+    from megatron_offload.integration.cpu.training import apply_training_shims
 
     return apply_training_shims()
 
 
 def remove_cpu_support() -> bool:
-    from megatron_offload.cpu.training import remove_training_shims
+    from megatron_offload.integration.cpu.training import remove_training_shims
 
     return remove_training_shims()
 
