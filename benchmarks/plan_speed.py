@@ -22,9 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_offload.planning.costmodel import GiB, JobSpec  # noqa: E402
+from megatron_offload.planning.costmodel import GiB  # noqa: E402
 from megatron_offload.planning.hardware import preset  # noqa: E402
-from megatron_offload.planning.planner import plan_job  # noqa: E402
+from megatron_offload.planning.job import JobSpec  # noqa: E402
+from megatron_offload.planning.search import plan_job  # noqa: E402
 
 JOBS = {
     "llama3-70b": JobSpec(

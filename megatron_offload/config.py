@@ -43,7 +43,7 @@ class OffloadConfig:
     forward; ``chunks``: only units of model chunks < K (--offload-chunks), the longest-lived
     first; ``auto``: the planner chooses, at the first training call, the fewest units
     (longest-lived first) that keep this rank's resident activations within
-    --offload-memory-budget-gib (``planner.choose_offload_units``)."""
+    --offload-memory-budget-gib (``planning.auto.choose_offload_units``)."""
 
     offload_chunks: int | None = field(
         default=None, metadata=_flag("--offload-chunks", type=int, metavar="K"))

@@ -227,7 +227,7 @@ def test_a_relative_import_of_a_missing_module_is_found(tmp_path):
     ("megatron_offload.schedule.ir", "megatron_offload.planning.policy", True),
     ("megatron_offload.runtime.offloader", "megatron_offload.planning.policy", True),
     ("megatron_offload.releases", "megatron_offload.config", False),
-    ("megatron_offload.integration.auto", "megatron_offload.planning.planner", False),
+    ("megatron_offload.integration.auto", "megatron_offload.planning.auto", False),
     ("megatron_offload.cli.plan", "megatron_offload.gpu_check.check", True),
 ])
 def test_the_direction_rule(module, target, upward):

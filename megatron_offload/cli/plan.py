@@ -182,7 +182,7 @@ def _is_number(token: str) -> bool:
 
 
 def _job(args):
-    from megatron_offload.planning.costmodel import JobSpec
+    from megatron_offload.planning.job import JobSpec
 
     per_stage = 1
     if args.data_parallel_size is not None and args.world_size is not None:
@@ -223,7 +223,7 @@ def _check(args):
 
 
 def run(args) -> int:
-    from megatron_offload.planning.planner import auto_for_plan, plan_job
+    from megatron_offload.planning.search import auto_for_plan, plan_job
 
     ignored = _ignored(getattr(args, "ignored_flags", []) or [])
     warnings = [f"{flag.split()[0]}: {_WARN_IF_GIVEN[flag.split()[0]]}" for flag in ignored if flag.split()[0] in _WARN_IF_GIVEN]

@@ -4,14 +4,14 @@ At the first training call of each schedule shape (schedule function, microbatch
 length, micro batch size), :func:`auto_offload_units`:
 
 1. describes the job for the cost model (:func:`job_from_model`): a
-   :class:`~megatron_offload.planning.costmodel.JobSpec` from the model's ``TransformerConfig``, the
+   :class:`~megatron_offload.planning.job.JobSpec` from the model's ``TransformerConfig``, the
    GPT model itself (vocabulary, positions, local or Transformer Engine layers, parameter
    device), the schedule call's ``seq_length`` / ``micro_batch_size`` / ``num_microbatches``
    and the pipeline group; features the cost model does not describe are refused, naming the
    flag;
 2. predicts every pipeline rank's Megatron order (this rank's is the order the runtime checks
    step by step; the others come from :mod:`schedule.megatron`, which reproduces Megatron's);
-3. asks the planner (:func:`megatron_offload.planning.planner.plan_auto_offload`, the selection
+3. asks the planner (:func:`megatron_offload.planning.auto.plan_auto_offload`, the selection
    ``megatron-offload plan`` prints too) for each rank's fewest units to offload, longest-lived
    first, such that the predicted resident peak stays within the activation budget;
 4. logs the plan once, on global rank 0, in Megatron's log style, and returns this rank's set.
@@ -30,8 +30,9 @@ from dataclasses import dataclass
 import torch
 
 from megatron_offload.config import OffloadConfig
-from megatron_offload.planning.costmodel import GiB, JobSpec, Recompute, overhead_bytes, static_bytes, working_bytes
-from megatron_offload.planning.planner import AutoOffloadPlan, plan_auto_offload
+from megatron_offload.planning.auto import AutoOffloadPlan, plan_auto_offload
+from megatron_offload.planning.costmodel import GiB, overhead_bytes, static_bytes, working_bytes
+from megatron_offload.planning.job import JobSpec, Recompute
 from megatron_offload.schedule.ir import Op
 
 log = logging.getLogger(__name__)

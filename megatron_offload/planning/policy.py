@@ -17,11 +17,11 @@ UnitKey = tuple[int, int]
 def units_to_offload(order: Sequence[Op], config: OffloadConfig) -> set[UnitKey]:
     """``none``: nothing. ``full``: every unit with a lifespan. ``chunks``: units of chunks < K
     (chunk 0 runs its forward first and its backward last: the longest-lived first).
-    ``auto`` depends on bytes and a budget, not on rules: :func:`planner.choose_offload_units`."""
+    ``auto`` depends on bytes and a budget, not on rules: :func:`auto.choose_offload_units`."""
     if config.policy == "auto":
         raise ValueError(
             "--offload-policy auto has no fixed rule: its units come from the planner "
-            "(megatron_offload.planning.planner.choose_offload_units) at the first training call"
+            "(megatron_offload.planning.auto.choose_offload_units) at the first training call"
         )
     return {
         unit

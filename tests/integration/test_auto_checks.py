@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from megatron_offload.config import OffloadConfig
-from megatron_offload.planning.costmodel import GiB, JobSpec
+from megatron_offload.planning.costmodel import GiB
+from megatron_offload.planning.job import JobSpec
 from megatron_offload.integration import auto
 
 

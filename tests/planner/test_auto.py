@@ -1,4 +1,4 @@
-"""Policy auto's selection (planner.choose_offload_units), its config, and what the plan CLI shows.
+"""Policy auto's selection (planning.auto.choose_offload_units), its config, and what the plan CLI shows.
 
 Pure Python: the runtime's use of the same function on megatron-core is in
 tests/integration/test_auto_policy.py.
@@ -12,12 +12,13 @@ import pytest
 
 from megatron_offload import cli
 from megatron_offload.config import OffloadConfig
-from megatron_offload.planning.costmodel import GiB, JobSpec, UnitBytes
-from megatron_offload.planning.planner import (
+from megatron_offload.planning.auto import (
     choose_offload_units,
     plan_auto_offload,
     resident_peak,
 )
+from megatron_offload.planning.costmodel import GiB, UnitBytes
+from megatron_offload.planning.job import JobSpec
 from megatron_offload.planning.policy import unit_lifespans, units_to_offload
 from megatron_offload.schedule.layers import runtime_rank_ops
 from megatron_offload.schedule.ir import Op, OpKind

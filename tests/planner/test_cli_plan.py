@@ -127,7 +127,9 @@ def test_bad_input_is_one_argparse_error_naming_the_flag(argv, flag, capsys):
 def test_planner_modules_never_import_torch():
     code = (
         "import sys\n"
-        "import megatron_offload.planning.costmodel, megatron_offload.planning.hardware, megatron_offload.planning.planner, megatron_offload.cli.plan\n"
+        "import megatron_offload.planning.costmodel, megatron_offload.planning.hardware, megatron_offload.planning.job\n"
+        "from megatron_offload.planning import auto, candidates, granularity, plan, reasons, remedies, search, unit_search\n"
+        "import megatron_offload.cli.plan\n"
         "from megatron_offload.schedule import memory\n"
         "from megatron_offload.cli import main\n"
         "main(['plan', '--num-layers', '8', '--hidden-size', '512', '--num-attention-heads', '8', '--seq-length', '256',"

@@ -7,7 +7,8 @@ from argparse import Namespace
 import pytest
 
 from megatron_offload.planning import costmodel as cm
-from megatron_offload.planning.costmodel import GiB, JobSpec, Recompute
+from megatron_offload.planning.costmodel import GiB
+from megatron_offload.planning.job import JobSpec, Recompute
 
 
 @pytest.mark.parametrize("hidden, seq, published", [(h, s, k) for h, row in cm.PAPER_VALUES.items() for s, k in row.items()])

@@ -7,9 +7,11 @@ import json
 import pytest
 
 from megatron_offload import cli
-from megatron_offload.planning.costmodel import GiB, JobSpec, Recompute, unit_bytes, unit_times
+from megatron_offload.planning.costmodel import GiB, unit_bytes, unit_times
+from megatron_offload.planning.granularity import LayerSearch as _Search, score_layer_granularity
 from megatron_offload.planning.hardware import Hardware
-from megatron_offload.planning.planner import _Search, plan_job, score_layer_granularity
+from megatron_offload.planning.job import JobSpec, Recompute
+from megatron_offload.planning.search import plan_job
 
 JOB = JobSpec(num_layers=16, hidden_size=2048, num_attention_heads=16, seq_length=4096, dtype="bf16", micro_batch_size=1,
               global_batch_size=16, pipeline_model_parallel_size=4, virtual_stages=2, hidden_dropout=0.0, attention_dropout=0.0,

@@ -5,10 +5,13 @@ import time
 
 import pytest
 
-from megatron_offload.planning.costmodel import GiB, JobSpec, Recompute, unit_bytes, unit_times
+from megatron_offload.planning.candidates import recompute_ladder
+from megatron_offload.planning.costmodel import GiB, unit_bytes, unit_times
 from megatron_offload.planning.hardware import Hardware, PRESETS
-from megatron_offload.planning.planner import Plan, default_reserve_gib, plan_job, recompute_ladder
+from megatron_offload.planning.job import JobSpec, Recompute
+from megatron_offload.planning.plan import Plan
 from megatron_offload.planning.policy import unit_lifespans
+from megatron_offload.planning.search import default_reserve_gib, plan_job
 from megatron_offload.schedule.ir import OpKind
 
 JOB = JobSpec(num_layers=16, hidden_size=2048, num_attention_heads=16, seq_length=4096, dtype="bf16", micro_batch_size=1,
