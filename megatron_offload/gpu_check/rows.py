@@ -36,7 +36,7 @@ Rows:
     wgrad needs apex's ``fused_weight_gradient_mlp_cuda``; where that CUDA extension is missing
     a stand-in (``main_grad += grad_output^T @ input``, one fp32 GEMM) is bound for the row
     (on CPU by ``cpu.core``, which the row applies). Runs on CPU too: the CPU test
-    suite runs it. It is the single-process proof of review item F1: saved Parameters come
+    suite runs it. It is the single-process proof that saved Parameters come
     back as themselves, so Megatron's fused wgrad flags the real Parameter and DDP's
     ``overlap_grad_reduce`` hook finds its dummy grad.
 ``te_bf16_rope`` (CUDA + Transformer Engine)

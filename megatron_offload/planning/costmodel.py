@@ -24,7 +24,7 @@ d = bytes per activation element (2 for bf16/fp16, 4 for fp32), T = (s / c) b to
 h_sp = h / t with sequence parallelism, h without (the width of the tensors in the sequence-
 parallel region: layer input, norm in/out, residual, dropout masks after a row-parallel linear).
 
-The paper's check (pipeoffload.md section 2) is :func:`paper_k`; ``python -m
+The PipeOffload paper's check of k (Wan et al., ICML 2025, section 2) is :func:`paper_k`; ``python -m
 megatron_offload.planning.costmodel`` prints it with its assumptions.
 """
 from __future__ import annotations
@@ -506,7 +506,7 @@ PAPER_VALUES = {
     4096: {4096: 1.71, 8192: 1.49, 16384: 1.19, 32768: 0.85},
     8192: {4096: 0.92, 8192: 0.85, 16384: 0.75, 32768: 0.60},
 }
-"""The paper's worked k values: hidden -> sequence -> k (pipeoffload.md section 2)."""
+"""The paper's worked k values: hidden -> sequence -> k (the PipeOffload paper, section 2)."""
 
 PAPER_ASSUMPTIONS = (
     "paper assumptions: offloaded bytes per layer = 20 s b h (bf16, flash attention, LayerNorm, "

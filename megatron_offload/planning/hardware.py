@@ -67,7 +67,7 @@ class Hardware:
                 f"{f' ({self.host_link_alone_gbps:g} alone)' if self.host_link_alone_gbps else ''}, {host}")
 
 
-_DGX_LINK_NOTE = "pipeoffload.md section 5: one GPU alone ~50-55 GB/s per direction on an 8-GPU H100/H200 node, ~32 GB/s each when all copy"
+_DGX_LINK_NOTE = "measured on 8-GPU H100/H200 nodes (the PipeOffload reference code's setting): one GPU alone ~50-55 GB/s per direction on an 8-GPU H100/H200 node, ~32 GB/s each when all copy"
 
 PRESETS: dict[str, Hardware] = {
     "a100-80g": Hardware(
@@ -86,9 +86,9 @@ PRESETS: dict[str, Hardware] = {
         name="h100-80g",
         gpu_memory_gib=79.6,  # H100 SXM5 80GB: nvidia-smi total 81559 MiB
         peak_tflops=989.0,  # NVIDIA H100 SXM datasheet: BF16 989 TFLOP/s dense (1,979 sparse)
-        achieved_tflops=440.0,  # PipeOffload reference code's H100 constant (pipeoffload.md section 2), ~45% of peak
-        host_link_gbps=32.0,  # pipeoffload.md section 5 (all 8 GPUs copying); PCIe Gen5 x16 is 64 GB/s raw per direction
-        host_link_alone_gbps=53.0,  # pipeoffload.md section 5: 50-55 GB/s for one GPU alone
+        achieved_tflops=440.0,  # PipeOffload reference code's H100 constant, ~45% of peak
+        host_link_gbps=32.0,  # all 8 GPUs of the node copying (_DGX_LINK_NOTE); PCIe Gen5 x16 is 64 GB/s raw per direction
+        host_link_alone_gbps=53.0,  # 50-55 GB/s for one GPU alone (_DGX_LINK_NOTE)
         host_memory_gib=2048.0,  # DGX H100 datasheet: 2 TB system memory
         gpus_per_node=8,  # DGX H100 / HGX H100: 8 GPUs
         sources={"gpu_memory_gib": "datasheet", "peak_tflops": "datasheet", "achieved_tflops": "reference code",
@@ -99,8 +99,8 @@ PRESETS: dict[str, Hardware] = {
         gpu_memory_gib=140.4,  # H200 SXM 141GB: nvidia-smi total 143771 MiB
         peak_tflops=989.0,  # NVIDIA H200 datasheet: BF16 989 TFLOP/s dense (1,979 sparse), the H100's tensor cores
         achieved_tflops=440.0,  # estimate: as H100 (same compute; more memory bandwidth helps little in big GEMMs)
-        host_link_gbps=32.0,  # pipeoffload.md section 5 (H100/H200 nodes, all 8 GPUs copying)
-        host_link_alone_gbps=53.0,  # pipeoffload.md section 5
+        host_link_gbps=32.0,  # H100/H200 nodes, all 8 GPUs copying (_DGX_LINK_NOTE)
+        host_link_alone_gbps=53.0,  # _DGX_LINK_NOTE
         host_memory_gib=2048.0,  # DGX H200 datasheet: 2 TB system memory
         gpus_per_node=8,  # DGX H200 / HGX H200: 8 GPUs
         sources={"gpu_memory_gib": "datasheet", "peak_tflops": "datasheet", "achieved_tflops": "estimate",
@@ -124,7 +124,7 @@ PRESETS: dict[str, Hardware] = {
         gpu_memory_gib=179.0,  # DGX B200 datasheet: 1,440 GB for 8 GPUs = 180 GB each (about 179 GiB reported)
         peak_tflops=2250.0,  # NVIDIA HGX B200 spec: BF16 4.5 PFLOP/s with sparsity = 2.25 dense
         achieved_tflops=1000.0,  # estimate: ~45% of peak, as H100's 440 / 989
-        host_link_gbps=32.0,  # estimate: PCIe Gen5 x16 to the host as on DGX H100 (pipeoffload.md section 5 numbers)
+        host_link_gbps=32.0,  # estimate: PCIe Gen5 x16 to the host as on DGX H100 (_DGX_LINK_NOTE's numbers)
         host_link_alone_gbps=53.0,  # estimate: as H100
         host_memory_gib=2048.0,  # DGX B200 datasheet: 2 TB system memory (up to 4 TB)
         gpus_per_node=8,  # DGX B200: 8 GPUs

@@ -1,6 +1,6 @@
 """Host buffers for offloaded activations: reused across iterations, bounded, and honestly counted.
 
-Three problems of the first pool (review F7, F9) shape this one:
+Three problems of the first pool shape this one:
 
 - It kept one free list per exact 4 KiB size, so every new sequence length or microbatch count
   allocated a new set of buffers and the pool grew without bound. Here sizes are rounded up to

@@ -269,7 +269,7 @@ def test_bad_config_names_the_flag(kwargs, flag):
         OffloadConfig(**kwargs)
 
 
-# ------------------------------------------------------------- review F11 (in-process)
+# ------------------------------------------------ uninstall() during an iteration (in-process)
 def test_uninstall_during_an_iteration_is_refused():
     runtime = megatron_core.install(OffloadConfig(policy="full"))
     runtime.active = True  # what the patched schedule sets while its steps run

@@ -13,7 +13,7 @@ from megatron_offload.planning.job import JobSpec, Recompute
 
 @pytest.mark.parametrize("hidden, seq, published", [(h, s, k) for h, row in cm.PAPER_VALUES.items() for s, k in row.items()])
 def test_paper_k_values(hidden, seq, published):
-    """PipeOffload section 2 (pipeoffload.md): with B_c = 220 TFLOP/s, B_o = 15 GB/s,
+    """The PipeOffload paper (Wan et al., ICML 2025), section 2: with B_c = 220 TFLOP/s, B_o = 15 GB/s,
     20 s b h offloaded bytes per layer and 4 h (6h + s) forward FLOPs per token,
     k = (2 x 20 s b h / B_o) / (3 x 4 h (6h + s) s b / B_c) = 10 / (3 (6h + s)) x B_c / B_o.
 

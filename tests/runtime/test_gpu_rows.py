@@ -72,8 +72,8 @@ def test_local_row_fails_when_a_host_buffer_is_zeroed_before_reload(monkeypatch)
     assert any("not bitwise identical" in p for p in found), found
 
 
-def test_local_row_is_the_f1_path(monkeypatch):
-    """Without the runtime keeping saved Parameters as themselves (review F1), Megatron's fused
+def test_local_row_needs_parameters_saved_as_themselves(monkeypatch):
+    """Without the runtime keeping saved Parameters as themselves, Megatron's fused
     wgrad never flags the real Parameter and DDP's overlap_grad_reduce hook asserts."""
     from megatron_offload.runtime import offloader
 

@@ -1,4 +1,4 @@
-"""The host buffer pool (review F7, F9): exact views, best-fit reuse, bounded growth when sizes
+"""The host buffer pool: exact views, best-fit reuse, bounded growth when sizes
 change, pinned bytes equal to the bytes counted, the host-RAM budget, and clear()."""
 from __future__ import annotations
 

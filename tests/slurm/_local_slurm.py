@@ -1,5 +1,5 @@
 """A real single-node Slurm on this machine for the tests (Debian's slurmctld/slurmd/slurm-client,
-loopback only), following ../shared/design/slurm-local.md:
+loopback only):
 
 - Debian's packages are installed with apt-get when missing (about 6 s); when that is
   impossible the caller fails with :class:`SlurmUnavailable`'s message (CI must not skip);

@@ -1,5 +1,6 @@
-"""One test (or more) per defect of the November 2026 runtime review (shared/design/
-runtime-review.md, F1-F12), each on the smallest setting that shows it, in one process.
+"""Regression tests for the runtime's defects on real Megatron-LM job settings (found and
+fixed in November 2026), one section per defect, each on the smallest setting that shows it,
+in one process.
 
 The Megatron-driven versions (DDP with overlap_grad_reduce, real layers, several ranks) are in
 tests/integration/test_realistic_matrix.py.
@@ -83,7 +84,7 @@ def reference(order, forward):
     return grads
 
 
-# ---------------------------------------------------------------------------------- F1
+# ---------------------------------------- saved Parameters reach custom Functions as themselves
 @pytest.fixture
 def fused_wgrad_kernel(monkeypatch):
     """Megatron's linear Function with a CPU stand-in for the fused wgrad kernel."""
@@ -108,7 +109,7 @@ def _fused_param():
     return weight
 
 
-def test_f1_fused_wgrad_accumulation_sees_the_parameter_itself(fused_wgrad_kernel):
+def test_fused_wgrad_accumulation_sees_the_parameter_itself(fused_wgrad_kernel):
     linear = fused_wgrad_kernel
 
     def forward(weight):
@@ -137,8 +138,8 @@ def test_f1_fused_wgrad_accumulation_sees_the_parameter_itself(fused_wgrad_kerne
     assert "saved_tensors" not in BackwardCFunction.__dict__
 
 
-# ---------------------------------------------------------------------------------- F2
-def test_f2_checkpoint_without_output_releases_a_saved_storage(fused_wgrad_kernel):
+# ---------------------------------------------------- a storage its owner released is not moved
+def test_checkpoint_without_output_releases_a_saved_storage(fused_wgrad_kernel):
     from megatron.core.tensor_parallel.random import CheckpointWithoutOutput
     from megatron_offload.testing.cpu_shims import cpu_shims
 
@@ -164,8 +165,8 @@ def test_f2_checkpoint_without_output_releases_a_saved_storage(fused_wgrad_kerne
     assert stats.offloaded_bytes == stats.reloaded_bytes > 0
 
 
-# ---------------------------------------------------------------------------------- F3
-def test_f3_a_cache_created_by_the_first_unit_is_not_freed():
+# ------------------------------------------------ caches shared across units stay on the device
+def test_a_cache_created_by_the_first_unit_is_not_freed():
     weight = torch.nn.Parameter(torch.randn(HIDDEN, HIDDEN))
     cache = {}
 
@@ -183,7 +184,7 @@ def test_f3_a_cache_created_by_the_first_unit_is_not_freed():
     assert offloader.iteration_stats[-1].kept_shared_storages >= 2
 
 
-def test_f3_real_autocast_cache_across_microbatches():
+def test_real_autocast_cache_across_microbatches():
     linear = torch.nn.Linear(HIDDEN, HIDDEN)
 
     def forward(mb, x):
@@ -198,7 +199,7 @@ def test_f3_real_autocast_cache_across_microbatches():
     assert offloader.iteration_stats[-1].offloaded_bytes > 0
 
 
-def test_f3_no_grad_cache_first_created_in_a_later_iteration():
+def test_no_grad_cache_first_created_in_a_later_iteration():
     table_calls = []
 
     @functools.lru_cache
@@ -222,9 +223,9 @@ def test_f3_no_grad_cache_first_created_in_a_later_iteration():
     assert rotary_table(TOKENS // 4).untyped_storage().nbytes() == TOKENS // 4 * HIDDEN * 4
 
 
-# ---------------------------------------------------------------------------------- F4
+# ---------------------------------------------- an in-place write to a saved tensor is an error
 @pytest.mark.parametrize("policy", ["full", "none"])
-def test_f4_in_place_write_after_save_is_an_error(policy):
+def test_in_place_write_after_save_is_an_error(policy):
     weight = torch.randn(HIDDEN, HIDDEN)
 
     def forward(mb, x):
@@ -241,9 +242,9 @@ def test_f4_in_place_write_after_save_is_an_error(policy):
     assert offloader.holds_no_tensors()
 
 
-# ---------------------------------------------------------------------------------- F5
+# ---------------------------------------------------- a fault gives every tensor its bytes back
 @pytest.mark.parametrize("delay_ops", [None, 0, 3])
-def test_f5_a_fault_gives_the_callers_tensors_their_bytes_back(delay_ops):
+def test_a_fault_gives_the_callers_tensors_their_bytes_back(delay_ops):
     backend = CpuTransferBackend() if delay_ops is None else FakeAsyncBackend(delay_ops)
     offloader = offloader_for(backend)
     order = order_of("0F0 0F1 0F2 0F3 0B0 0B1 0B2 0B3")
@@ -270,7 +271,7 @@ def test_f5_a_fault_gives_the_callers_tensors_their_bytes_back(delay_ops):
         assert torch.equal(got[mb], x.grad)
 
 
-# ---------------------------------------------------------------------------------- F6
+# ------------------------------------------------ an interrupted abort still resets the runtime
 class _InterruptedOnce(FakeAsyncBackend):
     def __init__(self):
         super().__init__(delay_ops=5)
@@ -283,7 +284,7 @@ class _InterruptedOnce(FakeAsyncBackend):
         super().wait_host(transfer)
 
 
-def test_f6_an_interrupted_abort_still_resets_the_runtime():
+def test_an_interrupted_abort_still_resets_the_runtime():
     backend = _InterruptedOnce()
     offloader = offloader_for(backend)
     order = order_of("0F0 0F1 0F2 0B0 0B1 0B2")
@@ -301,7 +302,7 @@ def test_f6_an_interrupted_abort_still_resets_the_runtime():
     assert set(grads) == {0, 1, 2}
 
 
-# ---------------------------------------------------------------------------------- F8
+# ---------------------------------------------------- memory is freed when its copy is enqueued
 @pytest.mark.parametrize("delay_ops", [1, 3, 8])
 @pytest.mark.parametrize(
     "order_text",
@@ -310,7 +311,7 @@ def test_f6_an_interrupted_abort_still_resets_the_runtime():
         "0F0 0F1 0F2 0B0 0F3 0B1 0F4 0B2 0B3 0B4",  # lifespans of 2 ops: reload due while copying out
     ],
 )
-def test_f8_units_are_freed_when_their_copy_is_enqueued(delay_ops, order_text):
+def test_units_are_freed_when_their_copy_is_enqueued(delay_ops, order_text):
     order = order_of(order_text)
     weight = torch.randn(HIDDEN, 4 * HIDDEN)
 
@@ -344,7 +345,7 @@ def test_f8_units_are_freed_when_their_copy_is_enqueued(delay_ops, order_text):
     assert backend.held_bytes == 0 and backend.in_flight() == 0
 
 
-def test_f8_abort_with_copies_in_flight_restores_and_drains():
+def test_abort_with_copies_in_flight_restores_and_drains():
     backend = FakeAsyncBackend(delay_ops=10)
     offloader = offloader_for(backend)
     order = order_of("0F0 0F1 0F2 0F3 0B0 0B1 0B2 0B3")
@@ -363,8 +364,8 @@ def test_f8_abort_with_copies_in_flight_restores_and_drains():
     assert offloader.holds_no_tensors()
 
 
-# --------------------------------------------------------------------------------- F10
-def test_f10_parameters_and_their_views_never_move():
+# -------------------------------------------------------- parameters and their views never move
+def test_parameters_and_their_views_never_move():
     model = torch.nn.Sequential(torch.nn.Linear(HIDDEN, 4 * HIDDEN), torch.nn.GELU(),
                                 torch.nn.Linear(4 * HIDDEN, HIDDEN))
     offloader = offloader_for()
@@ -380,7 +381,7 @@ def test_f10_parameters_and_their_views_never_move():
     offloader.abort()
 
 
-# --------------------------------------------------------------------------------- F12
+# ------------------------------------------------------------------ config checks name the flag
 @pytest.mark.parametrize(
     "kwargs, flag",
     [
@@ -396,12 +397,12 @@ def test_f10_parameters_and_their_views_never_move():
         ({"host_budget_gib": 0}, "--offload-host-budget-gib"),
     ],
 )
-def test_f12_config_checks_types_and_names_the_flag(kwargs, flag):
+def test_config_checks_types_and_names_the_flag(kwargs, flag):
     with pytest.raises(ValueError, match=flag):
         OffloadConfig(**kwargs)
 
 
-# ------------------------------------------------------------------------------ F7, F9
+# -------------------------------------------- the host pool stays bounded and within its budget
 class _RecordingPinner:
     """Stands in for cudaHostRegister: what is pinned, by address."""
 
@@ -415,7 +416,7 @@ class _RecordingPinner:
         del self.pinned[buffer.data_ptr()]
 
 
-def test_f7_host_pool_is_bounded_when_sequence_length_changes():
+def test_host_pool_is_bounded_when_sequence_length_changes():
     """100 iterations over 8 sequence lengths through the offloader: the pool stops growing
     after the first iteration of each length, stays under 1.5x the largest iteration's need,
     and the bytes it reports pinned are the bytes pinned."""
@@ -450,7 +451,7 @@ def test_f7_host_pool_is_bounded_when_sequence_length_changes():
     assert not pinner.pinned and offloader.pool.capacity_bytes == 0  # returned at uninstall
 
 
-def test_f7_host_budget_refuses_the_allocation_that_crosses_it():
+def test_host_budget_refuses_the_allocation_that_crosses_it():
     from megatron_offload.runtime.host_pool import HostBudgetExceeded
 
     config = OffloadConfig(policy="full", min_offload_bytes=0, host_budget_gib=150 * 1024 / 2**30)
