@@ -1,8 +1,8 @@
 """megatron-offload: PipeOffload (activation offload for pipeline parallelism) on Megatron-Core.
 
-Layers, from mechanism to product (see ../shared/design/architecture.md):
-``schedule`` (pure Python, no torch) -> ``runtime`` (hooks, transfers) ->
-``integration`` (Megatron patches) -> ``cli``.
+Layers, from mechanism to product (see docs/architecture.md): ``schedule`` and ``planning``
+(pure Python, no torch) -> ``runtime`` (hooks, transfers) -> ``integration`` (Megatron
+patches) -> ``cli``.
 """
 
 __version__ = "0.1.0"
