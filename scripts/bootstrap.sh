@@ -6,9 +6,14 @@
 #   bash scripts/bootstrap.sh mcore016    .venv-mcore016, Python 3.11, megatron-core 0.16.1
 #   bash scripts/bootstrap.sh mcore017    .venv-mcore017, Python 3.12, megatron-core 0.17.1
 #   bash scripts/bootstrap.sh mcore018    .venv-mcore018, Python 3.12, megatron-core 0.18.2
-# (CI runs the first two; scripts/check_megatron_versions.sh the last two.)
+#   bash scripts/bootstrap.sh fast        .venv-fast, Python 3.12 without torch or megatron-core:
+#                                         the fast lane's tests and the lint (ruff)
+# (CI runs fast, default and mcore016; scripts/check_megatron_versions.sh mcore017 and mcore018.)
 #
-# Every environment pins torch==2.13.0 (an unpinned torch floats; on Python 3.12 pip takes
+# The fast environment has the test and plotting extras' packages (pytest, pytest-timeout,
+# hypothesis, matplotlib; numpy), ruff (pinned: RUFF_VERSION) and this package with --no-deps:
+# nothing downloads torch, and the bootstrap fails if torch is importable there.
+# Every other environment pins torch==2.13.0 (an unpinned torch floats; on Python 3.12 pip takes
 # the CUDA build, about 2.7 GB of wheels, which runs on CPU; on 3.11 the CPU build that lies
 # on this machine's disk) and installs PyYAML (0.18.x imports it without declaring it) and
 # this package with its test and plotting extras.
@@ -22,13 +27,15 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ENV_NAME="${1:-${MEGATRON_OFFLOAD_ENV:-default}}"
+RUFF_VERSION=0.17.6  # the lint's ruff (fast environment); ruff.toml is written for it
 VENV_ROOT="${MEGATRON_OFFLOAD_VENV_ROOT:-$ROOT}"
 case "$ENV_NAME" in
   default)  PY_VERSION=3.12; MCORE=0.19.2; VENV="$VENV_ROOT/.venv" ;;
   mcore016) PY_VERSION=3.11; MCORE=0.16.1; VENV="$VENV_ROOT/.venv-mcore016" ;;
   mcore017) PY_VERSION=3.12; MCORE=0.17.1; VENV="$VENV_ROOT/.venv-mcore017" ;;
   mcore018) PY_VERSION=3.12; MCORE=0.18.2; VENV="$VENV_ROOT/.venv-mcore018" ;;
-  *) echo "[bootstrap] unknown environment '$ENV_NAME': default, mcore016, mcore017 or mcore018" >&2
+  fast)     PY_VERSION=3.12; MCORE=;       VENV="$VENV_ROOT/.venv-fast" ;;
+  *) echo "[bootstrap] unknown environment '$ENV_NAME': default, mcore016, mcore017, mcore018 or fast" >&2
      exit 2 ;;
 esac
 export PIP_CACHE_DIR="${PIP_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/pip}"
@@ -72,6 +79,27 @@ fi
 if [ "$(venv_python_version)" != "$PY_VERSION" ]; then
   echo "[bootstrap] $VENV has Python $(venv_python_version), not $PY_VERSION: set PYTHON" >&2
   exit 1
+fi
+if [ "$ENV_NAME" = fast ]; then
+  echo "[bootstrap] fast: installing pytest, pytest-timeout, hypothesis, numpy, matplotlib," \
+    "ruff==$RUFF_VERSION and megatron-offload (--no-deps: no torch) into $VENV" >&2
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+    "pytest>=8" "pytest-timeout>=2.3" "hypothesis>=6.100" numpy "matplotlib>=3.7" \
+    "ruff==$RUFF_VERSION" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e "$ROOT" 2>&1 \
+    | grep -v "^WARNING: Location" >&2 || true
+  CHECK='import importlib.util, sys, pytest, pytest_timeout, hypothesis, numpy, matplotlib
+import megatron_offload
+sys.exit(any(importlib.util.find_spec(name) for name in ("torch", "megatron")))'
+  if ! "$VENV/bin/python" -c "$CHECK" 2>/dev/null \
+      || [ "$("$VENV/bin/ruff" --version 2>/dev/null)" != "ruff $RUFF_VERSION" ]; then
+    echo "[bootstrap] install failed (see pip output above), or torch / megatron-core is" \
+      "importable in $VENV (the fast lane must run without them: remove $VENV)" >&2
+    exit 1
+  fi
+  echo "$WANT" > "$STAMP"
+  echo "$VENV"
+  exit 0
 fi
 # torch first, from a wheelhouse kept in the pip cache directory: pip's own HTTP cache stores
 # nothing when the index serves wheels without cache headers, and the 3.12 build is 2.7 GB.

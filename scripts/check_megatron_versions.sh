@@ -3,8 +3,8 @@
 # Builds (or reuses) one venv per release with scripts/bootstrap.sh (.venv-mcore017,
 # .venv-mcore018; each pins torch==2.13.0, the 2.7 GB CUDA build on 3.12, from pip's cache
 # after the first time) and runs the tests that import torch or megatron-core there
-# (tests/runtime, tests/integration, tests/testing, tests/test_cli.py and
-# tests/schedule/test_megatron_exact.py), including the check of the release fact table in
+# (MEGATRON_TESTS in scripts/run_tests.sh: tests/runtime, tests/integration, tests/testing,
+# tests/test_cli.py), including the check of the release fact table in
 # megatron_offload/integration/megatron_core.py against each release's own source.
 #
 #   bash scripts/check_megatron_versions.sh                 both releases

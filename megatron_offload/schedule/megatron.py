@@ -3,7 +3,7 @@
 What ``forward_backward_pipelining_without_interleaving`` (1F1B) and
 ``forward_backward_pipelining_with_interleaving`` run on each rank, read from
 megatron/core/pipeline_parallel/schedules.py (0.16.1; ``get_pp_rank_microbatches`` and
-``get_schedule_table`` are unchanged through 0.19.2, and tests/schedule/test_megatron_exact.py
+``get_schedule_table`` are unchanged through 0.19.2, and tests/integration/test_megatron_exact.py
 checks these orders against the installed release's functions on every environment):
 
 - 1F1B: ``min(p - r - 1, m)`` warm-up forwards, then forward/backward pairs, then the
