@@ -1268,8 +1268,6 @@ def _remedy_reasons(plan: Plan) -> list[str]:
 # ``megatron-offload plan`` (its "policy auto" line): :func:`choose_offload_units` for one rank's
 # fixed order, :func:`plan_auto_offload` for every pipeline rank of a job.
 
-UnitKey = tuple[int, int]
-
 
 @dataclass(kw_only=True, slots=True)
 class RankOffloadChoice:
