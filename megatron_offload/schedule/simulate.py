@@ -275,6 +275,7 @@ def _run_general(schedule: Schedule, costs: CostModel) -> Simulation:
                     for bound in (my_issue[unit], my_offload[unit]):
                         if bound > begin_copy:
                             begin_copy = bound
+                    my_issue[unit] = never  # timed by the unit's first op needing it resident
                     if shared:
                         begin_copy = h2d_shared[lane].place(begin_copy, copy)
                     elif h2d_free[lane] > begin_copy:
@@ -426,6 +427,7 @@ def _run_private(schedule: Schedule, costs: CostModel) -> Simulation:
                         unit = unit_of[step]
                         issue = my_issue[unit]
                         if issue >= 0:  # offloaded: reload so that it ends at `ready`
+                            my_issue[unit] = -1.0  # timed by the unit's first op needing it resident
                             at = my_reload_step[unit]
                             copy = dur[at]  # its H2D copy's time
                             begin_copy = ready - copy
