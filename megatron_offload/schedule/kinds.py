@@ -97,7 +97,6 @@ class OpKind(str, enum.Enum):
         for item in fields(spec):
             setattr(member, item.name, getattr(spec, item.name))
         member.compute = spec.compute
-        member.code = len(cls._member_names_)
         return member
 
     FORWARD = KindSpec(
@@ -114,6 +113,8 @@ class OpKind(str, enum.Enum):
         allocates=True, frees=False, needs_resident=False, weight_grads=False, nominal_time=0.0)
 
 
+for _code, _kind in enumerate(OpKind):
+    _kind.code = _code
 KIND_BY_CODE: tuple[OpKind, ...] = tuple(OpKind)
 """Kinds by integer code."""
 KIND_COUNT = len(KIND_BY_CODE)
@@ -145,6 +146,12 @@ def _check_table() -> None:
         raise AssertionError("list the compute kinds before the copies (compute ops get the low codes)")
     if not any(not kind.after for kind in OpKind) or not any(kind.closes for kind in OpKind):
         raise AssertionError("some kind must open a unit (after=()) and some kind close it")
+    placed: set[str] = set()  # 'after' must be acyclic: then each kind runs at most once per unit
+    while len(placed) < len(letters):
+        ready = {kind.value for kind in OpKind if kind.value not in placed and set(kind.after) <= placed}
+        if not ready:
+            raise AssertionError(f"the 'after' column has a cycle among {sorted(set(letters) - placed)}")
+        placed |= ready
 
 
 _check_table()

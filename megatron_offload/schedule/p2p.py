@@ -11,10 +11,11 @@ way round, cannot happen).
 
 The order on a pair of ranks {a, b} (both directions together) is the order in which the
 messages are produced in a dry run of the schedule with positive op times (each kind's
-``nominal_time``: forward 1, backward 2; no latency); ties by sender rank, then sender step. Why every rank can follow it
-without waiting for anything it has not produced: if rank a's send S comes before a message X
-that a receives, then S was produced no later than X, and X's consumer on a starts after X
-exists, hence after S's producer ended: a reaches the consumer of X only after it produced S.
+``nominal_time``: forward 1, backward 2; no latency); ties by sender rank, then sender step.
+Why every rank can follow it without waiting for anything it has not produced: if rank a's
+send S comes before a message X that a receives, then S was produced no later than X, and
+X's consumer on a starts after X exists, hence after S's producer ended: a reaches the
+consumer of X only after it produced S.
 So a rank posts, on each pair, its sends as soon as their op ends (after any receives that
 precede them in the pair order) and its receives when it comes within ``lookahead`` compute
 ops of their consumer (or earlier, when a later message on the pair needs them posted).
