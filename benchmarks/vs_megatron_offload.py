@@ -203,7 +203,7 @@ def main(argv=None) -> int:
 def _predict(case, base, profile_runs, layer_runs) -> list[dict]:
     """Per rank: the simulator's peak for (e)'s runtime list, from the measured profile."""
     from megatron_offload.schedule.layer_sim import simulate_layers
-    from megatron_offload.schedule.layers import LayerOp
+    from megatron_offload.schedule.ir import Op
     from megatron_offload.testing.layer_profile import measured_profile, per_chunk_profile
 
     vpp = case.vpp or 1
@@ -212,8 +212,8 @@ def _predict(case, base, profile_runs, layer_runs) -> list[dict]:
     layer_runs = sorted(layer_runs, key=lambda r: r["rank"])
     for prof, run in zip(profile_runs, layer_runs):
         copies = run["offload_stats"]["copies"]
-        ops = [LayerOp.parse(t) for t in run["offload_stats"]["executed_ops"]]
-        replay_ops = [LayerOp.parse(t) for t in prof["offload_stats"]["executed_ops"]]
+        ops = [Op.parse(t) for t in run["offload_stats"]["executed_ops"]]
+        replay_ops = [Op.parse(t) for t in prof["offload_stats"]["executed_ops"]]
         measured = run["true_peak_bytes"]
         predicted = simulate_layers(ops, measured_profile(prof["segments"], copies, vpp)).peak_bytes
         coarse = simulate_layers(ops, per_chunk_profile(prof["segments"], copies, vpp)).peak_bytes

@@ -35,6 +35,7 @@ from megatron_offload.schedule.megatron import megatron_schedule
 from megatron_offload.schedule.ir import OpKind, Schedule
 from megatron_offload.schedule.offload import plan_offload
 from megatron_offload.schedule.p2p import P2PPlan, build_plan
+from megatron_offload.schedule.validate import validate_schedule
 
 @dataclass(slots=True)
 class ExecutorSettings:
@@ -79,7 +80,7 @@ def planned_schedule(pp: int, vpp: int, microbatches: int, group_size: int, poli
     else:
         chunks = offload_chunks if policy == "chunks" else None
         schedule = plan_offload(compute, costs_for(backend), chunks=chunks).schedule
-    schedule.validate()
+    validate_schedule(schedule)
     return schedule, build_plan(schedule), build_plan(schedule, forward_only=True)
 
 

@@ -8,10 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from megatron_offload.config import OffloadConfig
-from megatron_offload.schedule.ir import Op, OpKind, Schedule
+from megatron_offload.schedule.ir import Op, OpKind, Schedule, UnitKey
 from megatron_offload.schedule.layers import expand_rank, runtime_rank_ops, unit_lifespans
-
-UnitKey = tuple[int, int]
 
 
 def units_to_offload(order: Sequence[Op], config: OffloadConfig) -> set[UnitKey]:

@@ -1,15 +1,21 @@
 """Runs one pipeline rank's row of a schedule IR on Megatron-Core's own steps.
 
-``run_rank`` walks the rank's op list (``schedule/ir.py``) in order and, per op:
+``run_rank`` walks the rank's op list (``schedule/ir.py``) in order and runs each compute op
+with the handler of its kind (``handlers`` in :func:`run_rank`; a kind without one is an error
+naming it, raised before anything runs):
 
 - ``F``: waits for the input activation (if any), runs megatron-core's ``forward_step`` on
   the model chunk (through the offload runtime's hooks when one is given), posts the
   non-blocking send of the output;
 - ``B``: waits for the output gradient (if any), runs megatron-core's ``backward_step``,
   posts the non-blocking send of the input gradient;
-- ``O`` / ``R``: the unit's offload / reload, exactly there: the offload runtime follows the
-  same row as its runtime list (``ActivationOffloader.begin_iteration(plan=row)``) and issues
-  each copy at its entry; the backward waits only for its own unit's copy.
+- ``O`` / ``R`` (copies, not in the p2p plan's compute rows): the unit's offload / reload,
+  exactly there: the offload runtime follows the same row as its runtime list
+  (``ActivationOffloader.begin_iteration(plan=row)``) and issues each copy at its entry; the
+  backward waits only for its own unit's copy.
+
+What a kind receives and sends, and which kind does a chunk's gradient sync, come from its row
+of the kinds table (``schedule/kinds.py``).
 
 Communication follows :mod:`schedule.p2p`: each pair of ranks posts the messages it exchanges
 in one order, computed by both from the same schedule, one ``isend`` / ``irecv`` per message
@@ -46,7 +52,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_offload.schedule.ir import OpKind, Schedule
+from megatron_offload.schedule.ir import Schedule
+from megatron_offload.schedule.kinds import Flow, OpKind
 from megatron_offload.schedule.p2p import P2PPlan, RankPlan
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -106,8 +113,9 @@ class _Channels:
             else:
                 if not forced and (window is None or post.step > window):
                     break
+                # activations (a downstream message) are differentiated through by their consumer
                 buffer = torch.empty(self.shape, dtype=self.dtype, device=self.device,
-                                     requires_grad=post.message[0] == "F")
+                                     requires_grad=OpKind(post.message[0]).sends is Flow.DOWNSTREAM)
                 work = dist.irecv(buffer, group=self.group, group_src=peer)
                 self.recvs[post.message] = _Posted(work, buffer)
             i += 1
@@ -182,8 +190,7 @@ class _Channels:
 
 def _describe(message) -> str:
     kind, chunk, microbatch = message
-    what = "the activation" if kind == "F" else "the gradient"
-    return f"{what} for chunk {chunk} microbatch {microbatch}"
+    return f"the {OpKind(kind).sends.payload} for chunk {chunk} microbatch {microbatch}"
 
 
 def _per_chunk(value, chunks: int) -> list:
@@ -270,17 +277,12 @@ def run_rank(
             sync_context.close()
             sync_context = None
 
-    last_backward = {}
+    last_backward = {}  # chunk -> its last step that accumulates weight gradients
     if not forward_only:
         for i, op in enumerate(rank_plan.ops):
-            if op.kind is OpKind.BACKWARD:
+            if op.kind.weight_grads:
                 last_backward[op.chunk] = i
     synced: set[int] = set()
-    if not forward_only:
-        disable_grad_sync()
-        if getattr(config, "param_sync_func", None) is not None:
-            for c in range(vpp):
-                param_sync[c](chunks[c].parameters())
 
     def run_forward(step: int, c: int, mb: int):
         nonlocal total_tokens
@@ -341,14 +343,29 @@ def run_rank(
         if step in rank_plan.sends:
             channels.produced(step, input_grad)
 
+    # How this rank runs each compute kind (step, chunk, microbatch); the offloader issues the
+    # row's copies itself. A new kind of the table needs its handler here.
+    handlers: dict[OpKind, Callable[[int, int, int], None]] = {
+        OpKind.FORWARD: run_forward,
+        OpKind.BACKWARD: run_backward,
+    }
+    missing = sorted({op.kind for op in rank_plan.ops} - handlers.keys(), key=lambda kind: kind.code)
+    if missing:
+        raise NotImplementedError(
+            f"{label}the executor has no handler for op kind(s) "
+            f"{', '.join(f'{kind.name} ({kind.value!r})' for kind in missing)} of this rank's schedule")
+
+    if not forward_only:
+        disable_grad_sync()
+        if getattr(config, "param_sync_func", None) is not None:
+            for c in range(vpp):
+                param_sync[c](chunks[c].parameters())
+
     try:
-        for op in rank_plan.ops:  # F and B; the offloader issues the row's O and R itself
+        for op in rank_plan.ops:  # compute ops only (the p2p plan's rows)
             step = step_of[op]
             channels.prefetch(step)
-            if op.kind is OpKind.FORWARD:
-                run_forward(step, op.chunk, op.microbatch)
-            else:
-                run_backward(step, op.chunk, op.microbatch)
+            handlers[op.kind](step, op.chunk, op.microbatch)
             if deallocate and not forward_only:
                 for unit, sent in list(produced_at.items()):
                     if channels.send_done(sent):

@@ -39,9 +39,8 @@ from megatron_offload.config import OffloadConfig
 from megatron_offload.runtime.accounting import IterationStats, ResidentStorageTracker
 from megatron_offload.runtime.store import (
     ActivationStore,
-    SubUnit,
+    SubUnitStorages,
     UnitActivations,
-    UnitKey,
     UnitState,
     preserve_saved_parameters,
 )
@@ -51,8 +50,9 @@ from megatron_offload.runtime.host_pool import (
     default_host_budget_bytes,
 )
 from megatron_offload.runtime.transfer import TransferBackend
-from megatron_offload.schedule.ir import Op, OpKind
-from megatron_offload.schedule.layers import LayerOp, runtime_rank_ops, streamed_sub_units
+from megatron_offload.schedule.ir import LayerKey, Op, OpKind, UnitKey
+from megatron_offload.schedule.kinds import COMPUTE_KINDS
+from megatron_offload.schedule.layers import runtime_rank_ops, streamed_sub_units
 
 
 STATS_HISTORY = 64
@@ -98,7 +98,7 @@ class ActivationOffloader:
         self.iteration_stats: deque[IterationStats] = deque(maxlen=STATS_HISTORY)
         self.iterations_done = 0
         self._order: list[Op] = []
-        self._plan: list[LayerOp] = []
+        self._plan: list[Op] = []
         self._streams: dict[UnitKey, set] = {}
         self._cursor = 0
         self._computes = 0
@@ -112,7 +112,7 @@ class ActivationOffloader:
         self._parameter_identity = None
         self._host_releases: list[tuple[Any, list[torch.Tensor]]] = []
         self._stats: IterationStats | None = None
-        self.entry_listener: Callable[[LayerOp], None] | None = None
+        self.entry_listener: Callable[[Op], None] | None = None
         """Called with each compute entry as it starts, after its reloads (measuring tools
         use it to cut the iteration into the entries the simulator replays)."""
 
@@ -126,18 +126,18 @@ class ActivationOffloader:
     # ----------------------------------------------------------------------- iteration
     def begin_iteration(
         self, order: Sequence[Op], offload_units: set[UnitKey], *,
-        plan: Sequence[Op | LayerOp] | None = None,
+        plan: Sequence[Op] | None = None,
     ) -> None:
         """Start one iteration. ``order``: this rank's compute ops (F/B); ``plan``: the runtime
-        list to follow entry for entry, copies included (unit-level ``Op`` or layer-level
-        ``LayerOp`` entries); None: unit granularity, ``offload_units`` offloaded after their
+        list to follow entry for entry, copies included (unit-level ops, or layer-level entries:
+        ops with a layer); None: unit granularity, ``offload_units`` offloaded after their
         forward and reloaded ``prefetch_distance`` ops before their backward."""
         if self._in_iteration:
             raise RuntimeError("begin_iteration called twice without end_iteration/abort")
-        self._order = [op for op in order if op.kind in (OpKind.FORWARD, OpKind.BACKWARD)]
+        self._order = [op for op in order if op.kind in COMPUTE_KINDS]
         if plan is None:
             plan = runtime_rank_ops(self._order, set(offload_units), self.config.unit_prefetch_distance)
-        self._plan = [LayerOp.of(entry) for entry in plan]
+        self._plan = list(plan)
         compute = [(e.kind, e.unit) for e in self._plan if e.is_compute and e.layer is None]
         if compute != [(op.kind, op.unit) for op in self._order]:
             raise ScheduleMismatchError(
@@ -259,7 +259,7 @@ class ActivationOffloader:
     def run_forward(self, key: UnitKey, inputs: Sequence, step: Callable[[], Any]) -> Any:
         """Run one forward step (``step()`` returns Megatron's ``(output, num_tokens)``)."""
         self._expect(OpKind.FORWARD, key)
-        self._enter(LayerOp(OpKind.FORWARD, *key))
+        self._enter(Op(OpKind.FORWARD, *key))
         input_tensors = _tensors(list(inputs))
         measuring = self.tracker is not None
         streams = self._streams.get(key, set())
@@ -303,7 +303,7 @@ class ActivationOffloader:
         unit = self._capturing
         if unit is None or not self._layered or not torch.is_grad_enabled():
             return  # not inside a layer-granular training forward (evaluation, recompute)
-        self._enter(LayerOp(OpKind.FORWARD, *unit.key, layer))
+        self._enter(Op(OpKind.FORWARD, *unit.key, layer))
         self.store.decide(unit)
         self._send_decided(unit)
         unit.current = layer
@@ -330,7 +330,7 @@ class ActivationOffloader:
     def _layer_backward_starts(self, key: UnitKey, layer: int) -> None:
         if not self._in_iteration:
             return
-        self._enter(LayerOp(OpKind.BACKWARD, *key, layer))
+        self._enter(Op(OpKind.BACKWARD, *key, layer))
         unit = self.store.units.get(key)
         if unit is not None and layer in unit.subunits:
             self._make_resident(unit, unit.subunits[layer])
@@ -350,7 +350,7 @@ class ActivationOffloader:
 
     def run_backward(self, key: UnitKey, step: Callable[[], Any]) -> Any:
         self._expect(OpKind.BACKWARD, key)
-        self._enter(LayerOp(OpKind.BACKWARD, *key))
+        self._enter(Op(OpKind.BACKWARD, *key))
         unit = self.store.units.get(key)
         if unit is not None and None in unit.subunits:
             self._make_resident(unit, unit.subunits[None])
@@ -386,13 +386,13 @@ class ActivationOffloader:
         if following is not None and following.kind is kind and following.unit == key and (
             following.layer is not None
         ):
-            what = "forward" if kind is OpKind.FORWARD else "backward"
+            what = kind.word
             raise ScheduleMismatchError(
                 f"{self.rank_label}the {what} of unit {key} ended before {following} ran: the "
                 f"runtime list has more layers than the hooks reported (a layer not hooked, "
                 f"or its {what} hook never fired)")
 
-    def _enter(self, entry: LayerOp) -> None:
+    def _enter(self, entry: Op) -> None:
         """A compute entry starts: issue the reloads listed before it, check it is next."""
         self._advance()
         plan, cursor = self._plan, self._cursor
@@ -402,10 +402,7 @@ class ActivationOffloader:
             copy = plan[cursor]
             cursor += 1
             self._cursor = cursor
-            if copy.kind is OpKind.RELOAD:
-                self._start_reload(copy)
-            else:
-                self._start_offload(copy)
+            self._start_copy(copy)
         expected = plan[cursor] if cursor < len(plan) else None
         if expected != entry:
             lo = max(0, cursor - 4)
@@ -420,7 +417,7 @@ class ActivationOffloader:
         if self.entry_listener is not None:
             self.entry_listener(entry)
 
-    def _offload_due(self, key: UnitKey, layer: int | None) -> None:
+    def _offload_due(self, key: UnitKey, layer: LayerKey) -> None:
         """After a forward entry: issue the offloads the runtime list puts right after it."""
         plan = self._plan
         while self._cursor < len(plan):
@@ -430,7 +427,15 @@ class ActivationOffloader:
             self._cursor += 1
             self._start_offload(entry)
 
-    def _start_offload(self, entry: LayerOp) -> None:
+    def _start_copy(self, entry: Op) -> None:
+        """Issue a copy entry of the runtime list, by its kind."""
+        handler = _COPY_HANDLERS.get(entry.kind)
+        if handler is None:
+            raise ScheduleMismatchError(
+                f"{self.rank_label}the offload runtime has no handler for {entry} (op kind {entry.kind.name})")
+        getattr(self, handler)(entry)
+
+    def _start_offload(self, entry: Op) -> None:
         self._stats.executed_ops.append(str(entry))
         unit = self.store.units.get(entry.unit)
         if unit is None:  # nothing captured (a unit whose forward saved nothing movable)
@@ -452,7 +457,7 @@ class ActivationOffloader:
             if sub.unsent and sub.state is UnitState.OFFLOADED:
                 self._send(unit, sub)
 
-    def _send(self, unit: UnitActivations, sub: SubUnit) -> None:
+    def _send(self, unit: UnitActivations, sub: SubUnitStorages) -> None:
         if not sub.unsent:
             return
         pairs, storages, hosts = [], [], {}
@@ -486,7 +491,7 @@ class ActivationOffloader:
                 pending.append((transfer, buffers))
         self._host_releases = pending
 
-    def _start_reload(self, entry: LayerOp) -> None:
+    def _start_reload(self, entry: Op) -> None:
         self._stats.executed_ops.append(str(entry))
         unit = self.store.units.get(entry.unit)
         sub = None if unit is None else unit.subunits.get(entry.layer)
@@ -500,7 +505,7 @@ class ActivationOffloader:
         self._stats.copies.append(
             (_sub_unit_text(entry), sub.h2d.nbytes, self._computes - computes, time.perf_counter() - since))
 
-    def _reload_bytes(self, sub: SubUnit) -> None:
+    def _reload_bytes(self, sub: SubUnitStorages) -> None:
         pairs = []
         for sid, storage in sub.movable.items():
             if sid not in sub.host:  # never copied out (a fault before its copy)
@@ -512,7 +517,7 @@ class ActivationOffloader:
         sub.d2h = None
         sub.state = UnitState.RELOADING
 
-    def _make_resident(self, unit: UnitActivations, sub: SubUnit) -> None:
+    def _make_resident(self, unit: UnitActivations, sub: SubUnitStorages) -> None:
         if sub.state is UnitState.OFFLOADED:
             raise ScheduleMismatchError(
                 f"{self.rank_label}sub-unit {sub.layer} is needed but the runtime list issued "
@@ -560,7 +565,15 @@ class ActivationOffloader:
         return resident
 
 
-def _sub_unit_text(entry: LayerOp) -> str:
+_COPY_HANDLERS = {
+    OpKind.OFFLOAD: "_start_offload",
+    OpKind.RELOAD: "_start_reload",
+}
+"""The method issuing each copy kind of the runtime list (compute entries are the caller's
+steps and the layer hooks)."""
+
+
+def _sub_unit_text(entry: Op) -> str:
     """'c,m' for a unit's rest, 'c,m.l' for layer l."""
     text = f"{entry.chunk},{entry.microbatch}"
     return text if entry.layer is None else f"{text}.{entry.layer}"

@@ -52,8 +52,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_offload.runtime.accounting import ResidentStorageTracker, StorageWeakSet
-
-UnitKey = tuple[int, int]  # (model chunk, microbatch)
+from megatron_offload.schedule.ir import LayerKey, UnitKey
 
 _KEEP_ATTR = "_megatron_offload_keep"
 
@@ -144,16 +143,12 @@ class UnitState(enum.Enum):
     RELOADING = "reloading"  # storages regrown; the H2D copy may still be in flight
 
 
-SubKey = int | None
-"""A sub-unit of a unit: a transformer layer's index in its chunk, or None for the rest
-(embedding, final norm, output layer, loss, the received input)."""
-
-
 @dataclass(slots=True, eq=False)
-class SubUnit:
-    """The storages one layer (or the rest) of a unit moves, and where its bytes are."""
+class SubUnitStorages:
+    """The storages one sub-unit (a layer of a unit, or the rest: ``layer`` None, see
+    ``schedule.ir.LayerKey``) moves, and where its bytes are."""
 
-    layer: SubKey
+    layer: LayerKey
     streams: bool = False
     """The runtime list offloads this sub-unit (its storages are moved when decided)."""
     state: UnitState = UnitState.RESIDENT
@@ -181,12 +176,12 @@ class SubUnit:
 class UnitActivations:
     key: UnitKey
     state: UnitState = UnitState.CAPTURING
-    subunits: dict[SubKey, SubUnit] = field(default_factory=dict)
-    current: SubKey = None
+    subunits: dict[LayerKey, SubUnitStorages] = field(default_factory=dict)
+    current: LayerKey = None
     """While capturing: the sub-unit whose forward runs (None outside the layers)."""
     pending: dict[int, torch.UntypedStorage] = field(default_factory=dict)
     """While capturing: storages that passed the pack-time screen and are not decided yet."""
-    owner: dict[int, SubKey] = field(default_factory=dict)
+    owner: dict[int, LayerKey] = field(default_factory=dict)
     """The last sub-unit that saved each storage: the first to need it in the backward."""
     holders: Counter = field(default_factory=Counter)
     """How many saved tensors of this unit hold each storage."""
@@ -197,13 +192,13 @@ class UnitActivations:
     """Candidate storages already released by their owner when the forward returned."""
     skipped_shared: int = 0
     """Candidate storages referenced outside this unit's saved tensors (caches)."""
-    location: dict[int, SubKey] = field(default_factory=dict)
+    location: dict[int, LayerKey] = field(default_factory=dict)
     """Which sub-unit moves each movable storage."""
 
-    def sub(self, layer: SubKey) -> SubUnit:
+    def sub(self, layer: LayerKey) -> SubUnitStorages:
         sub = self.subunits.get(layer)
         if sub is None:
-            sub = self.subunits[layer] = SubUnit(layer)
+            sub = self.subunits[layer] = SubUnitStorages(layer)
         return sub
 
     @property
@@ -214,7 +209,7 @@ class UnitActivations:
             out.update(sub.movable)
         return out
 
-    def where(self, sid: int) -> SubUnit | None:
+    def where(self, sid: int) -> SubUnitStorages | None:
         """The sub-unit that moves storage ``sid`` (None: it stays)."""
         layer = self.location.get(sid, _NOWHERE)
         return None if layer is _NOWHERE else self.subunits[layer]
@@ -281,7 +276,7 @@ class ActivationStore:
 
     # --------------------------------------------------------------------------- capture
     @contextlib.contextmanager
-    def capture(self, key: UnitKey, *, streams: set[SubKey] = frozenset()):
+    def capture(self, key: UnitKey, *, streams: set[LayerKey] = frozenset()):
         """Run a unit's forward under saved-tensor hooks; ``streams``: the sub-units the
         runtime list offloads (their candidates are screened and decided)."""
         if key in self.units:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .kinds import OpKind
+
 
 def _per_chunk(value: float | tuple[float, ...], chunk: int) -> float:
     return value[chunk] if isinstance(value, tuple) else value
@@ -62,6 +64,22 @@ class CostModel:
         """H2D time of one unit of ``chunk``."""
         return self.round_trip(chunk) * (1.0 - self.offload_share)
 
+    def time(self, kind: OpKind, chunk: int) -> float:
+        """Duration of one unit's op of ``kind`` on model chunk ``chunk`` (a copy: on its lane)."""
+        cost = _TIME_OF.get(kind)
+        if cost is None:
+            raise ValueError(f"the cost model has no time for op kind {kind.name} ({kind.value!r}); add it to costs._TIME_OF")
+        return cost(self, chunk)
+
     def link_of(self, rank: int) -> int:
         """The lane pair a rank's copies use."""
         return rank // 2 if self.shared_link else rank
+
+
+_TIME_OF = {
+    OpKind.FORWARD: CostModel.forward,
+    OpKind.BACKWARD: CostModel.backward,
+    OpKind.OFFLOAD: CostModel.offload,
+    OpKind.RELOAD: CostModel.reload,
+}
+"""The cost of each op kind (one entry per row of the kinds table)."""

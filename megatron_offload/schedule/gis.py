@@ -16,9 +16,10 @@ with g >= ceil(p / 2) and full groups none are needed.
 """
 from __future__ import annotations
 
-from .ir import Op, OpKind, Schedule
+from .ir import Op, Schedule
+from .kinds import OpKind
 from .megatron import check_pipeline_shape, group_table, warmup_then_alternate
-from .validate import find_deadlock
+from .validate import find_deadlock, validate_schedule
 
 
 def check_gis_args(pp: int, vpp: int, microbatches: int, group_size: int | None) -> int:
@@ -59,7 +60,7 @@ def gis_schedule(pp: int, vpp: int, microbatches: int, group_size: int | None = 
         # so every deadlock has such a rank and each round makes progress (warm-up <= m v).
         waiting_on_backward = [r for r, step in stuck.items() if ranks[r][step].kind is OpKind.BACKWARD]
         if not waiting_on_backward:  # cannot happen (see above); fail loudly rather than loop
-            schedule.validate()
+            validate_schedule(schedule)
         for r in waiting_on_backward:
             warmups[r] += 1
             ranks[r] = warmup_then_alternate(table, vpp, warmups[r], ops)

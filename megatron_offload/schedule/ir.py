@@ -1,49 +1,74 @@
 """The schedule IR: per-rank lists of ops over (model chunk, microbatch) units.
 
 Pure Python, no torch. Every consumer (simulator, renderer, runtime executor and the
-Megatron integration's run-time order check) reads this one representation.
+Megatron integration's run-time order check) reads this one representation. The op kinds and
+their properties are the table of :mod:`.kinds`; the key types of units and sub-units
+(:data:`UnitKey`, :data:`LayerKey`, :data:`SubUnitKey`) are defined here, once, for the whole
+package. ``docs/schedule-ir.md`` describes the IR and the passes over it.
 """
 from __future__ import annotations
 
-import enum
 import re
 from dataclasses import dataclass, field
 
+from .kinds import FIRST_COPY_CODE, LETTERS, OpKind
 
-class OpKind(str, enum.Enum):
-    FORWARD = "F"
-    BACKWARD = "B"
-    OFFLOAD = "O"  # device -> host copy of a unit's activations, after its forward
-    RELOAD = "R"  # host -> device copy, before its backward
+UnitKey = tuple[int, int]
+"""(model chunk, microbatch): a unit, what an op of the unit-level IR acts on."""
+LayerKey = int | None
+"""A part of a unit: a transformer layer's index in its model chunk, or None for the rest
+(embedding, final norm, output layer, loss, the received input)."""
+SubUnitKey = tuple[int, int, LayerKey]
+"""(model chunk, microbatch, layer): a sub-unit, what an entry of the layer-level IR acts on."""
 
 
 @dataclass(frozen=True, slots=True, order=True)
 class Op:
-    """One action of one rank on one unit: (kind, model chunk, microbatch).
+    """One action of one rank: (kind, model chunk, microbatch[, layer]).
 
-    Text form ``<chunk><kind><microbatch>``, e.g. ``0F3`` = forward of chunk 0, microbatch 3;
-    ``str(op)`` parses back with :meth:`Op.parse`.
+    A unit-level op (``layer`` None) acts on a whole (chunk, microbatch) unit; a layer-level
+    entry (:mod:`.layers`) on one transformer layer of it. For F/B the unit-level entry of a
+    layer-level list is the start of forward_step/backward_step (the rest's compute), for O/R
+    the copy of the rest. Text form ``<chunk><kind><microbatch>[.<layer>]``: ``0F3`` = forward
+    of chunk 0, microbatch 3; ``0F3.2`` = its layer 2. ``str(op)`` parses back with
+    :meth:`Op.parse`. The kind's properties are in its row of :mod:`.kinds`.
     """
 
     kind: OpKind
     chunk: int
     microbatch: int
+    layer: LayerKey = None
 
     @property
-    def unit(self) -> tuple[int, int]:
+    def unit(self) -> UnitKey:
         return (self.chunk, self.microbatch)
 
-    def __str__(self) -> str:
-        return f"{self.chunk}{self.kind.value}{self.microbatch}"
+    @property
+    def sub_unit(self) -> SubUnitKey:
+        return (self.chunk, self.microbatch, self.layer)
 
-    _TEXT = re.compile(r"^\s*(\d+)([FBOR])(\d+)\s*$")
+    @property
+    def is_compute(self) -> bool:
+        return self.kind.compute
+
+    def __str__(self) -> str:
+        if self.layer is None:
+            return f"{self.chunk}{self.kind.value}{self.microbatch}"
+        return f"{self.chunk}{self.kind.value}{self.microbatch}.{self.layer}"
 
     @classmethod
     def parse(cls, text: str) -> "Op":
-        match = cls._TEXT.match(text)
+        """The op of a text form, unit-level (``0F3``) or layer-level (``0F3.2``)."""
+        match = _TEXT.match(text)
         if match is None:
-            raise ValueError(f"not an op: {text!r} (expected e.g. '0F3': chunk, F/B/O/R, microbatch)")
-        return cls(OpKind(match.group(2)), int(match.group(1)), int(match.group(3)))
+            raise ValueError(
+                f"{text!r} is not a unit op (e.g. '0F3': chunk, kind {'/'.join(LETTERS)}, microbatch) "
+                "and not a layer op (e.g. '0F3.2': the same, then .layer)")
+        layer = match.group(4)
+        return cls(OpKind(match.group(2)), int(match.group(1)), int(match.group(3)), None if layer is None else int(layer))
+
+
+_TEXT = re.compile(rf"^\s*(\d+)([{LETTERS}])(\d+)(?:\.(\d+))?\s*$")
 
 
 def F(chunk: int, microbatch: int) -> Op:
@@ -62,13 +87,6 @@ def R(chunk: int, microbatch: int) -> Op:
     return Op(OpKind.RELOAD, chunk, microbatch)
 
 
-COMPUTE_KINDS = (OpKind.FORWARD, OpKind.BACKWARD)
-
-# Integer op codes for the fast engines (validator dry run, simulator): code = kind * U + unit,
-# U = vpp * microbatches, unit = chunk * microbatches + microbatch.
-KIND_F, KIND_B, KIND_O, KIND_R = 0, 1, 2, 3
-
-
 class ScheduleError(ValueError):
     """A schedule that is malformed, inconsistent or would deadlock; the message shows where."""
 
@@ -84,7 +102,8 @@ class Schedule:
     Offload (O) and reload (R) ops are asynchronous copies issued at their place in the list:
     O right after the unit's forward, R where the reload should start (before its backward).
     Schedules are plain data: generators are pure functions returning one, passes return a new
-    one, ``to_text``/``from_text`` round-trip it exactly.
+    one, ``to_text``/``from_text`` round-trip it exactly; ``validate.validate_schedule`` checks
+    one. Ops are unit-level (no layer); layer-level orders are ``layers.LayerSchedule``.
     """
 
     ranks: tuple[tuple[Op, ...], ...]
@@ -117,15 +136,15 @@ class Schedule:
 
     @property
     def has_offload(self) -> bool:
-        copies = 2 * self.units_per_rank  # codes of O and R ops start here
+        copies = FIRST_COPY_CODE * self.units_per_rank  # codes of copy ops start here
         return any(codes and max(codes) >= copies for codes in self.program())
 
-    def offloaded_units(self, rank: int) -> set[tuple[int, int]]:
+    def offloaded_units(self, rank: int) -> set[UnitKey]:
         return {op.unit for op in self.ranks[rank] if op.kind is OpKind.OFFLOAD}
 
     def without_offload(self) -> "Schedule":
-        """The same compute order with every offload and reload op removed."""
-        compute = tuple(tuple(op for op in ops if op.kind in COMPUTE_KINDS) for ops in self.ranks)
+        """The same compute order with every copy (offload and reload op) removed."""
+        compute = tuple(tuple(op for op in ops if op.kind.compute) for ops in self.ranks)
         return Schedule(compute, self.vpp, self.microbatches, self.kind, self.group_size)
 
     def with_program(self, program: list[list[int]]) -> "Schedule":
@@ -133,19 +152,13 @@ class Schedule:
         object.__setattr__(self, "_program", program)
         return self
 
-    def validate(self) -> "Schedule":
-        """Raise :class:`ScheduleError` (with the rank-by-step grid) unless valid; return self."""
-        from .validate import validate_schedule  # validate imports this module
-
-        validate_schedule(self)
-        return self
-
     def program(self) -> list[list[int]]:
-        """Per-rank integer op codes (see KIND_*), computed once and cached."""
+        """Per-rank integer op codes, computed once and cached: code = kind code * U + unit,
+        U = vpp * microbatches, unit = chunk * microbatches + microbatch (kind codes:
+        :mod:`.kinds`). Raises ScheduleError on a layer-level entry (that is a LayerSchedule's)."""
         if self._program is None:
             m = self.microbatches
             units = self.vpp * m
-            f, b, o = OpKind.FORWARD, OpKind.BACKWARD, OpKind.OFFLOAD
             program = []
             cache: dict[int, int] = {}  # id(op) -> code: generators share Op objects across ranks
             for ops in self.ranks:
@@ -154,9 +167,9 @@ class Schedule:
                 for op in ops:
                     code = cache.get(id(op))
                     if code is None:
-                        k = op.kind
-                        kind = KIND_F if k is f else KIND_B if k is b else KIND_O if k is o else KIND_R
-                        code = cache[id(op)] = kind * units + op.chunk * m + op.microbatch
+                        if op.layer is not None:
+                            raise ScheduleError(f"{op} is a layer-level entry; a unit-level Schedule takes unit ops only")
+                        code = cache[id(op)] = op.kind.code * units + op.chunk * m + op.microbatch
                     append(code)
                 program.append(codes)
             object.__setattr__(self, "_program", program)
@@ -188,6 +201,9 @@ class Schedule:
         if "pp" in meta and int(meta["pp"]) != len(rows):
             raise ScheduleError(f"header says pp={meta['pp']} but the text has {len(rows)} rank rows")
         ranks = tuple(tuple(Op.parse(cell) for cell in row.split(",") if cell.strip()) for row in rows)
+        layered = next((op for ops in ranks for op in ops if op.layer is not None), None)
+        if layered is not None:
+            raise ScheduleError(f"{layered} is a layer-level entry: read layer-level orders with layers.LayerSchedule.from_text")
         return cls(ranks, vpp, microbatches, meta.get("kind", "custom"), None if group == "None" else int(group))
 
     def save(self, path) -> None:
@@ -245,20 +261,39 @@ def format_grid(schedule: Schedule, marks: dict[int, int] | None = None, window:
     return "\n".join(rows)
 
 
-def producer(rank: int, kind: int, chunk: int, pp: int, vpp: int) -> tuple[int, int] | None:
-    """Which rank and chunk make the input of a compute op (p2p dependency), or None.
+def neighbour_stage(rank: int, chunk: int, step: int, pp: int, vpp: int) -> tuple[int, int] | None:
+    """(rank, chunk) of the virtual stage next to chunk ``chunk`` on ``rank``: the next one
+    (``step`` +1) or the previous one (-1); None past either end of the pipeline.
 
-    ``kind`` is KIND_F or KIND_B; the producer op has the same kind and microbatch. A forward
-    of chunk c on rank r needs the forward of the previous virtual stage (rank r - 1, or chunk
-    c - 1 on the last rank); a backward needs the backward of the next virtual stage. The
-    first forward stage reads data and the last backward stage starts from the loss, which
-    only needs the unit's own forward (ordered on the same rank, checked separately).
-    This is the one definition of the pipeline's data flow; the simulator inlines it for speed.
+    Model chunk c on rank r is virtual stage c * pp + r (Megatron's layout): the stage after
+    the last rank's chunk c is rank 0's chunk c + 1."""
+    if step > 0:
+        if rank < pp - 1:
+            return rank + 1, chunk
+        return (0, chunk + 1) if chunk < vpp - 1 else None
+    if rank > 0:
+        return rank - 1, chunk
+    return (pp - 1, chunk - 1) if chunk > 0 else None
+
+
+def producer(rank: int, kind: OpKind, chunk: int, pp: int, vpp: int) -> tuple[int, int] | None:
+    """Which rank and chunk make the p2p input of an op of ``kind`` (None: no p2p input).
+
+    The producer is the op of the same kind and microbatch on the neighbouring virtual stage
+    against the kind's flow (:attr:`.kinds.KindSpec.sends`): a forward needs the forward of the
+    previous stage, a backward the backward of the next one. The first forward stage reads
+    data and the last backward stage starts from the loss, which only needs the unit's own
+    forward (ordered on the same rank, checked separately). Copies have no p2p input.
+    This is the one definition of the pipeline's data flow; the numpy engines apply it to op
+    codes (``validate.input_slots``).
     """
-    if kind == KIND_F:
-        if rank > 0:
-            return rank - 1, chunk
-        return (pp - 1, chunk - 1) if chunk > 0 else None
-    if rank < pp - 1:
-        return rank + 1, chunk
-    return (0, chunk + 1) if chunk < vpp - 1 else None
+    flow = kind.sends
+    return None if flow is None else neighbour_stage(rank, chunk, -flow.step, pp, vpp)
+
+
+def consumer(rank: int, kind: OpKind, chunk: int, pp: int, vpp: int) -> tuple[int, int] | None:
+    """Which rank and chunk consume the p2p output of an op of ``kind`` (None: nobody on
+    another stage: the last virtual stage's forward ends in the loss, the first's backward in
+    the data; copies send nothing): the neighbouring stage along the kind's flow."""
+    flow = kind.sends
+    return None if flow is None else neighbour_stage(rank, chunk, flow.step, pp, vpp)

@@ -31,9 +31,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .ir import KIND_B, KIND_F, OpKind, producer
-from .layers import EPILOGUE, LayerOp, LayerProfile, LayerSchedule, LinkModel, forward_ends, check_rank, memory_effect
-from .simulate import _SharedLane, gc_paused
+from .ir import Op, producer
+from .kinds import Flow, Lane, OpKind
+from .layers import EPILOGUE, LayerProfile, LayerSchedule, LinkModel, forward_ends, check_rank, memory_effect
+from .simulate import _COMPUTE_RESIDENT, _D2H, _ROLE, _SharedLane, gc_paused
 
 _DELTA, _START, _END, _MARK = 0, 1, 2, 3
 
@@ -47,7 +48,7 @@ class LayerSimulation:
     ``peak_in[i]`` (the highest candidate while it runs, copies: the level at issue)."""
 
     rank: int
-    ops: tuple[LayerOp, ...]
+    ops: tuple[Op, ...]
     start: list[float]
     end: list[float]
     issue: list[float]
@@ -107,7 +108,7 @@ class LayerScheduleSimulation:
         return [r.stall for r in self.ranks]
 
 
-def simulate_layers(ops: Sequence[LayerOp], profile: LayerProfile, link: LinkModel | None = None, *,
+def simulate_layers(ops: Sequence[Op], profile: LayerProfile, link: LinkModel | None = None, *,
                     rank: int = 0) -> LayerSimulation:
     """Simulate one rank's expanded order on its own (no waits for other ranks)."""
     with gc_paused():
@@ -142,12 +143,14 @@ class _FifoLane:
         return begin
 
 
-def _run(rank_ops: list[tuple[LayerOp, ...]], profiles: list[LayerProfile], link: LinkModel | None, *,
+def _run(rank_ops: list[tuple[Op, ...]], profiles: list[LayerProfile], link: LinkModel | None, *,
          deps: tuple[int, int] | None, p2p_latency: float, ranks: list[int]) -> list[LayerSimulation]:
     count = len(rank_ops)
     for ops in rank_ops:
         check_rank(ops, strict=False)
-    # Per rank: the compiled entries (kind, chunk, mb, layer, duration, transient, change, ends_forward).
+    # Per rank: the compiled entries (kind, role, chunk, mb, layer, duration, transient, change,
+    # ends_forward); the role (compute, compute needing its sub-unit resident, D2H or H2D copy)
+    # comes from the kinds table, as in simulate.py.
     compiled = []
     for ops, profile in zip(rank_ops, profiles):
         ends = forward_ends(ops)
@@ -160,8 +163,9 @@ def _run(rank_ops: list[tuple[LayerOp, ...]], profiles: list[LayerProfile], link
             duration = profile.duration(op) if op.is_compute else 0.0
             if link is not None and not op.is_compute:
                 nbytes = profile.sub_unit_bytes(op.chunk, op.layer, op.microbatch)
-                duration = link.d2h_time(nbytes) if op.kind is OpKind.OFFLOAD else link.h2d_time(nbytes)
-            table.append((op.kind, op.chunk, op.microbatch, op.layer, duration, transient, change, index in ends))
+                duration = link.d2h_time(nbytes) if op.kind.lane is Lane.D2H else link.h2d_time(nbytes)
+            table.append((op.kind, _ROLE[op.kind.code], op.chunk, op.microbatch, op.layer, duration, transient, change,
+                          index in ends))
         compiled.append(table)
 
     shared = link is not None and link.shared and count > 1
@@ -170,8 +174,11 @@ def _run(rank_ops: list[tuple[LayerOp, ...]], profiles: list[LayerProfile], link
     d2h = {lane: lane_type() for lane in set(lane_ids)}
     h2d = {lane: lane_type() for lane in set(lane_ids)}
 
-    forward_done: list[dict] = [{} for _ in range(count)]  # (chunk, mb) -> time its output exists
-    backward_done: list[dict] = [{} for _ in range(count)]
+    # Per kind that sends: per rank, (chunk, mb) -> time the unit's output exists: a forward-pass
+    # kind's after the epilogue (which follows the last layer), a backward-pass kind's after
+    # its layer-0 entry.
+    output_at = {kind: [{} for _ in range(count)] for kind in OpKind if kind.sends is not None}
+    forward_done = output_at[OpKind.FORWARD]
     position = [0] * count
     clock = [0.0] * count
     seq = [0] * count
@@ -195,20 +202,20 @@ def _run(rank_ops: list[tuple[LayerOp, ...]], profiles: list[LayerProfile], link
         begin_step = step
         profile = profiles[me]
         while step < len(table):
-            kind, chunk, mb, layer, duration, transient, change, ends_forward = table[step]
-            if kind is OpKind.FORWARD or kind is OpKind.BACKWARD:
+            kind, role, chunk, mb, layer, duration, transient, change, ends_forward = table[step]
+            if role <= _COMPUTE_RESIDENT:
                 ready = t
                 if deps is not None and layer is None:
                     pp, vpp = deps
-                    source = producer(ranks[me], KIND_F if kind is OpKind.FORWARD else KIND_B, chunk, pp, vpp)
+                    source = producer(ranks[me], kind, chunk, pp, vpp)
                     if source is not None:
-                        done = (forward_done if kind is OpKind.FORWARD else backward_done)[source[0]].get((source[1], mb))
+                        done = output_at[kind][source[0]].get((source[1], mb))
                         if done is None:
                             break
                         done += p2p_latency
                         if done > ready:
                             ready = done
-                if kind is OpKind.BACKWARD:
+                if role == _COMPUTE_RESIDENT:
                     back = reload_end[me].get((chunk, mb, layer))
                     if back is not None and back > ready:
                         stall[me] += back - ready
@@ -222,9 +229,9 @@ def _run(rank_ops: list[tuple[LayerOp, ...]], profiles: list[LayerProfile], link
                 n += 4
                 t = ready + duration
                 busy[me] += duration
-                if kind is OpKind.BACKWARD and layer == 0:
-                    backward_done[me][(chunk, mb)] = t
-            elif kind is OpKind.OFFLOAD:
+                if layer == 0 and kind.sends is Flow.UPSTREAM:
+                    output_at[kind][me][(chunk, mb)] = t
+            elif role == _D2H:
                 my_issue[step] = t
                 if sync:
                     my_start[step] = my_end[step] = t
@@ -237,7 +244,7 @@ def _run(rank_ops: list[tuple[LayerOp, ...]], profiles: list[LayerProfile], link
                 ev.append((t, 1, n + 1, _MARK, 0.0, step))
                 n += 2
                 offload_end[me][(chunk, mb, layer)] = my_end[step]
-            else:  # reload
+            else:  # H2D copy
                 my_issue[step] = t
                 if sync:
                     begin = t
@@ -305,8 +312,8 @@ def _run(rank_ops: list[tuple[LayerOp, ...]], profiles: list[LayerProfile], link
                 curve[-1] = (time, level, candidate)
             else:
                 curve.append((time, level, candidate))
-        copies = [i for i, op in enumerate(ops) if op.kind is OpKind.OFFLOAD]
-        reloads = [i for i, op in enumerate(ops) if op.kind is OpKind.RELOAD]
+        copies = [i for i, op in enumerate(ops) if op.kind.lane is Lane.D2H]
+        reloads = [i for i, op in enumerate(ops) if op.kind.lane is Lane.H2D]
         profile = profiles[me]
         results.append(LayerSimulation(
             rank=ranks[me], ops=ops, start=start[me], end=end[me], issue=issue[me], level_after=level_after,

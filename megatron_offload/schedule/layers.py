@@ -7,7 +7,7 @@ backward they come back layer by layer. What is not in a transformer layer ("the
 embedding, final norm, output layer, loss, and the unit's received input) is one more
 sub-unit, which only leaves when the whole unit does.
 
-Entries of the expanded IR (:class:`LayerOp`, text form in brackets):
+Entries of the expanded IR (:class:`.ir.Op` with a layer, text form in brackets):
 
 - ``F(c, m)`` [``0F3``]: forward_step starts (the rest's forward before layer 0: the prologue);
 - ``F(c, m, l)`` [``0F3.2``]: forward of layer l; ``O``/``R`` [``0O3.2``, ``0R3.2``]: the D2H /
@@ -24,78 +24,26 @@ from __future__ import annotations
 import bisect
 import math
 import operator
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from .ir import COMPUTE_KINDS, Op, OpKind, Schedule, ScheduleError
+from .ir import Op, Schedule, ScheduleError, SubUnitKey, UnitKey
+from .kinds import Lane, OpKind
 
-SubUnit = tuple[int, int, "int | None"]
-"""(chunk, microbatch, layer); layer None = the rest of the unit."""
-Unit = tuple[int, int]
-Distance = int | Callable[[SubUnit], int]
+Distance = int | Callable[[SubUnitKey], int]
 """Compute entries between a reload and its first use: one number, or per sub-unit."""
 
 
-@dataclass(frozen=True, slots=True)
-class LayerOp:
-    """One entry of a rank's layer-level order: (kind, chunk, microbatch, layer).
-
-    ``layer`` None is the unit level: for F/B the start of forward_step/backward_step (the
-    rest's compute), for O/R the copy of the rest. Text ``<chunk><kind><microbatch>[.<layer>]``
-    (``0F3``, ``0F3.2``, ``0O3.2``); ``str(op)`` parses back with :meth:`LayerOp.parse`.
-    """
-
-    kind: OpKind
-    chunk: int
-    microbatch: int
-    layer: int | None = None
-
-    @property
-    def unit(self) -> Unit:
-        return (self.chunk, self.microbatch)
-
-    @property
-    def sub_unit(self) -> SubUnit:
-        return (self.chunk, self.microbatch, self.layer)
-
-    @property
-    def is_compute(self) -> bool:
-        return self.kind in COMPUTE_KINDS
-
-    def __str__(self) -> str:
-        tail = "" if self.layer is None else f".{self.layer}"
-        return f"{self.chunk}{self.kind.value}{self.microbatch}{tail}"
-
-    _TEXT = re.compile(r"^\s*(\d+)([FBOR])(\d+)(?:\.(\d+))?\s*$")
-
-    @classmethod
-    def parse(cls, text: str) -> "LayerOp":
-        match = cls._TEXT.match(text)
-        if match is None:
-            raise ValueError(f"not a layer op: {text!r} (expected e.g. '0F3' or '0F3.2': chunk, F/B/O/R, microbatch, .layer)")
-        layer = match.group(4)
-        return cls(OpKind(match.group(2)), int(match.group(1)), int(match.group(3)), None if layer is None else int(layer))
-
-
-    @classmethod
-    def of(cls, op) -> "LayerOp":
-        """``op`` as a LayerOp (a unit-level :class:`~.ir.Op` becomes layer None)."""
-        if isinstance(op, LayerOp):
-            return op
-        return cls(op.kind, op.chunk, op.microbatch, None)
-
-
-def streamed_sub_units(entries: Iterable[LayerOp]) -> dict[Unit, set]:
+def streamed_sub_units(entries: Iterable[Op]) -> dict[UnitKey, set]:
     """Per unit, the sub-units (layer index, or None for the rest) the list offloads."""
-    out: dict[Unit, set] = {}
+    out: dict[UnitKey, set] = {}
     for entry in entries:
         if entry.kind is OpKind.OFFLOAD:
             out.setdefault(entry.unit, set()).add(entry.layer)
     return out
 
 
-def sub_unit_text(sub: SubUnit) -> str:
+def sub_unit_text(sub: SubUnitKey) -> str:
     chunk, microbatch, layer = sub
     return f"({chunk},{microbatch},{'rest' if layer is None else layer})"
 
@@ -117,7 +65,7 @@ def layers_of(layers_per_chunk: int | Sequence[int], chunk: int) -> int:
     return count
 
 
-def _distance_of(reload_distance: Distance) -> Callable[[SubUnit], int]:
+def _distance_of(reload_distance: Distance) -> Callable[[SubUnitKey], int]:
     if callable(reload_distance):
         return reload_distance
     if isinstance(reload_distance, Mapping):
@@ -136,10 +84,10 @@ def expand_rank(
     ops: Iterable,
     layers_per_chunk: int | Sequence[int],
     *,
-    streamed: Iterable[Unit] = (),
-    offloaded: Iterable[Unit] = (),
-    reload_distance: Distance | Mapping[SubUnit, int] = 0,
-) -> list[LayerOp]:
+    streamed: Iterable[UnitKey] = (),
+    offloaded: Iterable[UnitKey] = (),
+    reload_distance: Distance | Mapping[SubUnitKey, int] = 0,
+) -> list[Op]:
     """One rank's layer-level order from its unit-level order ``ops`` (F/B; O/R are ignored).
 
     Forward of unit (c, m): ``F(c,m)``, then per layer l = 0..L_c-1 ``F(c,m,l)`` followed by
@@ -158,11 +106,14 @@ def expand_rank(
     distance_of = _distance_of(reload_distance)
     streamed_set = set(streamed) | set(offloaded)
     offloaded_set = set(offloaded)
-    compute = [op for op in ops if op.kind in COMPUTE_KINDS]
-    if any(getattr(op, "layer", None) is not None for op in compute):
-        raise ValueError("expand_rank takes a unit-level order (Op or LayerOp without a layer), not an expanded one")
-    seen_f: set[Unit] = set()
-    seen_b: set[Unit] = set()
+    compute = [op for op in ops if op.kind.compute]
+    if any(op.layer is not None for op in compute):
+        raise ValueError("expand_rank takes a unit-level order (ops without a layer), not an expanded one")
+    other = next((op for op in compute if op.kind is not OpKind.FORWARD and op.kind is not OpKind.BACKWARD), None)
+    if other is not None:
+        raise ValueError(f"expand_rank has no layer expansion for op kind {other.kind.name} ({other})")
+    seen_f: set[UnitKey] = set()
+    seen_b: set[UnitKey] = set()
     for op in compute:
         unit = (op.chunk, op.microbatch)
         if op.kind is OpKind.FORWARD:
@@ -177,39 +128,39 @@ def expand_rank(
         raise ScheduleError(f"units without a backward: {sorted(seen_f - seen_b)}")
 
     # Pass 1: compute entries and every candidate O, with positions in compute-entry terms.
-    body: list[LayerOp] = []  # compute entries and O entries, no R yet
+    body: list[Op] = []  # compute entries and O entries, no R yet
     compute_count = 0
-    offload_after: dict[SubUnit, int] = {}  # sub-unit -> compute entries emitted before its O
-    first_use: dict[SubUnit, int] = {}  # sub-unit -> compute position of its first use
+    offload_after: dict[SubUnitKey, int] = {}  # sub-unit -> compute entries emitted before its O
+    first_use: dict[SubUnitKey, int] = {}  # sub-unit -> compute position of its first use
     for op in compute:
         chunk, mb = op.chunk, op.microbatch
         layers = layers_of(layers_per_chunk, chunk)
         unit = (chunk, mb)
         if op.kind is OpKind.FORWARD:
-            body.append(LayerOp(OpKind.FORWARD, chunk, mb))
+            body.append(Op(OpKind.FORWARD, chunk, mb))
             compute_count += 1
             streams, leaves = unit in streamed_set, unit in offloaded_set
             for layer in range(layers):
-                body.append(LayerOp(OpKind.FORWARD, chunk, mb, layer))
+                body.append(Op(OpKind.FORWARD, chunk, mb, layer))
                 compute_count += 1
                 if streams and (layer < layers - 1 or leaves):
-                    body.append(LayerOp(OpKind.OFFLOAD, chunk, mb, layer))
+                    body.append(Op(OpKind.OFFLOAD, chunk, mb, layer))
                     offload_after[(chunk, mb, layer)] = compute_count
             if leaves:
-                body.append(LayerOp(OpKind.OFFLOAD, chunk, mb))
+                body.append(Op(OpKind.OFFLOAD, chunk, mb))
                 offload_after[(chunk, mb, None)] = compute_count
         else:
             first_use[(chunk, mb, None)] = compute_count
-            body.append(LayerOp(OpKind.BACKWARD, chunk, mb))
+            body.append(Op(OpKind.BACKWARD, chunk, mb))
             compute_count += 1
             for layer in range(layers - 1, -1, -1):
                 first_use[(chunk, mb, layer)] = compute_count
-                body.append(LayerOp(OpKind.BACKWARD, chunk, mb, layer))
+                body.append(Op(OpKind.BACKWARD, chunk, mb, layer))
                 compute_count += 1
 
     # Pass 2: where each R goes (before compute position `at`); drop copies with nothing between.
-    reload_at: dict[int, list[tuple[int, SubUnit]]] = {}
-    kept: set[SubUnit] = set()
+    reload_at: dict[int, list[tuple[int, SubUnitKey]]] = {}
+    kept: set[SubUnitKey] = set()
     for sub, after in offload_after.items():
         use = first_use[sub]
         distance = distance_of(sub)
@@ -225,7 +176,7 @@ def expand_rank(
         kept.add(sub)
         reload_at.setdefault(at, []).append((use, sub))
 
-    out: list[LayerOp] = []
+    out: list[Op] = []
     position = 0
     for entry in body:
         if entry.kind is OpKind.OFFLOAD:
@@ -233,30 +184,30 @@ def expand_rank(
                 out.append(entry)
             continue
         for _, (chunk, mb, layer) in sorted(reload_at.get(position, ()), key=lambda item: item[0]):
-            out.append(LayerOp(OpKind.RELOAD, chunk, mb, layer))
+            out.append(Op(OpKind.RELOAD, chunk, mb, layer))
         out.append(entry)
         position += 1
     return out
 
 
-def unit_lifespans(ops: Iterable) -> dict[Unit, int]:
+def unit_lifespans(ops: Iterable) -> dict[UnitKey, int]:
     """Compute ops (unit level) between each unit's forward and its backward on this rank;
     a unit with lifespan 0 cannot leave entirely (it would have to come back at once)."""
-    forward_at: dict[Unit, int] = {}
-    lifespans: dict[Unit, int] = {}
+    forward_at: dict[UnitKey, int] = {}
+    lifespans: dict[UnitKey, int] = {}
     position = 0
     for op in ops:
-        if op.kind not in COMPUTE_KINDS or getattr(op, "layer", None) is not None:
+        if not op.kind.compute or op.layer is not None:
             continue
         if op.kind is OpKind.FORWARD:
             forward_at[op.unit] = position
-        else:
+        elif op.kind is OpKind.BACKWARD:
             lifespans[op.unit] = position - forward_at[op.unit] - 1
         position += 1
     return lifespans
 
 
-def stream_sets(ops: Iterable, chunks: int | None = None) -> tuple[set[Unit], set[Unit]]:
+def stream_sets(ops: Iterable, chunks: int | None = None) -> tuple[set[UnitKey], set[UnitKey]]:
     """(streamed, offloaded) for the rule "units of chunks < K stream; those with a lifespan
     leave entirely" (``chunks`` None: every chunk)."""
     lifespans = unit_lifespans(ops)
@@ -268,7 +219,7 @@ def stream_sets(ops: Iterable, chunks: int | None = None) -> tuple[set[Unit], se
 class LayerSchedule:
     """Per-rank layer-level orders (what the runtime runs with layer streaming)."""
 
-    ranks: tuple[tuple[LayerOp, ...], ...]
+    ranks: tuple[tuple[Op, ...], ...]
     vpp: int
     microbatches: int
     layers: tuple
@@ -324,7 +275,7 @@ class LayerSchedule:
             raise ScheduleError(f"layer schedule header needs vpp=, microbatches=, layers=: {header!r}") from error
         group = meta.get("group_size", "None")
         rows = [ln for ln in lines if ln and not ln.startswith("#")]
-        ranks = tuple(tuple(LayerOp.parse(cell) for cell in row.split(",") if cell.strip()) for row in rows)
+        ranks = tuple(tuple(Op.parse(cell) for cell in row.split(",") if cell.strip()) for row in rows)
         return cls(ranks, vpp, microbatches, layers, meta.get("kind", "custom"), None if group == "None" else int(group))
 
 
@@ -339,8 +290,8 @@ def _per_rank(value, rank: int, pp: int, name: str):
 def expand_schedule(
     schedule: Schedule,
     layers_per_chunk: int | Sequence[int] | Sequence[Sequence[int]],
-    streamed_per_rank: Sequence[Iterable[Unit]],
-    offloaded_per_rank: Sequence[Iterable[Unit]],
+    streamed_per_rank: Sequence[Iterable[UnitKey]],
+    offloaded_per_rank: Sequence[Iterable[UnitKey]],
     reload_distance: Distance | Sequence[Distance] = 0,
 ) -> LayerSchedule:
     """:func:`expand_rank` on every rank of ``schedule``. ``layers_per_chunk``: one number,
@@ -367,16 +318,16 @@ def expand_schedule(
     return LayerSchedule(ranks, schedule.vpp, schedule.microbatches, layers, schedule.kind, schedule.group_size)
 
 
-def copies_per_iteration(expanded: LayerSchedule | Sequence[Sequence[LayerOp]]) -> list[int]:
+def copies_per_iteration(expanded: LayerSchedule | Sequence[Sequence[Op]]) -> list[int]:
     """Per rank, the D2H copies of one iteration (each has exactly one H2D copy back)."""
     ranks = expanded.ranks if isinstance(expanded, LayerSchedule) else expanded
     return [sum(1 for op in ops if op.kind is OpKind.OFFLOAD) for ops in ranks]
 
 
-def diff_rank_ops(expected: Sequence[LayerOp], actual: Sequence, context: int = 4) -> str:
-    """'' when ``actual`` (LayerOps or their text) is ``expected`` op for op, else where they
+def diff_rank_ops(expected: Sequence[Op], actual: Sequence, context: int = 4) -> str:
+    """'' when ``actual`` (ops or their text) is ``expected`` op for op, else where they
     first differ with a few entries of context: for checking the runtime's issued copies."""
-    actual = [LayerOp.parse(x) if isinstance(x, str) else x for x in actual]
+    actual = [Op.parse(x) if isinstance(x, str) else x for x in actual]
     if list(expected) == actual:
         return ""
     step = next((i for i, (x, y) in enumerate(zip(expected, actual)) if x != y), min(len(expected), len(actual)))
@@ -386,31 +337,30 @@ def diff_rank_ops(expected: Sequence[LayerOp], actual: Sequence, context: int = 
             f"  expected: {show(list(expected))}\n  issued:   {show(actual)}")
 
 
-def check_rank(ops: Sequence[LayerOp], *, strict: bool = True) -> None:
+def check_rank(ops: Sequence[Op], *, strict: bool = True) -> None:
     """Raise ScheduleError unless every O has its R after it with a compute entry between
     them (``strict``: the rule of :func:`expand_rank`; the simulator also runs orders without
     it, e.g. :func:`unit_ops_to_layer_ops`) and before the sub-unit's first use, and nothing
     is copied twice."""
-    offload_at: dict[SubUnit, tuple[int, int]] = {}
-    reload_at: dict[SubUnit, tuple[int, int]] = {}
+    offload_at: dict[SubUnitKey, tuple[int, int]] = {}
+    reload_at: dict[SubUnitKey, tuple[int, int]] = {}
     computes = 0
     for index, op in enumerate(ops):
         sub = op.sub_unit
-        if op.kind is OpKind.OFFLOAD:
+        kind = op.kind
+        if kind.lane is Lane.D2H:
             if sub in offload_at:
                 raise ScheduleError(f"step {index}: {op} copies {sub_unit_text(sub)} out a second time")
             offload_at[sub] = (index, computes)
-        elif op.kind is OpKind.RELOAD:
+        elif kind.lane is Lane.H2D:
             if sub not in offload_at or sub in reload_at:
                 raise ScheduleError(f"step {index}: {op} without an offload before it (or twice)")
             if strict and offload_at[sub][1] == computes:
                 raise ScheduleError(f"step {index}: {op} follows its offload with no compute entry in between")
             reload_at[sub] = (index, computes)
-        elif op.kind is OpKind.BACKWARD:
-            if sub in offload_at and sub not in reload_at:
+        else:  # compute
+            if kind.needs_resident and sub in offload_at and sub not in reload_at:
                 raise ScheduleError(f"step {index}: {op} uses {sub_unit_text(sub)} before its reload")
-            computes += 1
-        else:
             computes += 1
     missing = set(offload_at) - set(reload_at)
     if missing:
@@ -528,12 +478,14 @@ class LayerProfile:
             return default
         return value[chunk] if layer is None else value[chunk][layer]
 
-    def duration(self, op: LayerOp) -> float:
+    def duration(self, op: Op) -> float:
         """Compute time of a compute entry (the epilogue: :meth:`epilogue_duration`)."""
         c, l = op.chunk, op.layer
         if op.kind is OpKind.FORWARD:
             return self._get("prologue_time", c) if l is None else self._get("forward_time", c, l, 1.0)
-        return self._get("backward_rest_time", c) if l is None else self._get("backward_time", c, l, 2.0)
+        if op.kind is OpKind.BACKWARD:
+            return self._get("backward_rest_time", c) if l is None else self._get("backward_time", c, l, 2.0)
+        raise ValueError(f"the layer profile has no compute time for {op} (op kind {op.kind.name})")
 
     def epilogue_duration(self, chunk: int) -> float:
         return self._get("epilogue_time", chunk)
@@ -545,7 +497,8 @@ class LayerProfile:
 
 EPILOGUE = "E"
 """Kind of the epilogue pseudo-entry in :func:`memory_effect` (no IR entry of its own: it runs
-right after the last forward entry of its unit, before ``O(c,m)``)."""
+right after the last forward entry of its unit, before ``O(c,m)``); no op kind has its letter."""
+assert EPILOGUE not in {kind.value for kind in OpKind}
 
 
 def memory_effect(kind: OpKind | str, chunk: int, layer: int | None, profile: LayerProfile,
@@ -566,7 +519,8 @@ def memory_effect(kind: OpKind | str, chunk: int, layer: int | None, profile: La
       the unit's backward).
     """
     p = profile
-    if p.entry_effects is not None and microbatch is not None and kind not in (OpKind.OFFLOAD, OpKind.RELOAD):
+    copy = kind.lane if isinstance(kind, OpKind) else None
+    if p.entry_effects is not None and microbatch is not None and copy is None:
         measured = p.entry_effects.get((kind, chunk, microbatch, layer))
         if measured is not None:
             return measured
@@ -581,8 +535,10 @@ def memory_effect(kind: OpKind | str, chunk: int, layer: int | None, profile: La
             return p._get("backward_rest_peak", chunk), 0.0
         release = p.layer_bytes[chunk][layer] + (p.rest_bytes[chunk] if layer == 0 else 0.0)
         return p._get("backward_peak", chunk, layer), -release
+    if copy is None:
+        raise ValueError(f"the memory rule has no entry for op kind {kind!r}")
     moved = p.sub_unit_bytes(chunk, layer, microbatch)
-    return 0.0, (-moved if kind is OpKind.OFFLOAD else moved)
+    return 0.0, (-moved if copy is Lane.D2H else moved)
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -614,12 +570,12 @@ class LinkModel:
         return rank // 2 if self.shared else rank
 
 
-def forward_ends(ops: Sequence[LayerOp]) -> set[int]:
+def forward_ends(ops: Sequence[Op]) -> set[int]:
     """Indices of the entries after which each unit's epilogue runs (forward_step's end): the
     unit's last layer forward F(c,m,L-1), or the O of that layer when it directly follows
     (layer streaming issues it before the epilogue). Copies issued after that entry (O(c,m),
     or a whole unit's copies in :func:`unit_ops_to_layer_ops`) run after the epilogue."""
-    ends: dict[Unit, int] = {}
+    ends: dict[UnitKey, int] = {}
     for index, op in enumerate(ops):
         if op.layer is not None and op.kind is OpKind.FORWARD:
             following = ops[index + 1] if index + 1 < len(ops) else None
@@ -629,7 +585,7 @@ def forward_ends(ops: Sequence[LayerOp]) -> set[int]:
     return set(ends.values())
 
 
-def unit_ops_to_layer_ops(ops: Iterable, layers_per_chunk: int | Sequence[int]) -> list[LayerOp]:
+def unit_ops_to_layer_ops(ops: Iterable, layers_per_chunk: int | Sequence[int]) -> list[Op]:
     """A unit-granularity order (F, B and the runtime's whole-unit O, R: e.g.
     ``schedule.layers.runtime_rank_ops``) in layer terms, to score it with the same profile and
     simulator as layer streaming: F(c,m) and B(c,m) gain their layer entries; a unit's O
@@ -637,24 +593,27 @@ def unit_ops_to_layer_ops(ops: Iterable, layers_per_chunk: int | Sequence[int]) 
     becomes R(c,m) then R(c,m,L-1..0) (everything back before B(c,m)). On a link the unit's
     copy runs as L+1 back-to-back copies on the lane (the same time without latency), which
     frees its bytes layer by layer rather than all at the end: slightly optimistic."""
-    out: list[LayerOp] = []
+    out: list[Op] = []
     for op in ops:
         chunk, mb = op.chunk, op.microbatch
-        if getattr(op, "layer", None) is not None:
+        if op.layer is not None:
             raise ValueError(f"{op} is already a layer-level entry")
         layers = range(layers_of(layers_per_chunk, chunk))
-        out.append(LayerOp(op.kind, chunk, mb))
         if op.kind is OpKind.FORWARD or op.kind is OpKind.OFFLOAD:
-            out += [LayerOp(op.kind, chunk, mb, layer) for layer in layers]
+            order = layers  # in the forward's layer order
+        elif op.kind is OpKind.BACKWARD or op.kind is OpKind.RELOAD:
+            order = reversed(layers)  # in the backward's
         else:
-            out += [LayerOp(op.kind, chunk, mb, layer) for layer in reversed(layers)]
+            raise ValueError(f"no layer-level form of {op} (op kind {op.kind.name})")
+        out.append(Op(op.kind, chunk, mb))
+        out += [Op(op.kind, chunk, mb, layer) for layer in order]
     return out
 
 
 def reload_distances_for_link(
-    ops: Sequence[LayerOp], profile: LayerProfile, link: LinkModel | None, *, timing=None,
+    ops: Sequence[Op], profile: LayerProfile, link: LinkModel | None, *, timing=None,
     drop_unhidden: bool = False,
-) -> dict[SubUnit, int]:
+) -> dict[SubUnitKey, int]:
     """Per offloaded sub-unit of one rank's expanded order, the smallest reload distance whose
     reload still ends before its first use: "as late as the link allows".
 
@@ -679,13 +638,13 @@ def reload_distances_for_link(
     epilogue_after = forward_ends(ops)
     starts: list[float] = []  # start time of compute position p
     finishes: list[float] = []  # end time of compute position p (plus a following epilogue)
-    offload_after: dict[SubUnit, int] = {}
-    first_use: dict[SubUnit, int] = {}
+    offload_after: dict[SubUnitKey, int] = {}
+    first_use: dict[SubUnitKey, int] = {}
     epilogue: dict[int, float] = {}  # compute position -> epilogue time after it
     t = 0.0
     for index, op in enumerate(ops):
-        if op.kind in COMPUTE_KINDS:
-            if op.kind is OpKind.BACKWARD:
+        if op.kind.compute:
+            if op.kind.needs_resident:
                 first_use.setdefault(op.sub_unit, len(starts))
             starts.append(t)
             t += profile.duration(op)
@@ -702,7 +661,7 @@ def reload_distances_for_link(
         starts = [begin for begin, _ in pairs]
         finishes = [end for _, end in pairs]
     # The D2H lane, FIFO in list order.
-    offload_end: dict[SubUnit, float] = {}
+    offload_end: dict[SubUnitKey, float] = {}
     free = 0.0
     for op in ops:
         if op.kind is OpKind.OFFLOAD:
@@ -712,7 +671,7 @@ def reload_distances_for_link(
                 issue += epilogue.get(after - 1, 0.0)
             free = max(issue, free) + link.d2h_time(profile.sub_unit_bytes(op.chunk, op.layer, op.microbatch))
             offload_end[op.sub_unit] = free
-    distances: dict[SubUnit, int] = {}
+    distances: dict[SubUnitKey, int] = {}
     later_start = math.inf  # the ALAP start of the next reload on the H2D lane
     later_at = len(starts)
     for sub in sorted(subs, key=lambda s: first_use[s], reverse=True):
@@ -732,7 +691,7 @@ def reload_distances_for_link(
     return distances
 
 
-def runtime_rank_ops(order: Sequence[Op], offload: set[tuple[int, int]], prefetch_distance: int = 1) -> list[Op]:
+def runtime_rank_ops(order: Sequence[Op], offload: set[UnitKey], prefetch_distance: int = 1) -> list[Op]:
     """One rank's ops with offload/reload inserted where the runtime issues them.
 
     The runtime (``runtime/offloader.py``) starts a unit's offload right after its forward and
@@ -742,6 +701,4 @@ def runtime_rank_ops(order: Sequence[Op], offload: set[tuple[int, int]], prefetc
     same rule as data (:func:`expand_rank` with no layers), so the simulator
     and the renderer score the schedule that runs.
     """
-    entries = expand_rank(order, 0, streamed=offload, offloaded=offload,
-                          reload_distance=prefetch_distance)
-    return [Op(e.kind, e.chunk, e.microbatch) for e in entries]
+    return expand_rank(order, 0, streamed=offload, offloaded=offload, reload_distance=prefetch_distance)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .ir import KIND_B, KIND_F, KIND_O, KIND_R
+from .kinds import Lane, OpKind
 from .simulate import Simulation
 
 
@@ -52,12 +52,27 @@ def byte_peaks(sim: Simulation, total: Sequence[Sequence[float]], moved: Sequenc
         chunk = unit // m
         weight = np.asarray(total[rank], dtype=float)[chunk]
         move = weight if moved is None else np.asarray(moved[rank], dtype=float)[chunk]
-        f, b, o, r = kind == KIND_F, kind == KIND_B, kind == KIND_O, kind == KIND_R
-        times = [start[f], end[b], end[o], start[r]]
-        deltas = [weight[f], -weight[b], -move[o], move[r]]
+        # Per the kinds table: a kind that allocates adds its bytes at the op's start, one that
+        # frees removes them at its end (compute: the whole unit; a copy: what it moves); a
+        # D2H copy holds host memory from its start, an H2D copy returns it at its end.
+        times, deltas, host_times, host_deltas = [], [], [], []
+        copies_out = False
+        for op_kind in OpKind:
+            mine = kind == op_kind.code
+            amount = weight if op_kind.compute else move
+            if op_kind.allocates:
+                times.append(start[mine])
+                deltas.append(amount[mine])
+            if op_kind.frees:
+                times.append(end[mine])
+                deltas.append(-amount[mine])
+            if op_kind.lane is Lane.D2H:
+                host_times.append(start[mine])
+                host_deltas.append(move[mine])
+                copies_out = copies_out or bool(np.any(mine))
+            elif op_kind.lane is Lane.H2D:
+                host_times.append(end[mine])
+                host_deltas.append(-move[mine])
         device.append(_peak(times, deltas))
-        if np.any(o):
-            host.append(_peak([start[o], end[r]], [move[o], -move[r]]))
-        else:
-            host.append(0.0)
+        host.append(_peak(host_times, host_deltas) if copies_out else 0.0)
     return device, host

@@ -42,7 +42,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .costs import CostModel
-from .ir import B, F, O, R, Op, Schedule
+from .ir import Op, Schedule
+from .kinds import KIND_B, KIND_F, KIND_O, KIND_R, OpKind
 from .simulate import Simulation, gc_paused, simulate
 
 MAX_SKIPS_PER_LINK = 64
@@ -83,10 +84,11 @@ def _rank_units(baseline: Simulation, rank: int) -> _Units:
     codes = np.asarray(baseline.schedule.program()[rank])
     start, end = np.asarray(baseline.start[rank]), np.asarray(baseline.end[rank])
     steps = np.arange(len(codes))
-    is_f = codes < units
-    f_unit, b_unit = codes[is_f], codes[~is_f] - units
+    kind = codes // units
+    is_f, is_b = kind == KIND_F, kind == KIND_B
+    f_unit, b_unit = codes[is_f] - KIND_F * units, codes[is_b] - KIND_B * units
     arrays = {}
-    for name, mask, unit in (("f", is_f, f_unit), ("b", ~is_f, b_unit)):
+    for name, mask, unit in (("f", is_f, f_unit), ("b", is_b, b_unit)):
         for field, values in (("step", steps), ("start", start), ("end", end)):
             out = np.empty(units, dtype=values.dtype)
             out[unit] = values[mask]
@@ -449,8 +451,8 @@ def _meet_target(check, kept, rank_of, unit_of, info, target, d2h_of, h2d_of) ->
 
 
 def _ops_by_code(vpp: int, m: int) -> list[Op]:
-    """One Op object per op code (F, B, O, R of every unit), shared by all ranks."""
-    return [make(chunk, mb) for make in (F, B, O, R) for chunk in range(vpp) for mb in range(m)]
+    """One Op object per op code (every kind of every unit), shared by all ranks."""
+    return [Op(kind, chunk, mb) for kind in OpKind for chunk in range(vpp) for mb in range(m)]
 
 
 def _insert_copies(schedule: Schedule, rank: int, offloaded: list[tuple[int, int]], reload_at: tuple | None, ops_by_code: list[Op]) -> tuple[tuple[Op, ...], list[int]]:
@@ -466,15 +468,15 @@ def _insert_copies(schedule: Schedule, rank: int, offloaded: list[tuple[int, int
     parts = [codes]
     chosen = np.zeros(units, dtype=bool)
     chosen[[c * m + mb for c, mb in offloaded]] = True
-    forward_steps = np.flatnonzero((codes < units) & chosen[np.minimum(codes, units - 1)])
+    forward_steps = np.flatnonzero((codes // units == KIND_F) & chosen[codes % units])
     keys.append(3 * forward_steps + 2)
     secondary.append(np.zeros(len(forward_steps)))
-    parts.append(codes[forward_steps] + 2 * units)
+    parts.append(codes[forward_steps] + (KIND_O - KIND_F) * units)
     if reload_at is not None:
         steps, deadlines, reload_units = reload_at
         keys.append(3 * steps.astype(np.int64))
         secondary.append(deadlines.astype(float))
-        parts.append(reload_units.astype(np.int64) + 3 * units)
+        parts.append(reload_units.astype(np.int64) + KIND_R * units)
     order = np.lexsort((np.concatenate(secondary), np.concatenate(keys)))
     new_codes = np.concatenate(parts)[order].tolist()
     return tuple(map(ops_by_code.__getitem__, new_codes)), new_codes

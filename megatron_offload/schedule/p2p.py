@@ -10,41 +10,33 @@ ranks read it from the same data: matching is correct by construction, whatever 
 way round, cannot happen).
 
 The order on a pair of ranks {a, b} (both directions together) is the order in which the
-messages are produced in a dry run of the schedule with positive op times (forward 1,
-backward 2, no latency); ties by sender rank, then sender step. Why every rank can follow it
-without waiting for anything it has not produced: if rank a's send S comes before a message X
-that a receives, then S was produced no later than X, and X's consumer on a starts after X
-exists, hence after S's producer ended: a reaches the consumer of X only after it produced S.
+messages are produced in a dry run of the schedule with positive op times (each kind's
+``nominal_time``: forward 1, backward 2; no latency); ties by sender rank, then sender step.
+Why every rank can follow it without waiting for anything it has not produced: if rank a's
+send S comes before a message X that a receives, then S was produced no later than X, and
+X's consumer on a starts after X exists, hence after S's producer ended: a reaches the
+consumer of X only after it produced S.
 So a rank posts, on each pair, its sends as soon as their op ends (after any receives that
 precede them in the pair order) and its receives when it comes within ``lookahead`` compute
 ops of their consumer (or earlier, when a later message on the pair needs them posted).
 :func:`check_plan` verifies that property for every rank and message.
 
-Message identity at the receiver: (kind, consumer chunk, microbatch) with kind F for
-activations and B for gradients; every unit of a rank receives at most one of each.
+Who sends what to whom is the op-kind table's ``sends`` column (:mod:`.kinds`) applied by
+:func:`ir.producer` / :func:`ir.consumer`: a kind's output goes to the op of the same kind on
+the neighbouring virtual stage along its flow; copies send nothing. Message identity at the
+receiver: (kind letter, consumer chunk, microbatch), F for activations and B for gradients;
+every unit of a rank receives at most one of each.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .ir import KIND_B, KIND_F, OpKind, Schedule, ScheduleError, format_grid
-from .ir import producer as ir_producer
+from .ir import Schedule, ScheduleError, consumer, format_grid, producer
+from .kinds import COMPUTE_KINDS, FORWARD_PASS_KINDS
 
 Message = tuple[str, int, int]
-"""(kind 'F' activations / 'B' gradients, chunk at the receiver, microbatch)."""
-
-
-def producer(rank: int, kind: OpKind, chunk: int, pp: int, vpp: int) -> tuple[int, int] | None:
-    """Which rank and chunk produce a compute op's input: :func:`ir.producer`, by OpKind."""
-    return ir_producer(rank, KIND_F if kind is OpKind.FORWARD else KIND_B, chunk, pp, vpp)
-
-
-def consumer(rank: int, kind: OpKind, chunk: int, pp: int, vpp: int) -> tuple[int, int] | None:
-    """Which rank and chunk consume the output of a compute op (None: nobody on another
-    stage: the last virtual stage's forward ends in the loss, the first's backward in the
-    data). Data flows the other way in the other direction: a forward's consumer is where its
-    backward's input comes from, and the reverse."""
-    return ir_producer(rank, KIND_B if kind is OpKind.FORWARD else KIND_F, chunk, pp, vpp)
+"""(letter of the kind that sends it: 'F' activations / 'B' gradients, chunk at the receiver,
+microbatch)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,11 +52,11 @@ class Post:
 
 @dataclass(frozen=True, slots=True)
 class RankPlan:
-    """What one rank posts. Steps index the rank's compute ops (F and B only, in order)."""
+    """What one rank posts. Steps index the rank's compute ops (no copies), in order."""
 
     rank: int
     ops: tuple
-    """The rank's compute ops (F and B), in order."""
+    """The rank's compute ops (today F and B), in order."""
     queues: dict
     """peer -> tuple[Post, ...]: this rank's posts on that pair, in the pair's order."""
     receives: dict
@@ -85,14 +77,15 @@ class P2PPlan:
 
 
 def compute_rows(schedule: Schedule, *, forward_only: bool = False) -> list[list]:
-    """Each rank's F and B ops (only F with ``forward_only``), in order."""
-    kinds = (OpKind.FORWARD,) if forward_only else (OpKind.FORWARD, OpKind.BACKWARD)
+    """Each rank's compute ops (with ``forward_only`` those of the forward pass: the kinds
+    sending downstream, today F), in order."""
+    kinds = FORWARD_PASS_KINDS if forward_only else COMPUTE_KINDS
     return [[op for op in ops if op.kind in kinds] for ops in schedule.ranks]
 
 
 def _dry_run(rows: list[list], pp: int, vpp: int) -> list[list[float]]:
-    """End time of every compute op (forward 1, backward 2, no latency); ScheduleError with
-    the grid if some rank can never proceed."""
+    """End time of every compute op (its kind's ``nominal_time``, no latency); ScheduleError
+    with the grid if some rank can never proceed."""
     ends: list[list[float]] = [[] for _ in range(pp)]
     done: dict[tuple[int, str, int, int], float] = {}
     position = [0] * pp
@@ -111,7 +104,7 @@ def _dry_run(rows: list[list], pp: int, vpp: int) -> list[list[float]]:
                     if arrived is None:
                         break
                     ready = max(ready, arrived)
-                clock[rank] = ready + (1.0 if op.kind is OpKind.FORWARD else 2.0)
+                clock[rank] = ready + op.kind.nominal_time
                 done[(rank, op.kind.value, op.chunk, op.microbatch)] = clock[rank]
                 ends[rank].append(clock[rank])
                 position[rank] += 1
@@ -127,7 +120,7 @@ def _dry_run(rows: list[list], pp: int, vpp: int) -> list[list[float]]:
 
 
 def build_plan(schedule: Schedule, *, forward_only: bool = False) -> P2PPlan:
-    """The p2p plan of ``schedule`` (O/R ops ignored; ``forward_only``: forwards only)."""
+    """The p2p plan of ``schedule`` (copies ignored; ``forward_only``: the forward pass only)."""
     pp, vpp = schedule.pp, schedule.vpp
     rows = compute_rows(schedule, forward_only=forward_only)
     ends = _dry_run(rows, pp, vpp)

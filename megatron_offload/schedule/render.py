@@ -6,7 +6,7 @@ imported only when a picture is drawn (the package works without it).
 """
 from __future__ import annotations
 
-from .ir import KIND_B, KIND_F, KIND_O, KIND_R
+from .kinds import KIND_B, KIND_F, KIND_O, KIND_R
 from .simulate import Simulation
 
 _ASCII_HELP = "a-z: forward of chunk 0, 1, ...; A-Z: backward; '.' idle; '>' offload (D2H), '<' reload (H2D)"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .ir import OpKind
+from .kinds import OpKind
 from .layer_sim import LayerScheduleSimulation, LayerSimulation
 from .render import save_with_memory_axis
 

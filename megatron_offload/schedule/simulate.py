@@ -17,6 +17,10 @@ resident when its forward starts and is released when its backward ends; an offl
 leaves when its offload copy completes and is reserved again when its reload starts. At equal
 times releases count before reservations. With this 1F1B rank r peaks at min(p - r, m).
 
+What an op does here is its kind's row of the kinds table (:mod:`.kinds`): compute or a copy on
+a lane, where its p2p input comes from, whether it waits for its unit's reload, whether it
+reserves or releases its unit. Durations come from ``CostModel.time``.
+
 Engines (identical results, tests/schedule/test_fast_paths.py): :func:`_run_general` (any
 cost model; a shared link needs it, since its lanes serve copies in event order);
 :func:`_run_private` (one lane pair per rank: precomputed dependency slots, blocked ranks only
@@ -35,7 +39,26 @@ import numpy as np
 
 from .costs import CostModel
 from .ir import Schedule
-from .validate import input_slots
+from .kinds import FIRST_COPY_CODE, KIND_B, KIND_COUNT, KIND_F, KIND_O, KIND_R, Lane, OpKind
+from .validate import input_slots, slot_width, validate_schedule
+
+# What the engines do with an op, by kind code, from the kinds table (:mod:`.kinds`): a compute
+# op (waiting for its unit's reload when the kind needs its activations resident), or a copy on
+# the D2H or the H2D lane. Memory: a kind that allocates reserves its unit at the op's start,
+# one that frees releases it at the op's end.
+_COMPUTE, _COMPUTE_RESIDENT, _D2H, _H2D = 0, 1, 2, 3
+_ROLE = [(_COMPUTE_RESIDENT if kind.needs_resident else _COMPUTE) if kind.compute
+         else (_D2H if kind.lane is Lane.D2H else _H2D) for kind in OpKind]
+_ROLES = np.array(_ROLE, dtype=np.int64)
+_SOURCE = [0 if kind.sends is None else -kind.sends.step for kind in OpKind]
+"""Per kind code: where a compute op's p2p input comes from: -1 the previous virtual stage,
++1 the next one, 0 none."""
+_ALLOCATES = np.array([kind.allocates for kind in OpKind])
+_FREES = np.array([kind.frees for kind in OpKind])
+_IS_D2H = np.array([kind.lane is Lane.D2H for kind in OpKind])
+_HINTABLE = np.zeros(KIND_COUNT, dtype=bool)
+_HINTABLE[[KIND_F, KIND_B, KIND_O, KIND_R]] = True
+"""The kinds of the offload pass's output, all :func:`_run_hinted` knows how to time."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -189,14 +212,13 @@ def _run_general(schedule: Schedule, costs: CostModel) -> Simulation:
     pp, vpp, m = schedule.pp, schedule.vpp, schedule.microbatches
     units = vpp * m
     program = schedule.program()
-    fwd = [costs.forward(unit // m) for unit in range(units)]
-    bwd = [costs.backward(unit // m) for unit in range(units)]
-    d2h = [costs.offload(unit // m) for unit in range(units)]
-    h2d = [costs.reload(unit // m) for unit in range(units)]
+    duration = [costs.time(kind, unit // m) for kind in OpKind for unit in range(units)]  # by op code
+    kind_of = [code // units for code in range(KIND_COUNT * units)]
+    roles, sources = _ROLE, _SOURCE
     latency = costs.p2p_latency
     never = -1.0
-    # done[r][code] for F and B codes: end time (never = not run yet); copies per unit.
-    done = [[never] * (2 * units) for _ in range(pp)]
+    # done[r][code] for compute codes: end time (never = not run yet); copies per unit.
+    done = [[never] * slot_width(units) for _ in range(pp)]
     offload_end = [[never] * units for _ in range(pp)]
     reload_issue = [[never] * units for _ in range(pp)]
     reload_step = [[0] * units for _ in range(pp)]
@@ -225,34 +247,35 @@ def _run_general(schedule: Schedule, costs: CostModel) -> Simulation:
         begin, count = step, len(codes)
         while step < count:
             code = codes[step]
-            if code < units:  # forward: input from the previous virtual stage
+            kind = kind_of[code]
+            role = roles[kind]
+            unit = code - kind * units
+            if role <= _COMPUTE_RESIDENT:
                 ready = t
-                if rank > 0 or code >= m:
-                    arrived = before[code if rank > 0 else code - m]
-                    if arrived < 0:
-                        break
-                    arrived += lat_before
-                    if arrived > ready:
-                        ready = arrived
-                finish = ready + fwd[code]
-                work += fwd[code]
-                mine[code] = finish
-            elif code < 2 * units:  # backward: gradient from the next virtual stage
-                unit = code - units
-                ready = t
-                if rank < last or unit < units - m:
-                    arrived = after[code if rank < last else code + m]
-                    if arrived < 0:
-                        break
-                    arrived += lat_before
-                    if arrived > ready:
-                        ready = arrived
-                if my_issue[unit] >= 0:  # offloaded: reload so that it ends as `ready`
-                    copy = h2d[unit]
+                source = sources[kind]
+                if source < 0:  # input from the previous virtual stage
+                    if rank > 0 or unit >= m:
+                        arrived = before[code if rank > 0 else code - m]
+                        if arrived < 0:
+                            break
+                        arrived += lat_before
+                        if arrived > ready:
+                            ready = arrived
+                elif source > 0:  # input from the next virtual stage
+                    if rank < last or unit < units - m:
+                        arrived = after[code if rank < last else code + m]
+                        if arrived < 0:
+                            break
+                        arrived += lat_before
+                        if arrived > ready:
+                            ready = arrived
+                if role == _COMPUTE_RESIDENT and my_issue[unit] >= 0:  # offloaded: reload so that it ends as `ready`
+                    copy = duration[codes[my_reload_step[unit]]]  # its H2D copy's time
                     begin_copy = ready - copy
                     for bound in (my_issue[unit], my_offload[unit]):
                         if bound > begin_copy:
                             begin_copy = bound
+                    my_issue[unit] = never  # timed by the unit's first op needing it resident
                     if shared:
                         begin_copy = h2d_shared[lane].place(begin_copy, copy)
                     elif h2d_free[lane] > begin_copy:
@@ -262,24 +285,22 @@ def _run_general(schedule: Schedule, costs: CostModel) -> Simulation:
                     my_end[my_reload_step[unit]] = begin_copy + copy
                     if begin_copy + copy > ready:
                         ready = begin_copy + copy
-                finish = ready + bwd[unit]
-                work += bwd[unit]
+                finish = ready + duration[code]
+                work += duration[code]
                 mine[code] = finish
-            elif code < 3 * units:  # offload: issued now, runs when the D2H lane is free
-                unit = code - 2 * units
+            elif role == _D2H:  # issued now, runs when the D2H lane is free
                 if shared:
-                    ready = d2h_shared[lane].place(t, d2h[unit])
+                    ready = d2h_shared[lane].place(t, duration[code])
                 else:
                     ready = t if t > d2h_free[lane] else d2h_free[lane]
-                finish = ready + d2h[unit]
+                finish = ready + duration[code]
                 d2h_free[lane] = finish
                 my_offload[unit] = finish
                 my_start.append(ready)
                 my_end.append(finish)
                 step += 1
                 continue
-            else:  # reload: issued now; timed when its backward is reached (just in time)
-                unit = code - 3 * units
+            else:  # H2D: issued now; timed when an op needing its unit resident is reached (just in time)
                 my_issue[unit] = t
                 my_reload_step[unit] = len(my_start)
                 my_start.append(t)
@@ -296,15 +317,16 @@ def _run_general(schedule: Schedule, costs: CostModel) -> Simulation:
                 if 0 <= other < pp and other != rank and position[other] < len(program[other]) and other not in pending:
                     pending.append(other)
     if any(position[r] < len(program[r]) for r in range(pp)):
-        schedule.validate()  # raises with the grid
+        validate_schedule(schedule)  # raises with the grid
         raise AssertionError("simulation stalled on a schedule that validates")  # pragma: no cover
+    allocates, frees, is_d2h = _ALLOCATES.tolist(), _FREES.tolist(), _IS_D2H.tolist()
     reserve, release = [], []
     offloaded = 0
     for rank in range(pp):
         codes, begin_times, end_times = program[rank], starts[rank], ends[rank]
-        res = [begin_times[i] for i, code in enumerate(codes) if code < units or code >= 3 * units]
-        rel = [end_times[i] for i, code in enumerate(codes) if units <= code < 3 * units]
-        offloaded += sum(1 for code in codes if 2 * units <= code < 3 * units)
+        res = [begin_times[i] for i, code in enumerate(codes) if allocates[kind_of[code]]]
+        rel = [end_times[i] for i, code in enumerate(codes) if frees[kind_of[code]]]
+        offloaded += sum(1 for code in codes if is_d2h[kind_of[code]])
         res.sort()
         rel.sort()
         reserve.append(res)
@@ -338,11 +360,10 @@ def _run_private(schedule: Schedule, costs: CostModel) -> Simulation:
     program = schedule.program()
     per_chunk = lambda cost: np.array([cost(c) for c in range(vpp)], dtype=float)  # noqa: E731
     chunk_of = np.arange(units) // m
-    # Duration by op code (F, B, O, R of every unit).
-    duration_of = np.concatenate([per_chunk(cost)[chunk_of] for cost in (costs.forward, costs.backward, costs.offload, costs.reload)])
-    h2d = duration_of[3 * units :].tolist()
+    # Duration by op code (every kind of every unit).
+    duration_of = np.concatenate([per_chunk(lambda c, kind=kind: costs.time(kind, c))[chunk_of] for kind in OpKind])
     latency = costs.p2p_latency if pp > 1 else 0.0
-    width = 2 * units
+    width = slot_width(units)
     sentinel = pp * width
     arrival: list = [None] * sentinel + [0.0]
     last = pp - 1
@@ -352,10 +373,10 @@ def _run_private(schedule: Schedule, costs: CostModel) -> Simulation:
         kind = codes // units
         unit = codes - kind * units
         dep = input_slots(codes, rank, pp, units, m, sentinel)
-        compute = kind < 2
+        compute = kind < FIRST_COPY_CODE
         plans.append((
-            kind.tolist(), unit.tolist(), dep.tolist(), (rank * width + codes).tolist(), duration_of[codes].tolist(),
-            bool(np.any(~compute)), duration_of[codes[compute]],
+            _ROLES[kind].tolist(), unit.tolist(), dep.tolist(), (rank * width + codes).tolist(), duration_of[codes].tolist(),
+            bool(np.any(~compute)), duration_of[codes[compute]], kind,
         ))
     starts: list[list[float]] = [[] for _ in range(pp)]
     ends: list[list[float]] = [[] for _ in range(pp)]
@@ -375,7 +396,7 @@ def _run_private(schedule: Schedule, costs: CostModel) -> Simulation:
     while pending:
         rank = pending.pop()
         queued[rank] = 0
-        kinds, unit_of, dep, out, dur, copies, _ = plans[rank]
+        roles, unit_of, dep, out, dur, copies, _, _ = plans[rank]
         t, begin, count = clock[rank], position[rank], lengths[rank]
         my_start, my_end = starts[rank], ends[rank]
         add_start, add_end = my_start.append, my_end.append
@@ -396,17 +417,19 @@ def _run_private(schedule: Schedule, costs: CostModel) -> Simulation:
             my_offload, my_issue, my_reload_step = offload_end[rank], reload_issue[rank], reload_step[rank]
             d2h_lane, h2d_lane = d2h_free[rank], h2d_free[rank]
             for step in range(begin, count):
-                kind = kinds[step]
-                if kind < 2:
+                role = roles[step]
+                if role <= _COMPUTE_RESIDENT:
                     arrived = arrival[dep[step]]
                     if arrived is None:
                         break
                     ready = arrived if arrived > t else t
-                    if kind == 1:
+                    if role == _COMPUTE_RESIDENT:
                         unit = unit_of[step]
                         issue = my_issue[unit]
                         if issue >= 0:  # offloaded: reload so that it ends at `ready`
-                            copy = h2d[unit]
+                            my_issue[unit] = -1.0  # timed by the unit's first op needing it resident
+                            at = my_reload_step[unit]
+                            copy = dur[at]  # its H2D copy's time
                             begin_copy = ready - copy
                             if issue > begin_copy:
                                 begin_copy = issue
@@ -415,7 +438,6 @@ def _run_private(schedule: Schedule, costs: CostModel) -> Simulation:
                             if h2d_lane > begin_copy:
                                 begin_copy = h2d_lane
                             h2d_lane = begin_copy + copy
-                            at = my_reload_step[unit]
                             my_start[at] = begin_copy
                             my_end[at] = h2d_lane
                             if h2d_lane > ready:
@@ -424,13 +446,13 @@ def _run_private(schedule: Schedule, costs: CostModel) -> Simulation:
                     arrival[out[step]] = t + latency
                     add_start(ready)
                     add_end(t)
-                elif kind == 2:  # offload: issued now, runs when the D2H lane is free
+                elif role == _D2H:  # issued now, runs when the D2H lane is free
                     ready = t if t > d2h_lane else d2h_lane
                     d2h_lane = ready + dur[step]
                     my_offload[unit_of[step]] = d2h_lane
                     add_start(ready)
                     add_end(d2h_lane)
-                else:  # reload: issued now; timed when its backward is reached
+                else:  # H2D: issued now; timed when an op needing its unit resident is reached
                     unit = unit_of[step]
                     my_issue[unit] = t
                     my_reload_step[unit] = len(my_start)
@@ -448,24 +470,24 @@ def _run_private(schedule: Schedule, costs: CostModel) -> Simulation:
                     queued[other] = 1
                     pending.append(other)
     if any(position[r] < lengths[r] for r in range(pp)):
-        schedule.validate()  # raises with the grid
+        validate_schedule(schedule)  # raises with the grid
         raise AssertionError("simulation stalled on a schedule that validates")  # pragma: no cover
-    kinds = [np.asarray(plan[0], dtype=np.int64) for plan in plans]
+    kinds = [plan[7] for plan in plans]
     busy = [float(np.add.accumulate(plan[6])[-1]) if len(plan[6]) else 0.0 for plan in plans]  # a running sum, as the general engine
     return _result(schedule, costs, starts, ends, kinds, busy)
 
 
 def _result(schedule, costs, starts, ends, kinds, busy) -> Simulation:
-    """The Simulation from per-step times; ``kinds[r]``: op kind per step of rank r (numpy)."""
+    """The Simulation from per-step times; ``kinds[r]``: op kind code per step of rank r (numpy)."""
     reserve, release, peaks = [], [], []
     offloaded = 0
     makespan = 0.0
     for rank in range(schedule.pp):
         kind = kinds[rank]
         begin_times, end_times = np.asarray(starts[rank], dtype=float), np.asarray(ends[rank], dtype=float)
-        res = np.sort(begin_times[(kind == 0) | (kind == 3)])
-        rel = np.sort(end_times[(kind == 1) | (kind == 2)])
-        offloaded += int(np.count_nonzero(kind == 2))
+        res = np.sort(begin_times[_ALLOCATES[kind]])
+        rel = np.sort(end_times[_FREES[kind]])
+        offloaded += int(np.count_nonzero(_IS_D2H[kind]))
         reserve.append(res)
         release.append(rel)
         # After the i-th reservation (0-based) at time t: i + 1 - (releases at or before t) resident.
@@ -494,7 +516,7 @@ def _run_hinted(schedule: Schedule, costs: CostModel, base: Simulation) -> Simul
     the copies never touch compute, so every compute op keeps its time from ``base`` and only
     the copies need timing, with the same arithmetic as :func:`_run_private` (identical results).
     Returns None when that does not hold (some reload is late, or the ops are not the simple
-    F, O, R, B per unit shape): the caller then runs the full engine."""
+    F, O, R, B per unit shape, or another kind appears): the caller then runs the full engine."""
     units, pp = schedule.units_per_rank, schedule.pp
     program, base_program = schedule.program(), base.schedule.program()
     vpp, m = schedule.vpp, schedule.microbatches
@@ -505,16 +527,18 @@ def _run_hinted(schedule: Schedule, costs: CostModel, base: Simulation) -> Simul
     for rank in range(pp):
         codes = np.asarray(program[rank], dtype=np.int64).reshape(-1)
         kind = codes // units
+        if not _HINTABLE[kind].all():
+            return None
         unit = codes - kind * units
-        compute = kind < 2
+        compute = kind < FIRST_COPY_CODE
         base_codes = np.asarray(base_program[rank], dtype=np.int64).reshape(-1)
         if np.count_nonzero(compute) != len(base_codes) or not np.array_equal(codes[compute], base_codes):
             return None
         steps = np.arange(len(codes))
-        o_steps, r_steps = steps[kind == 2], steps[kind == 3]
+        o_steps, r_steps = steps[kind == KIND_O], steps[kind == KIND_R]
         o_units, r_units = unit[o_steps], unit[r_steps]
         b_step_of = np.empty(units, dtype=np.int64)
-        b_step_of[unit[kind == 1]] = steps[kind == 1]
+        b_step_of[unit[kind == KIND_B]] = steps[kind == KIND_B]
         o_step_of = np.full(units, -1, dtype=np.int64)
         o_step_of[o_units] = o_steps
         if (np.bincount(o_units, minlength=units).max(initial=0) > 1 or np.bincount(r_units, minlength=units).max(initial=0) > 1

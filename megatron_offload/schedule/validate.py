@@ -6,7 +6,8 @@ the op ends and never waited on before the next op; a receive is waited on right
 that consumes it; messages on one directed channel (sender, receiver, activations or
 gradients) are matched in posting order. Under that contract a schedule runs to completion iff
 
-1. every unit's ops on its rank come in order F, [O, R], B, each exactly once;
+1. every unit's ops on its rank come in an order the op-kind table allows (:mod:`.kinds`, the
+   ``after`` and ``closes`` columns; today F, [O, R], B), each kind at most once;
 2. on every channel the receiver consumes messages in the order the sender produces them;
 3. the dry run below, where an op may run once its producer has run, finishes every rank.
 
@@ -16,48 +17,55 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ir import KIND_B, KIND_F, KIND_O, KIND_R, Schedule, ScheduleError, format_grid
+from .ir import Schedule, ScheduleError, format_grid
+from .kinds import FIRST_COPY_CODE, KIND_BY_CODE, Flow, OpKind, unit_life
 
-_ORDER = {KIND_F: 0, KIND_O: 1, KIND_R: 2, KIND_B: 3}
-_NAMES = {KIND_F: "forward", KIND_B: "backward", KIND_O: "offload", KIND_R: "reload"}
+# _ALLOWED[previous][kind]: may an op of kind code `kind` be its unit's next op after one of
+# kind code `previous` (_NOTHING: the unit's first op)? From the table's `after` column.
+_NOTHING = len(OpKind)
+_ALLOWED = [[before.value in kind.after for kind in OpKind] for before in OpKind] + [[not kind.after for kind in OpKind]]
+_CLOSES = [kind.closes for kind in OpKind] + [False]
+_OPENING = " or ".join(kind.word for kind in OpKind if not kind.after)
+_CLOSING = " or ".join(kind.word for kind in OpKind if kind.closes)
+_REQUIRED = " and ".join([kind.value for kind in OpKind if not kind.after] + [kind.value for kind in OpKind if kind.closes])
+_SENDING = tuple(kind for kind in OpKind if kind.sends is not None)
 
 
 def _fail(schedule: Schedule, marks: dict[int, int], message: str) -> None:
     raise ScheduleError(f"{message}\n{format_grid(schedule, marks)}")
 
 
-def validate_schedule(schedule: Schedule) -> None:
+def validate_schedule(schedule: Schedule) -> Schedule:
+    """Raise :class:`ScheduleError` (with the rank-by-step grid) unless ``schedule`` is valid;
+    return it."""
     _check_structure(schedule)
     _check_channel_order(schedule)
     _check_progress(schedule)
+    return schedule
 
 
 def _check_structure(schedule: Schedule) -> None:
     vpp, m = schedule.vpp, schedule.microbatches
     units = vpp * m
+    allowed, closes = _ALLOWED, _CLOSES
     for rank, ops in enumerate(schedule.ranks):
         for step, op in enumerate(ops):
             if not (0 <= op.chunk < vpp and 0 <= op.microbatch < m):
                 _fail(schedule, {rank: step}, f"rank {rank} step {step}: {op} is outside chunks 0..{vpp - 1} / microbatches 0..{m - 1}")
-        stage = [-1] * units  # last op kind seen per unit, as its position in F, O, R, B
+        last = [_NOTHING] * units  # code of the last op kind seen per unit
         where = [0] * units
         for step, code in enumerate(schedule.program()[rank]):
             kind, unit = divmod(code, units)
-            order = _ORDER[kind]
-            previous = stage[unit]
-            # O and R are optional, but come as a pair; F must be first and B last.
-            ok = (order == 0 and previous == -1) or (order == 3 and previous in (0, 2)) or (
-                order in (1, 2) and previous == order - 1
-            )
-            if not ok:
-                before = "nothing" if previous == -1 else _NAMES[[k for k, o in _ORDER.items() if o == previous][0]]
-                _fail(schedule, {rank: step}, f"rank {rank} step {step}: {ops[step]} ({_NAMES[kind]}) follows {before} of its unit; each unit needs F, then optionally O and R, then B, each once")
-            stage[unit], where[unit] = order, step
-        for unit, order in enumerate(stage):
-            if order != 3:
+            previous = last[unit]
+            if not allowed[previous][kind]:
+                before = "nothing" if previous == _NOTHING else KIND_BY_CODE[previous].word
+                _fail(schedule, {rank: step}, f"rank {rank} step {step}: {ops[step]} ({KIND_BY_CODE[kind].word}) follows {before} of its unit; {unit_life()}")
+            last[unit], where[unit] = kind, step
+        for unit, kind in enumerate(last):
+            if not closes[kind]:
                 chunk, mb = divmod(unit, m)
-                mark = {rank: where[unit]} if order >= 0 else {}
-                _fail(schedule, mark, f"rank {rank}: unit (chunk {chunk}, microbatch {mb}) never gets its {'forward' if order < 0 else 'backward'}; every rank runs F and B of all {units} units")
+                mark = {rank: where[unit]} if kind != _NOTHING else {}
+                _fail(schedule, mark, f"rank {rank}: unit (chunk {chunk}, microbatch {mb}) never gets its {_OPENING if kind == _NOTHING else _CLOSING}; every rank runs {_REQUIRED} of all {units} units")
 
 
 def _check_channel_order(schedule: Schedule) -> None:
@@ -66,36 +74,49 @@ def _check_channel_order(schedule: Schedule) -> None:
     if pp == 1:
         return  # no p2p at all: the dry run checks the on-rank order
     program = schedule.program()
-    forwards = [[c for c in codes if c < units] for codes in program]
-    backwards = [[c for c in codes if units <= c < 2 * units] for codes in program]
+    # Per kind that sends, each rank's codes of that kind in list order: the messages it sends
+    # along the kind's flow, and (as their producers' codes) the ones it receives.
+    sent = {kind: _codes_between(program, kind.code * units, (kind.code + 1) * units) for kind in _SENDING}
     # (sender, receiver, kind, codes as sent, producer codes as consumed, consumer - producer code)
     channels = []
     for rank in range(pp - 1):
-        channels.append((rank, rank + 1, KIND_F, forwards[rank], forwards[rank + 1], 0))
-        channels.append((rank + 1, rank, KIND_B, backwards[rank + 1], backwards[rank], 0))
+        for kind in _SENDING:
+            up, down = sent[kind][rank], sent[kind][rank + 1]
+            if kind.sends is Flow.DOWNSTREAM:
+                channels.append((rank, rank + 1, kind, up, down, 0))
+            else:
+                channels.append((rank + 1, rank, kind, down, up, 0))
     # Across the wrap: the last rank's chunk c feeds chunk c + 1 on rank 0, and back.
-    channels.append((pp - 1, 0, KIND_F, [c for c in forwards[pp - 1] if c < units - m], [c - m for c in forwards[0] if c >= m], m))
-    channels.append((0, pp - 1, KIND_B, [c for c in backwards[0] if c >= units + m], [c + m for c in backwards[pp - 1] if c < 2 * units - m], -m))
-    for sender, receiver, kind, sent, consumed, shift in channels:
-        if sent == consumed:
+    for kind in _SENDING:
+        lo, hi = kind.code * units, (kind.code + 1) * units
+        first, last = sent[kind][0], sent[kind][pp - 1]
+        if kind.sends is Flow.DOWNSTREAM:
+            channels.append((pp - 1, 0, kind, [c for c in last if c < hi - m], [c - m for c in first if c >= lo + m], m))
+        else:
+            channels.append((0, pp - 1, kind, [c for c in first if c >= lo + m], [c + m for c in last if c < hi - m], -m))
+    for sender, receiver, kind, sent_codes, consumed, shift in channels:
+        if sent_codes == consumed:
             continue
-        index = next((i for i, (x, y) in enumerate(zip(sent, consumed)) if x != y), min(len(sent), len(consumed)))
-        message = sent[index] if index < len(sent) else None
+        index = next((i for i, (x, y) in enumerate(zip(sent_codes, consumed)) if x != y), min(len(sent_codes), len(consumed)))
+        message = sent_codes[index] if index < len(sent_codes) else None
         wanted = consumed[index] if index < len(consumed) else None
         marks = {}
         if message is not None:
             marks[sender] = program[sender].index(message)
         if wanted is not None:
             marks[receiver] = program[receiver].index(wanted + shift)
-        what = "activations" if kind == KIND_F else "gradients"
         _fail(
             schedule,
             marks,
-            f"p2p order mismatch on rank {sender} -> rank {receiver} ({what}), message #{index}: "
+            f"p2p order mismatch on rank {sender} -> rank {receiver} ({kind.sends.payload}s), message #{index}: "
             f"rank {sender} sends the output of {_describe(message, units, m)} but rank {receiver} "
             f"expects that of {_describe(wanted, units, m)}; messages are matched in posting order, "
             "so both ranks must walk this channel in the same unit order",
         )
+
+
+def _codes_between(program: list[list[int]], lo: int, hi: int) -> list[list[int]]:
+    return [[c for c in codes if lo <= c < hi] for codes in program]
 
 
 def _describe(code: int | None, units: int, m: int) -> str:
@@ -103,7 +124,7 @@ def _describe(code: int | None, units: int, m: int) -> str:
         return "nothing (no such message)"
     kind, unit = divmod(code, units)
     chunk, mb = divmod(unit, m)
-    return f"{chunk}{'F' if kind == KIND_F else 'B'}{mb}"
+    return f"{chunk}{KIND_BY_CODE[kind].value}{mb}"
 
 
 def _check_progress(schedule: Schedule) -> None:
@@ -112,44 +133,58 @@ def _check_progress(schedule: Schedule) -> None:
         _fail(schedule, stuck, "deadlock: every unfinished rank waits for an input that is never sent (marked: where each rank waits)")
 
 
+def slot_width(units: int) -> int:
+    """Slots per rank in the engines' flat tables of produced outputs: one per compute op
+    code (compute kinds have the codes below ``FIRST_COPY_CODE * units``)."""
+    return FIRST_COPY_CODE * units
+
+
 def input_slots(codes: np.ndarray, rank: int, pp: int, units: int, m: int, none: int) -> np.ndarray:
     """For each op code of ``rank``, the slot of the op producing its p2p input, vectorized.
 
-    Slots number the compute ops of all ranks: ``rank * 2 * units + code``. Ops without a p2p
-    input (copies, the first forward stage, the last backward stage) get ``none``. This is
-    :func:`ir.producer` on op codes: a producer's code is the op's own code, or one chunk
-    (m codes) away across the wrap between the last and the first rank.
+    Slots number the compute ops of all ranks: ``rank * slot_width(units) + code``. Ops
+    without a p2p input (copies, compute kinds that send nothing, the first forward stage, the
+    last backward stage) get ``none``. This is :func:`ir.producer` on op codes: per kind that
+    sends, the producer is the same code on the neighbouring rank against the kind's flow, or
+    one chunk (m codes) away across the wrap between the last and the first rank.
     """
-    width = 2 * units
+    width = slot_width(units)
     last = pp - 1
-    forward, backward = codes < units, (codes >= units) & (codes < width)
+    kinds = codes // units
     dep = np.full(len(codes), none, dtype=np.int64)
-    if rank > 0:
-        dep[forward] = (rank - 1) * width + codes[forward]
-    else:
-        has = forward & (codes >= m)
-        dep[has] = last * width + codes[has] - m
-    if rank < last:
-        dep[backward] = (rank + 1) * width + codes[backward]
-    else:
-        has = backward & (codes < width - m)
-        dep[has] = codes[has] + m  # rank 0's slots start at 0
+    for kind in _SENDING:
+        mine = kinds == kind.code
+        if not mine.any():
+            continue
+        lo, hi = kind.code * units, (kind.code + 1) * units
+        if kind.sends is Flow.DOWNSTREAM:  # from the previous virtual stage
+            if rank > 0:
+                dep[mine] = (rank - 1) * width + codes[mine]
+            else:
+                has = mine & (codes >= lo + m)
+                dep[has] = last * width + codes[has] - m
+        else:  # from the next virtual stage
+            if rank < last:
+                dep[mine] = (rank + 1) * width + codes[mine]
+            else:
+                has = mine & (codes < hi - m)
+                dep[has] = codes[has] + m  # rank 0's slots start at 0
     return dep
 
 
 def find_deadlock(schedule: Schedule) -> dict[int, int]:
     """Dry run with asynchronous sends: each rank runs ops while their inputs exist.
     Returns {rank: step it waits at} for the ranks that never finish ({} = no deadlock).
-    Assumes the structure check passed. Inlines :func:`ir.producer` on op codes for speed:
-    a producer's code is the op's own code, or one chunk (m codes) away across the wrap.
+    Assumes the structure check passed. Applies :func:`ir.producer` to op codes for speed
+    (:func:`input_slots`).
 
     Per step the input's and the output's slot in one flat table of "done" flags are
-    precomputed (numpy); copies (O, R) and ops without a p2p input read an always-set slot.
+    precomputed (numpy); copies and ops without a p2p input read an always-set slot.
     A blocked rank is only woken once the slot it waits on is set."""
     pp, m = schedule.pp, schedule.microbatches
     units = schedule.units_per_rank
     program = schedule.program()
-    width = 2 * units
+    width = slot_width(units)
     always = pp * width  # the always-set slot; a write slot for copies is after it
     done = bytearray(always + 2)
     done[always] = 1

@@ -19,8 +19,8 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
-from megatron_offload.schedule.ir import OpKind
-from megatron_offload.schedule.layers import EPILOGUE, LayerOp, LayerProfile
+from megatron_offload.schedule.ir import Op, OpKind
+from megatron_offload.schedule.layers import EPILOGUE, LayerProfile
 
 
 def _fold(effect: tuple[float, float], start: float, peak: float, end: float) -> tuple[float, float]:
@@ -34,14 +34,14 @@ def entry_effects(segments: Sequence[tuple[str, int, int, int]]) -> tuple[dict, 
     layers: dict[int, int] = {}
     for label, *_ in segments:
         name = label.removeprefix("after:")
-        op = LayerOp.parse(name)
+        op = Op.parse(name)
         if op.layer is not None:
             layers[op.chunk] = max(layers.get(op.chunk, 0), op.layer + 1)
     effects: dict = {}
     current = None
     for label, start, peak, end in segments:
         after = label.startswith("after:")
-        op = LayerOp.parse(label.removeprefix("after:"))
+        op = Op.parse(label.removeprefix("after:"))
         if not after:
             current = (op.kind, op.chunk, op.microbatch, op.layer)
             effects[current] = (peak - start, end - start)

@@ -13,6 +13,7 @@ from megatron_offload.planning.plan import Plan
 from megatron_offload.planning.policy import unit_lifespans
 from megatron_offload.planning.search import default_reserve_gib, plan_job
 from megatron_offload.schedule.ir import OpKind
+from megatron_offload.schedule.validate import validate_schedule
 
 JOB = JobSpec(num_layers=16, hidden_size=2048, num_attention_heads=16, seq_length=4096, dtype="bf16", micro_batch_size=1,
               global_batch_size=16, pipeline_model_parallel_size=4, virtual_stages=2, hidden_dropout=0.0, attention_dropout=0.0,
@@ -142,7 +143,7 @@ def test_host_memory_is_a_budget_too():
 def test_the_plan_is_what_the_runtime_needs():
     plan = plan_job(JOB, hardware_for(1.0), memory_budget_gib=floor_gib(JOB, hardware_for(1.0), **MEGATRON_ONLY) + 1, **MEGATRON_ONLY)
     assert isinstance(plan, Plan) and plan.fits and plan.offload_chunks > 0
-    schedule = plan.schedule.validate()
+    schedule = validate_schedule(plan.schedule)
     assert schedule.has_offload
     for rank, units in enumerate(plan.offloaded_units):
         assert schedule.offloaded_units(rank) == set(units)

@@ -20,7 +20,7 @@ from megatron_offload.runtime.offloader import (
 from megatron_offload.runtime.store import UnitState
 from megatron_offload.runtime.transfer import CpuTransferBackend
 from megatron_offload.schedule.ir import Op
-from megatron_offload.schedule.layers import LayerOp, expand_rank
+from megatron_offload.schedule.layers import expand_rank
 
 from _async_backend import FakeAsyncBackend
 
@@ -137,7 +137,7 @@ def test_streams_layer_by_layer_bitwise_and_as_the_list_says(chunk, name):
     assert all(away >= 1 for _, _, away, _ in stats.copies)  # nothing came straight back
     assert offloader.holds_no_tensors()
     if name == "no-lifespan":  # the last layer and the rest are needed at once: never copied
-        copied = {LayerOp.parse(e).layer for e in stats.executed_ops if LayerOp.parse(e).kind.value == "O"}
+        copied = {Op.parse(e).layer for e in stats.executed_ops if Op.parse(e).kind.value == "O"}
         assert copied == set(range(LAYERS - 1))
 
 
@@ -207,9 +207,9 @@ def test_a_list_that_does_not_match_the_layers_is_an_error(chunk):
 
 def test_layer_ops_text_round_trips():
     for text in ("0F3", "1F3.2", "0O12.0", "2R0", "0B1.15"):
-        assert str(LayerOp.parse(text)) == text
+        assert str(Op.parse(text)) == text
     with pytest.raises(ValueError, match="not a layer op"):
-        LayerOp.parse("0X1.2")
+        Op.parse("0X1.2")
 
 
 def test_true_peak_stays_near_one_layer_per_step(chunk):

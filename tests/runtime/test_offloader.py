@@ -11,6 +11,7 @@ from megatron_offload.runtime.offloader import ActivationOffloader, ScheduleMism
 from megatron_offload.runtime.store import mark_not_offloadable
 from megatron_offload.runtime.transfer import CpuTransferBackend
 from megatron_offload.schedule.ir import Op
+from megatron_offload.schedule.validate import validate_schedule
 
 HIDDEN = 64
 TOKENS = 128  # rows of the activation: each saved tensor is 128 x 64 x 4 B = 32 KiB
@@ -247,7 +248,7 @@ def test_runtime_schedule_is_valid_ir_with_copies_where_the_runtime_makes_them()
         "0F0 0O0 0F1 0O1 0R0 0F2 0O2 0B0 0R1 0F3 0O3 0R2 0B1 0R3 0B2 0B3"
     )
     schedule = runtime_schedule(megatron_schedule("interleaved", 4, 2, 8), OffloadConfig(policy="full"))
-    schedule.validate()
+    validate_schedule(schedule)
     assert schedule.offloaded_units(0) and not schedule.offloaded_units(3) - {
         (0, mb) for mb in range(8)
     }

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from megatron_offload.cli import main
+from megatron_offload.schedule.validate import validate_schedule
 
 KEYS = {"schedule", "pp", "vpp", "microbatches", "group_size", "makespan", "bubble_ratio", "peak_units",
         "offloaded_units_fraction", "slowdown_vs_no_offload"}
@@ -72,5 +73,5 @@ def test_saved_schedule_loads_and_validates(tmp_path):
 
     path = tmp_path / "s.txt"
     main(["simulate", "--pp", "4", "--vpp", "2", "--microbatches", "8", "--schedule", "gis", "--offload-ratio", "1", "--json", "--save-schedule", str(path)])
-    schedule = Schedule.load(path).validate()
+    schedule = validate_schedule(Schedule.load(path))
     assert schedule.has_offload

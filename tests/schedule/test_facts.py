@@ -7,6 +7,7 @@ from megatron_offload.schedule.catalog import make_schedule
 from megatron_offload.schedule.costs import CostModel
 from megatron_offload.schedule.offload import plan_offload
 from megatron_offload.schedule.simulate import simulate
+from megatron_offload.schedule.validate import validate_schedule
 
 UNIFORM = [CostModel(forward_time=1.0, backward_time=1.0), CostModel(forward_time=1.0, backward_time=2.0)]
 
@@ -112,7 +113,7 @@ def test_every_gis_schedule_validates_small_grid():
         for vpp in range(1, 4):
             for m in range(1, 3 * pp + 2):
                 for g in range(1, m + 1):
-                    make_schedule("gis", pp, vpp, m, g).validate()
+                    validate_schedule(make_schedule("gis", pp, vpp, m, g))
 
 
 def test_gis_without_dry_run_shapes_validate_up_to_p8():
@@ -121,4 +122,4 @@ def test_gis_without_dry_run_shapes_validate_up_to_p8():
             for m in range(pp, 3 * pp + 2):
                 for g in range(pp, m + 1):
                     if m % g == 0 or m % g >= pp:
-                        make_schedule("gis", pp, vpp, m, g).validate()
+                        validate_schedule(make_schedule("gis", pp, vpp, m, g))

@@ -2,6 +2,7 @@ import pytest
 
 from megatron_offload.schedule.catalog import make_schedule
 from megatron_offload.schedule.ir import B, F, O, Op, OpKind, R, Schedule, ScheduleError, diff_schedules
+from megatron_offload.schedule.validate import validate_schedule
 
 
 def test_op_text_form_unchanged():
@@ -35,24 +36,24 @@ def test_diff_names_rank_and_step():
 def test_validation_rejects_backward_before_forward_with_grid():
     bad = Schedule([[B(0, 0), F(0, 0)]], 1, 1)
     with pytest.raises(ScheduleError) as error:
-        bad.validate()
+        validate_schedule(bad)
     assert "[0B0]" in str(error.value) and "rank 0" in str(error.value)
 
 
 def test_validation_rejects_missing_unit():
     with pytest.raises(ScheduleError, match="never gets its forward"):
-        Schedule([[F(0, 0), B(0, 0)]], 1, 2).validate()
+        validate_schedule(Schedule([[F(0, 0), B(0, 0)]], 1, 2))
 
 
 def test_validation_rejects_reload_without_offload():
     with pytest.raises(ScheduleError, match="reload"):
-        Schedule([[F(0, 0), R(0, 0), B(0, 0)]], 1, 1).validate()
+        validate_schedule(Schedule([[F(0, 0), R(0, 0), B(0, 0)]], 1, 1))
 
 
 def test_validation_detects_deadlock_and_marks_waiting_steps():
     bad = Schedule([[F(0, 0), B(0, 0), F(0, 1), B(0, 1)], [F(0, 0), F(0, 1), B(0, 0), B(0, 1)]], 1, 2)
     with pytest.raises(ScheduleError, match="deadlock") as error:
-        bad.validate()
+        validate_schedule(bad)
     grid = str(error.value)
     assert "[0B0]" in grid and "[0F1]" in grid
 
@@ -60,7 +61,7 @@ def test_validation_detects_deadlock_and_marks_waiting_steps():
 def test_validation_detects_p2p_order_mismatch():
     bad = Schedule([[F(0, 1), F(0, 0), B(0, 0), B(0, 1)], [F(0, 0), B(0, 0), F(0, 1), B(0, 1)]], 1, 2)
     with pytest.raises(ScheduleError, match="p2p order mismatch on rank 0 -> rank 1"):
-        bad.validate()
+        validate_schedule(bad)
 
 
 def test_long_schedule_grid_is_windowed():
@@ -68,5 +69,5 @@ def test_long_schedule_grid_is_windowed():
     ranks = [list(r) for r in schedule.ranks]
     ranks[1][50], ranks[1][51] = ranks[1][51], ranks[1][50]
     with pytest.raises(ScheduleError) as error:
-        Schedule(ranks, 1, 40).validate()
+        validate_schedule(Schedule(ranks, 1, 40))
     assert "(steps" in str(error.value)

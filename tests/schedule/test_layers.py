@@ -6,10 +6,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from megatron_offload.schedule.catalog import make_schedule
-from megatron_offload.schedule.ir import OpKind, ScheduleError
+from megatron_offload.schedule.ir import Op, OpKind, ScheduleError
 from megatron_offload.schedule.layer_sim import simulate_layer_schedule, simulate_layers
 from megatron_offload.schedule.layers import (
-    LayerOp,
     LayerProfile,
     LayerSchedule,
     LinkModel,
@@ -46,17 +45,17 @@ def _1f1b_p2_m2():
 
 @pytest.mark.parametrize("text", ["0F3", "0F3.2", "0O3.2", "0R3.2", "0O3", "0R3", "0B3", "0B3.2", "12B7.31"])
 def test_text_round_trip(text):
-    op = LayerOp.parse(text)
-    assert str(op) == text and LayerOp.parse(str(op)) == op
+    op = Op.parse(text)
+    assert str(op) == text and Op.parse(str(op)) == op
     assert op.unit == (op.chunk, op.microbatch) and op.sub_unit == (op.chunk, op.microbatch, op.layer)
 
 
 def test_parse_fields_and_errors():
-    assert LayerOp.parse("1B4.0") == LayerOp(OpKind.BACKWARD, 1, 4, 0)
-    assert LayerOp.parse("1B4").layer is None
+    assert Op.parse("1B4.0") == Op(OpKind.BACKWARD, 1, 4, 0)
+    assert Op.parse("1B4").layer is None
     for bad in ("F3", "0X3", "0F3.", "0F3.a", "0F3.1.2"):
         with pytest.raises(ValueError, match="not a layer op"):
-            LayerOp.parse(bad)
+            Op.parse(bad)
 
 
 def test_layer_schedule_text_round_trip():
@@ -166,12 +165,12 @@ def test_check_rank_catches_a_reload_after_its_use():
     ops = expand_rank(rank, 2, streamed=units, offloaded=units)
     check_rank(ops)
     late = list(ops)
-    i = late.index(LayerOp.parse("0R0.1"))
+    i = late.index(Op.parse("0R0.1"))
     late[i], late[i + 1] = late[i + 1], late[i]  # 0B0.1 before its reload
     with pytest.raises(ScheduleError, match="before its reload"):
         check_rank(late)
     with pytest.raises(ScheduleError, match="no compute entry"):
-        check_rank([LayerOp.parse(x) for x in "0F0,0F0.0,0O0.0,0R0.0,0B0,0B0.0".split(",")])
+        check_rank([Op.parse(x) for x in "0F0,0F0.0,0O0.0,0R0.0,0B0,0B0.0".split(",")])
 
 
 # ---- properties over random schedules -------------------------------------------------------

@@ -9,6 +9,7 @@ from megatron_offload.schedule.gis import gis_schedule
 from megatron_offload.schedule.ir import B, F, Schedule, ScheduleError
 from megatron_offload.schedule.megatron import megatron_schedule
 from megatron_offload.schedule.p2p import build_plan, check_plan
+from megatron_offload.schedule.validate import validate_schedule
 
 SHAPES = [(p, v, m, g) for p in (2, 3, 4, 8) for v in (1, 2, 4) for m in (1, p, 2 * p + 1)
           for g in sorted({1, (p + 1) // 2, min(p, m), m}) if g <= m]
@@ -61,6 +62,6 @@ def test_a_schedule_that_would_deadlock_is_rejected_before_running():
     # rank 1 runs microbatch 1 first: nobody can move.
     schedule = Schedule(((F(0, 0), B(0, 0), F(0, 1), B(0, 1)), (F(0, 1), B(0, 1), F(0, 0), B(0, 0))), 1, 2)
     with pytest.raises(ScheduleError, match="deadlock|order mismatch"):
-        schedule.validate()
+        validate_schedule(schedule)
     with pytest.raises(ScheduleError, match="deadlock"):
         build_plan(Schedule(((F(0, 0), B(0, 0), F(0, 1), B(0, 1)), (F(0, 1), F(0, 0), B(0, 0), B(0, 1))), 1, 2))

@@ -6,6 +6,7 @@ from megatron_offload.schedule.catalog import make_schedule
 from megatron_offload.schedule.costs import CostModel
 from megatron_offload.schedule.offload import plan_offload
 from megatron_offload.schedule.simulate import simulate
+from megatron_offload.schedule.validate import validate_schedule
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -33,9 +34,9 @@ def cases(draw):
 @given(cases())
 def test_gis_validates_and_offload_never_hurts(case):
     pp, vpp, m, g, costs, chunks = case
-    schedule = make_schedule("gis", pp, vpp, m, g).validate()
+    schedule = validate_schedule(make_schedule("gis", pp, vpp, m, g))
     plan = plan_offload(schedule, costs, chunks=chunks)
-    plan.schedule.validate()
+    validate_schedule(plan.schedule)
     assert plan.schedule.without_offload() == schedule
     result = simulate(plan.schedule, costs)
     for after, before in zip(result.peak_units, plan.baseline.peak_units):
@@ -53,9 +54,9 @@ def test_megatron_orders_validate_where_accepted(case):
         schedule = make_schedule(kind, pp, vpp, m, g)
     except ValueError:
         return  # Megatron refuses this combination; the refusal is tested elsewhere
-    schedule.validate()
+    validate_schedule(schedule)
     plan = plan_offload(schedule, costs, chunks=chunks)
-    result = simulate(plan.schedule.validate(), costs)
+    result = simulate(validate_schedule(plan.schedule), costs)
     assert all(a <= b for a, b in zip(result.peak_units, plan.baseline.peak_units))
     assert result.makespan >= plan.baseline.makespan - 1e-9
 
@@ -71,7 +72,7 @@ def test_memory_target_is_met_or_everything_possible_is_offloaded(case, target):
     schedule = make_schedule("gis", pp, vpp, m, g)
     full = plan_offload(schedule, costs)
     aimed = plan_offload(schedule, costs, memory_target=target)
-    result = simulate(aimed.schedule.validate(), costs)
+    result = simulate(validate_schedule(aimed.schedule), costs)
     full_result = simulate(full.schedule, costs)
     for rank in range(pp):
         assert result.peak_units[rank] <= max(target, full_result.peak_units[rank]) or len(aimed.offloaded[rank]) == len(full.offloaded[rank])

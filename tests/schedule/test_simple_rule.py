@@ -32,6 +32,7 @@ from megatron_offload.schedule.catalog import make_schedule
 from megatron_offload.schedule.costs import CostModel
 from megatron_offload.schedule.offload import plan_offload, simple_rule_offload
 from megatron_offload.schedule.simulate import simulate
+from megatron_offload.schedule.validate import validate_schedule
 
 SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
@@ -62,7 +63,7 @@ def _both(kind, pp, vpp, m, g, chunks, ratio, shared=False):
     costs = CostModel(offload_ratio=ratio, shared_link=shared)
     selective = plan_offload(schedule, costs, chunks=chunks)
     simple = simple_rule_offload(schedule, costs, chunks=chunks, baseline=selective.baseline)
-    return selective, simulate(selective.schedule.validate(), costs), simple, simulate(simple.schedule.validate(), costs)
+    return selective, simulate(validate_schedule(selective.schedule), costs), simple, simulate(validate_schedule(simple.schedule), costs)
 
 
 def _tol(*sims):
@@ -165,7 +166,7 @@ def test_simple_rule_offloads_exactly_the_long_lived_candidates(case):
     schedule = make_schedule(kind, pp, vpp, m, g)
     costs = CostModel(offload_ratio=ratio)
     plan = simple_rule_offload(schedule, costs, chunks=chunks)
-    assert plan.schedule.validate().without_offload() == schedule
+    assert validate_schedule(plan.schedule).without_offload() == schedule
     base = plan.baseline
     for rank in range(pp):
         ops = schedule.ranks[rank]
