@@ -19,7 +19,6 @@ from megatron_offload.schedule.ir import OpKind, UnitKey
 from megatron_offload.schedule.layers import runtime_rank_ops
 
 
-
 @dataclass(kw_only=True, slots=True)
 class RankOffloadChoice:
     """What policy ``auto`` offloads on one pipeline rank, and the peaks it predicts.
