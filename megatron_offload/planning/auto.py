@@ -13,7 +13,12 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from megatron_offload.planning.costmodel import DEFAULT_MIN_OFFLOAD_BYTES, GiB, UnitBytes, unit_bytes
+from megatron_offload.planning.costmodel import (
+    DEFAULT_MIN_OFFLOAD_BYTES,
+    GiB,
+    UnitBytes,
+    unit_bytes,
+)
 from megatron_offload.planning.job import JobSpec, Recompute
 from megatron_offload.schedule.ir import OpKind
 from megatron_offload.schedule.layers import runtime_rank_ops

@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import math
 
-from megatron_offload.planning.candidates import TOLERANCE, Candidate, LayerScore, Setting, streams_layers
+from megatron_offload.planning.candidates import (
+    TOLERANCE,
+    Candidate,
+    LayerScore,
+    Setting,
+    streams_layers,
+)
 from megatron_offload.planning.costmodel import (
     DEFAULT_MIN_OFFLOAD_BYTES,
     GiB,

@@ -45,9 +45,24 @@ import time
 from collections.abc import Sequence
 
 from megatron_offload.planning.auto import AutoOffloadPlan, plan_auto_offload
-from megatron_offload.planning.candidates import FAMILIES, GRANULARITIES, Setting, recompute_ladder, schedule_shapes
-from megatron_offload.planning.costmodel import DEFAULT_MIN_OFFLOAD_BYTES, GiB, overhead_bytes, unit_bytes
-from megatron_offload.planning.granularity import DEFAULT_LAYER_SLOWDOWN_TOLERANCE, LayerSearch, layer_floor
+from megatron_offload.planning.candidates import (
+    FAMILIES,
+    GRANULARITIES,
+    Setting,
+    recompute_ladder,
+    schedule_shapes,
+)
+from megatron_offload.planning.costmodel import (
+    DEFAULT_MIN_OFFLOAD_BYTES,
+    GiB,
+    overhead_bytes,
+    unit_bytes,
+)
+from megatron_offload.planning.granularity import (
+    DEFAULT_LAYER_SLOWDOWN_TOLERANCE,
+    LayerSearch,
+    layer_floor,
+)
 from megatron_offload.planning.hardware import Hardware, host_memory_from_proc
 from megatron_offload.planning.job import JobSpec
 from megatron_offload.planning.plan import Plan

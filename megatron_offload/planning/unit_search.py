@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import math
 
-from megatron_offload.planning.candidates import TOLERANCE, Candidate, Setting, better, build_setting
+from megatron_offload.planning.candidates import (
+    TOLERANCE,
+    Candidate,
+    Setting,
+    better,
+    build_setting,
+)
 from megatron_offload.planning.job import Recompute
 from megatron_offload.schedule.catalog import make_schedule
 from megatron_offload.schedule.ir import Schedule

@@ -21,7 +21,11 @@ import torch.distributed as dist
 
 import megatron_offload.testing.gpt as gpt
 from megatron_offload.testing.gpt import TinyGPTCase, build_model, synthetic_batch
-from megatron_offload.testing.reference import ensure_cpu_shims, init_parallel_state, release_parallel_state
+from megatron_offload.testing.reference import (
+    ensure_cpu_shims,
+    init_parallel_state,
+    release_parallel_state,
+)
 
 _OVERRIDES: dict = {}
 _build_config = gpt.transformer_config

@@ -8,7 +8,8 @@ import pytest
 
 from megatron_offload import cli
 from megatron_offload.planning.costmodel import GiB, unit_bytes, unit_times
-from megatron_offload.planning.granularity import LayerSearch as _Search, score_layer_granularity
+from megatron_offload.planning.granularity import LayerSearch as _Search
+from megatron_offload.planning.granularity import score_layer_granularity
 from megatron_offload.planning.hardware import Hardware
 from megatron_offload.planning.job import JobSpec, Recompute
 from megatron_offload.planning.search import plan_job

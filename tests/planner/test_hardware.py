@@ -7,7 +7,13 @@ from dataclasses import fields
 import pytest
 
 from megatron_offload.planning import hardware as hwmod
-from megatron_offload.planning.hardware import PRESETS, DeviceMeasurement, Hardware, hardware_from_args, measure_device
+from megatron_offload.planning.hardware import (
+    PRESETS,
+    DeviceMeasurement,
+    Hardware,
+    hardware_from_args,
+    measure_device,
+)
 
 NUMERIC = ("gpu_memory_gib", "peak_tflops", "achieved_tflops", "host_link_gbps", "host_link_alone_gbps", "host_memory_gib")
 

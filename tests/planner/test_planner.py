@@ -7,7 +7,7 @@ import pytest
 
 from megatron_offload.planning.candidates import recompute_ladder
 from megatron_offload.planning.costmodel import GiB, unit_bytes, unit_times
-from megatron_offload.planning.hardware import Hardware, PRESETS
+from megatron_offload.planning.hardware import PRESETS, Hardware
 from megatron_offload.planning.job import JobSpec, Recompute
 from megatron_offload.planning.plan import Plan
 from megatron_offload.planning.policy import unit_lifespans
