@@ -75,8 +75,10 @@ def main(cases: list[dict]) -> None:
         kwargs = dict(kwargs)
         _OVERRIDES.clear()
         _OVERRIDES.update(kwargs.pop("cfg", {}))
-        one, two = (saved_bytes(TinyGPTCase(pp=1, num_layers=n, microbatches=1, **kwargs)) for n in (1, 2))
-        print(json.dumps({"case": kwargs, "cfg": dict(_OVERRIDES), "per_layer": two - one, "rest": 2 * one - two}))
+        one, two = (saved_bytes(TinyGPTCase(pp=1, num_layers=n, microbatches=1, **kwargs))
+                    for n in (1, 2))
+        print(json.dumps({"case": kwargs, "cfg": dict(_OVERRIDES), "per_layer": two - one,
+                          "rest": 2 * one - two}))
     dist.destroy_process_group()
 
 
