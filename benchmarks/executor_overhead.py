@@ -55,12 +55,14 @@ def main(argv=None) -> int:
             order = names[1:] if round_index % 2 == 0 else names[:0:-1]
             sequence = ["megatron", *order, "megatron", *reversed(order)]
             ranks = pool.run("megatron_offload.testing.executor_cases:run_variants", case=case,
-                             variants=[named[n] for n in sequence], iterations=args.iters, timeout=600)
+                             variants=[named[n] for n in sequence], iterations=args.iters,
+                             timeout=600)
             for index, name in enumerate(sequence):
                 per_iteration = zip(*(rank[index]["step_s"] for rank in ranks))
                 times[name] += [max(step) for step in list(per_iteration)[1:]]
                 mismatches[name] += sum(len(rank[index]["mismatches"]) for rank in ranks)
-            print(f"[executor_overhead] round {round_index + 1}/{args.rounds} done", file=sys.stderr)
+            print(f"[executor_overhead] round {round_index + 1}/{args.rounds} done",
+                  file=sys.stderr)
 
     base = statistics.median(times["megatron"])
     rows = [{
@@ -75,12 +77,13 @@ def main(argv=None) -> int:
           f"gloo on CPU ({time.perf_counter() - started:.0f} s)")
     print(f"{'variant':<27} {'median s/iter':>13} {'vs megatron':>11} {'bitwise':>8}")
     for row in rows:
-        print(f"{row['variant']:<27} {row['median_iteration_s']:>13.4f} {row['ratio_to_megatron']:>11.3f} "
+        print(f"{row['variant']:<27} {row['median_iteration_s']:>13.4f} "
+              f"{row['ratio_to_megatron']:>11.3f} "
               f"{'yes' if row['bitwise_identical_to_megatron'] else 'NO':>8}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"case": case.as_dict(), "rounds": args.rounds, "iters": args.iters, "rows": rows},
-                      handle, indent=2)
+            json.dump({"case": case.as_dict(), "rounds": args.rounds, "iters": args.iters,
+                       "rows": rows}, handle, indent=2)
     return 0
 
 

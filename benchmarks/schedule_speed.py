@@ -41,12 +41,15 @@ def measure_once(name: str, pp: int, vpp: int, m: int, ratio: float) -> dict:
     result = simulate(plan.schedule, costs, no_offload_makespan=plan.baseline.makespan)
     t3, c3 = time.perf_counter(), time.process_time()
     return {
-        "schedule": name, "kind": kind, "group_size": g, "pp": pp, "vpp": vpp, "microbatches": m, "offload_ratio": ratio,
-        "ops": sum(len(ops) for ops in plan.schedule.ranks),
-        "generate_s": t1 - t0, "offload_pass_s": t2 - t1, "simulate_s": t3 - t2, "total_s": t3 - t0, "cpu_s": c3 - c0,
+        "schedule": name, "kind": kind, "group_size": g, "pp": pp, "vpp": vpp, "microbatches": m,
+        "offload_ratio": ratio, "ops": sum(len(ops) for ops in plan.schedule.ranks),
+        "generate_s": t1 - t0, "offload_pass_s": t2 - t1, "simulate_s": t3 - t2, "total_s": t3 - t0,
+        "cpu_s": c3 - c0,
         "makespan": result.makespan, "no_offload_makespan": plan.baseline.makespan,
-        "peak_units_max": max(result.peak_units), "no_offload_peak_max": max(plan.baseline.peak_units),
-        "offloaded_units_fraction": result.offloaded_fraction, "slowdown_vs_no_offload": result.slowdown,
+        "peak_units_max": max(result.peak_units),
+        "no_offload_peak_max": max(plan.baseline.peak_units),
+        "offloaded_units_fraction": result.offloaded_fraction,
+        "slowdown_vs_no_offload": result.slowdown,
     }
 
 
@@ -57,30 +60,37 @@ def measure(name: str, pp: int, vpp: int, m: int, ratio: float, repeat: int = 1)
     return best
 
 
-def run(pp: int, vpp: int, m: int, schedules=SCHEDULES, ratios=RATIOS, repeat: int = 1) -> list[dict]:
+def run(pp: int, vpp: int, m: int, schedules=SCHEDULES, ratios=RATIOS,
+        repeat: int = 1) -> list[dict]:
     return [measure(name, pp, vpp, m, k, repeat) for name in schedules for k in ratios]
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'schedule':<12}{'g':>4}{'p':>4}{'v':>3}{'m':>5}{'k':>5}{'ops':>9}{'gen s':>8}{'pass s':>8}{'sim s':>8}"
-             f"{'total s':>9}{'cpu s':>8}{'peak':>6}{'(none)':>7}{'offl':>7}"]
+    lines = [f"{'schedule':<12}{'g':>4}{'p':>4}{'v':>3}{'m':>5}{'k':>5}{'ops':>9}"
+             f"{'gen s':>8}{'pass s':>8}{'sim s':>8}{'total s':>9}{'cpu s':>8}{'peak':>6}"
+             f"{'(none)':>7}{'offl':>7}"]
     for r in rows:
         lines.append(
-            f"{r['schedule']:<12}{r['group_size']:>4}{r['pp']:>4}{r['vpp']:>3}{r['microbatches']:>5}{r['offload_ratio']:>5g}{r['ops']:>9}"
-            f"{r['generate_s']:>8.2f}{r['offload_pass_s']:>8.2f}{r['simulate_s']:>8.2f}{r['total_s']:>9.2f}{r['cpu_s']:>8.2f}"
-            f"{r['peak_units_max']:>6}{r['no_offload_peak_max']:>7}{r['offloaded_units_fraction']:>7.1%}")
+            f"{r['schedule']:<12}{r['group_size']:>4}{r['pp']:>4}{r['vpp']:>3}"
+            f"{r['microbatches']:>5}{r['offload_ratio']:>5g}{r['ops']:>9}{r['generate_s']:>8.2f}"
+            f"{r['offload_pass_s']:>8.2f}{r['simulate_s']:>8.2f}{r['total_s']:>9.2f}"
+            f"{r['cpu_s']:>8.2f}{r['peak_units_max']:>6}{r['no_offload_peak_max']:>7}"
+            f"{r['offloaded_units_fraction']:>7.1%}")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pp", type=int, default=64)
     parser.add_argument("--vpp", type=int, default=8)
     parser.add_argument("--microbatches", type=int, default=512)
     parser.add_argument("--ratio", type=float, nargs="+", default=list(RATIOS))
     parser.add_argument("--schedule", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per cell; the fastest is reported (default 3)")
-    parser.add_argument("--json", default=None, metavar="FILE", help="also write the rows to this JSON file")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs per cell; the fastest is reported (default 3)")
+    parser.add_argument("--json", default=None, metavar="FILE",
+                        help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     rows = run(args.pp, args.vpp, args.microbatches, args.schedule, args.ratio, args.repeat)
     print(table(rows))

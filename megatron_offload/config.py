@@ -215,7 +215,11 @@ class OffloadConfig:
                     f"--offload-group-size {self.group_size} only applies to --offload-schedule "
                     f"gis, not {self.schedule!r}; drop it or add --offload-schedule gis"
                 )
-            if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            if (
+                isinstance(self.group_size, bool)
+                or not isinstance(self.group_size, int)
+                or self.group_size < 1
+            ):
                 raise ValueError(
                     f"--offload-group-size {self.group_size!r} must be an integer >= 1 "
                     "(microbatches per group); e.g. --offload-group-size 2"

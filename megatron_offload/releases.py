@@ -177,7 +177,8 @@ def call_by_name(function, /, **arguments):
 
 _DROPPABLE = frozenset({
     "model_type",  # schedules.backward_step: 0.16 only
-    "gtp_remat_size",  # tensor_parallel.layers.LinearWithGradAccumulationAndAsyncCommunication: 0.19+
+    # tensor_parallel.layers.LinearWithGradAccumulationAndAsyncCommunication: 0.19+
+    "gtp_remat_size",
 })
 """Arguments that some supported releases take and others do not (``call_by_name``)."""
 

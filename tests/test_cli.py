@@ -12,10 +12,12 @@ from megatron_offload import cli
     [
         (["train", "--offload-policy", "chunks"], "given without --pipeline-offload"),
         (["train", "--pipeline-offload", "--offload-policy", "chunks"], "--offload-chunks"),
-        (["train", "--pipeline-offload", "--offload-granularity", "unit", "--offload-prefetch", "0"],
+        (["train", "--pipeline-offload", "--offload-granularity", "unit",
+          "--offload-prefetch", "0"],
          "--offload-prefetch 0"),
         (["train", "--nproc", "0"], "--nproc 0 must be >= 1"),
-        (["train", "--pipeline-offload", "--offload-policy", "auto"], "--offload-memory-budget-gib"),
+        (["train", "--pipeline-offload", "--offload-policy", "auto"],
+         "--offload-memory-budget-gib"),
         (["train", "--device", "cuda"], "--device cuda"),
     ],
 )

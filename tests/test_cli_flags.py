@@ -34,7 +34,8 @@ def test_train_passes_megatron_flags_through():
     assert rest == ["--num-layers", "16"]
     argv = train.megatron_argv(args, rest, "cpu")
     assert argv[:2] == ["--num-layers", "16"] and argv.count("--num-layers") == 1
-    assert "--distributed-backend" in argv and argv[argv.index("--distributed-backend") + 1] == "gloo"
+    assert ("--distributed-backend" in argv
+            and argv[argv.index("--distributed-backend") + 1] == "gloo")
     assert train.drop_flags(["--save", "d", "--save-interval=5", "--lr", "1"],
                             train.BASELINE_DROPS) == ["--lr", "1"]
     assert train.builtin_script().name == "pretrain_gpt.py"

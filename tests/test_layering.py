@@ -157,7 +157,8 @@ def upward_edges(graph: dict[str, set[str]]) -> list[str]:
         f"{module} ({layer_of(module)}) imports {target} ({layer_of(target)})"
         for module, targets in graph.items()
         for target in targets
-        if layer_of(target) != layer_of(module) and layer_of(target) not in MAY_IMPORT[layer_of(module)]
+        if layer_of(target) != layer_of(module)
+        and layer_of(target) not in MAY_IMPORT[layer_of(module)]
     )
 
 

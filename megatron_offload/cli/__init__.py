@@ -18,7 +18,8 @@ COMMANDS: dict[str, str] = {
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megatron-offload", description="PipeOffload for Megatron-Core.")
+    parser = argparse.ArgumentParser(prog="megatron-offload",
+                                     description="PipeOffload for Megatron-Core.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for name, module in COMMANDS.items():

@@ -11,8 +11,10 @@ from megatron_offload.planning.hardware import PRESETS, measure_device
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Show the GPU presets, or measure this node's GPU (CUDA).")
-    parser.add_argument("--measure", action="store_true", help="measure (or read the cached measurement of) this node")
+    parser = argparse.ArgumentParser(
+        description="Show the GPU presets, or measure this node's GPU (CUDA).")
+    parser.add_argument("--measure", action="store_true",
+                        help="measure (or read the cached measurement of) this node")
     parser.add_argument("--refresh", action="store_true", help="measure again even if cached")
     args = parser.parse_args(argv)
     if args.measure or args.refresh:

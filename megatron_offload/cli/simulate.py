@@ -18,44 +18,63 @@ NAME = "simulate"
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from megatron_offload.schedule.catalog import SCHEDULE_KINDS
 
-    parser = subparsers.add_parser(NAME, help="simulate a pipeline schedule with or without offload",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(NAME,
+                                   help="simulate a pipeline schedule with or without offload",
+                                   description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pp", type=int, required=True, help="pipeline-parallel ranks p")
     parser.add_argument("--vpp", type=int, default=1, help="model chunks per rank v (default 1)")
-    parser.add_argument("--microbatches", type=int, required=True, help="microbatches m per iteration")
+    parser.add_argument("--microbatches", type=int, required=True,
+                        help="microbatches m per iteration")
     parser.add_argument("--schedule", choices=SCHEDULE_KINDS, required=True,
-                        help="1f1b and interleaved: Megatron-Core's orders; gis: generalized interleaving")
+                        help="1f1b and interleaved: Megatron-Core's orders; "
+                             "gis: generalized interleaving")
     parser.add_argument("--group-size", type=int, default=None,
-                        help="microbatch group size g (interleaved: p..m, default p; gis: 1..m, default min(p, m))")
+                        help="microbatch group size g (interleaved: p..m, default p; "
+                             "gis: 1..m, default min(p, m))")
     parser.add_argument("--offload-chunks", type=int, default=None,
-                        help="offload units of model chunks 0..K-1 (default: all v chunks when --offload-ratio is given; 0 = none)")
+                        help="offload units of model chunks 0..K-1 (default: all v chunks when "
+                             "--offload-ratio is given; 0 = none)")
     parser.add_argument("--offload-ratio", type=float, default=None,
-                        help="k = (D2H + H2D time of a unit) / (F + B time of a unit); enables offload (default 1.0 when --offload-chunks is given)")
-    parser.add_argument("--shared-link", action="store_true", help="ranks 2i and 2i+1 share one host link")
-    parser.add_argument("--forward-time", type=float, default=1.0, help="forward time of one unit (default 1)")
-    parser.add_argument("--backward-time", type=float, default=2.0, help="backward time of one unit (default 2)")
-    parser.add_argument("--p2p-latency", type=float, default=0.0, help="time for an op's output to reach the next rank (default 0)")
+                        help="k = (D2H + H2D time of a unit) / (F + B time of a unit); "
+                             "enables offload (default 1.0 when --offload-chunks is given)")
+    parser.add_argument("--shared-link", action="store_true",
+                        help="ranks 2i and 2i+1 share one host link")
+    parser.add_argument("--forward-time", type=float, default=1.0,
+                        help="forward time of one unit (default 1)")
+    parser.add_argument("--backward-time", type=float, default=2.0,
+                        help="backward time of one unit (default 2)")
+    parser.add_argument("--p2p-latency", type=float, default=0.0,
+                        help="time for an op's output to reach the next rank (default 0)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
-    parser.add_argument("--out", default=None, help="write a timeline picture: FILE.svg or FILE.png (needs matplotlib)")
-    parser.add_argument("--width", type=int, default=100, help="ASCII timeline width in columns (default 100)")
-    parser.add_argument("--save-schedule", default=None, help="write the schedule (with offload ops) in the text form")
+    parser.add_argument("--out", default=None,
+                        help="write a timeline picture: FILE.svg or FILE.png (needs matplotlib)")
+    parser.add_argument("--width", type=int, default=100,
+                        help="ASCII timeline width in columns (default 100)")
+    parser.add_argument("--save-schedule", default=None,
+                        help="write the schedule (with offload ops) in the text form")
     layer = parser.add_argument_group("layer granularity (layer streaming)", textwrap.fill(
-        "--granularity layer refines every unit into its transformer layers: a layer's activations leave while the "
-        "next layer computes and come back layer by layer; units with a lifespan also send the rest (embedding, "
-        "loss, received input) out. Bytes are per layer of one microbatch; times per layer are --forward-time and "
-        "--backward-time divided by --layers-per-chunk; the host link follows from --offload-ratio (0: synchronous "
-        "copies, as on the CPU backend).", width=88))
+        "--granularity layer refines every unit into its transformer layers: "
+        "a layer's activations leave while the next layer computes and come back layer by layer; "
+        "units with a lifespan also send the rest (embedding, loss, received input) out. Bytes "
+        "are per layer of one microbatch; times per layer are --forward-time and --backward-time "
+        "divided by --layers-per-chunk; the host link follows from --offload-ratio (0: "
+        "synchronous copies, as on the CPU backend).", width=88))
     layer.add_argument("--granularity", choices=("unit", "layer"), default="unit",
-                       help="unit: whole (chunk, microbatch) units move (default); layer: per-layer sub-units, simulated in bytes")
+                       help="unit: whole (chunk, microbatch) units move (default); "
+                            "layer: per-layer sub-units, simulated in bytes")
     layer.add_argument("--layers-per-chunk", type=int, default=None,
-                       help="transformer layers per model chunk on each rank (needed with --granularity layer)")
+                       help="transformer layers per model chunk on each rank (needed with "
+                            "--granularity layer)")
     layer.add_argument("--layer-bytes", type=float, default=float(2**20),
-                       help="bytes one layer's saved activations keep for one microbatch (default 1 MiB)")
+                       help="bytes one layer's saved activations keep for one microbatch "
+                            "(default 1 MiB)")
     layer.add_argument("--rest-bytes", type=float, default=0.0,
-                       help="bytes the rest of a unit keeps: embedding, output layer, loss, received input (default 0)")
+                       help="bytes the rest of a unit keeps: embedding, output layer, loss, "
+                            "received input (default 0)")
     layer.add_argument("--reload-distance", default="auto",
-                       help="compute entries between a reload and its first use: N, or auto = as late as the link allows, "
-                            "skipping the copies it cannot hide (default)")
+                       help="compute entries between a reload and its first use: N, or auto = as "
+                            "late as the link allows, skipping the copies it cannot hide (default)")
     parser.set_defaults(_parser=parser)
     return parser
 
@@ -65,12 +84,14 @@ def _check(args) -> tuple:
     from megatron_offload.schedule.catalog import check_schedule_args
     from megatron_offload.schedule.costs import CostModel
 
-    group = check_schedule_args(args.schedule, args.pp, args.vpp, args.microbatches, args.group_size)
+    group = check_schedule_args(args.schedule, args.pp, args.vpp, args.microbatches,
+                                args.group_size)
     chunks = args.offload_chunks
     if chunks is None and args.offload_ratio is not None:
         chunks = args.vpp
     if chunks is not None and not 0 <= chunks <= args.vpp:
-        raise ValueError(f"--offload-chunks {chunks} must lie in 0..--vpp ({args.vpp}); e.g. --offload-chunks {args.vpp} offloads every chunk")
+        raise ValueError(f"--offload-chunks {chunks} must lie in 0..--vpp ({args.vpp}); "
+                         f"e.g. --offload-chunks {args.vpp} offloads every chunk")
     costs = CostModel(
         forward_time=args.forward_time,
         backward_time=args.backward_time,
@@ -84,13 +105,16 @@ def _check(args) -> tuple:
         raise ValueError(f"--width {args.width} must be >= 10")
     if args.granularity == "layer":
         if args.layers_per_chunk is None or args.layers_per_chunk < 1:
-            raise ValueError(f"--granularity layer needs --layers-per-chunk N >= 1 (got {args.layers_per_chunk})")
+            raise ValueError("--granularity layer needs --layers-per-chunk N >= 1 (got "
+                             f"{args.layers_per_chunk})")
         if not args.layer_bytes >= 0 or not args.rest_bytes >= 0:
-            raise ValueError(f"--layer-bytes {args.layer_bytes:g} and --rest-bytes {args.rest_bytes:g} must be >= 0")
+            raise ValueError(f"--layer-bytes {args.layer_bytes:g} and --rest-bytes "
+                             f"{args.rest_bytes:g} must be >= 0")
         if args.layer_bytes == 0 and args.rest_bytes == 0:
             raise ValueError("--layer-bytes and --rest-bytes are both 0: nothing to simulate")
         if args.reload_distance != "auto" and not (args.reload_distance.isdigit()):
-            raise ValueError(f"--reload-distance {args.reload_distance!r} must be auto or an integer >= 0")
+            raise ValueError(f"--reload-distance {args.reload_distance!r} must be "
+                             "auto or an integer >= 0")
     elif args.layers_per_chunk is not None:
         raise ValueError("--layers-per-chunk only applies with --granularity layer")
     return group, costs, chunks
@@ -141,8 +165,9 @@ def run(args) -> int:
 
         print(render_ascii(result, width=args.width))
         if chunks:
-            print(f"offloaded {result.offloaded_fraction:.1%} of units (k={costs.offload_ratio:g}); "
-                  f"slowdown vs no offload {result.slowdown:.1%}; no-offload peaks {baseline.peak_units}")
+            print(f"offloaded {result.offloaded_fraction:.1%} of units "
+                  f"(k={costs.offload_ratio:g}); slowdown vs no offload {result.slowdown:.1%}; "
+                  f"no-offload peaks {baseline.peak_units}")
         if args.out:
             print(f"wrote {args.out}")
     return 0
@@ -164,11 +189,12 @@ def _run_layers(args, schedule, group, costs, chunks) -> int:
     link = None
     if chunks and costs.offload_ratio > 0:
         # k = (D2H + H2D of a unit) / (F + B of a unit), split evenly between the directions
-        bandwidth = unit_bytes / (costs.offload_ratio * (args.forward_time + args.backward_time) * costs.offload_share)
+        bandwidth = unit_bytes / (costs.offload_ratio * (args.forward_time + args.backward_time)
+                                  * costs.offload_share)
         link = LinkModel(d2h_bytes_per_time=bandwidth, shared=args.shared_link)
     distance = args.reload_distance if args.reload_distance == "auto" else int(args.reload_distance)
-    plan = plan_layer_streaming(schedule, layers, profile, link, chunks=chunks or 0, reload_distance=distance,
-                                p2p_latency=args.p2p_latency)
+    plan = plan_layer_streaming(schedule, layers, profile, link, chunks=chunks or 0,
+                                reload_distance=distance, p2p_latency=args.p2p_latency)
     expanded, result, plain = plan.expanded, plan.simulation, plan.baseline
     if args.save_schedule:
         with open(args.save_schedule, "w", encoding="utf-8") as handle:
@@ -190,7 +216,8 @@ def _run_layers(args, schedule, group, costs, chunks) -> int:
         "makespan": makespan,
         "bubble_ratio": 1.0 - busy / (schedule.pp * makespan) if makespan else 0.0,
         "peak_units": equivalents,
-        "offloaded_units_fraction": sum(r.offloaded_bytes for r in result.ranks) / total_bytes if total_bytes else 0.0,
+        "offloaded_units_fraction": (sum(r.offloaded_bytes for r in result.ranks) / total_bytes
+                                     if total_bytes else 0.0),
         "slowdown_vs_no_offload": makespan / plain.makespan - 1.0 if plain.makespan else 0.0,
         "granularity": "layer",
         "layers_per_chunk": layers,
@@ -211,16 +238,20 @@ def _run_layers(args, schedule, group, costs, chunks) -> int:
         return 0
     from megatron_offload.schedule.render_layers import render_layers_ascii
 
-    print(f"{schedule.kind} p={schedule.pp} v={vpp} m={schedule.microbatches}, {layers} layers per chunk, "
-          f"layer {format_bytes(args.layer_bytes)}, rest {format_bytes(args.rest_bytes)}, unit {format_bytes(unit_bytes)}; "
-          + ("synchronous copies" if link is None else f"link {format_bytes(link.d2h_bytes_per_time)} per time unit (k={costs.offload_ratio:g})"))
+    print(f"{schedule.kind} p={schedule.pp} v={vpp} m={schedule.microbatches}, {layers} layers per "
+          f"chunk, layer {format_bytes(args.layer_bytes)}, rest {format_bytes(args.rest_bytes)}, "
+          f"unit {format_bytes(unit_bytes)}; "
+          + ("synchronous copies" if link is None
+             else f"link {format_bytes(link.d2h_bytes_per_time)} per time unit "
+                  f"(k={costs.offload_ratio:g})"))
     print(render_layers_ascii(result, width=args.width))
     print("rank | peak bytes           | units-equiv | without offload      | copies | stall")
     for r, sim in enumerate(result.ranks):
-        print(f"{r:>4} | {format_bytes(sim.peak_bytes):>20} | {equivalents[r]:>11.2f} | {format_bytes(plain.peak_bytes[r]):>20} "
-              f"| {sim.copies:>6} | {sim.stall:g}")
-    print(f"makespan {makespan:g} (without offload {plain.makespan:g}, slowdown {report['slowdown_vs_no_offload']:.1%}); "
-          f"moved {report['offloaded_units_fraction']:.1%} of activation bytes")
+        print(f"{r:>4} | {format_bytes(sim.peak_bytes):>20} | {equivalents[r]:>11.2f} | "
+              f"{format_bytes(plain.peak_bytes[r]):>20} | {sim.copies:>6} | {sim.stall:g}")
+    print(f"makespan {makespan:g} (without offload {plain.makespan:g}, "
+          f"slowdown {report['slowdown_vs_no_offload']:.1%}); moved "
+          f"{report['offloaded_units_fraction']:.1%} of activation bytes")
     if args.out:
         print(f"wrote {args.out}")
     return 0

@@ -65,7 +65,8 @@ PLAN_STARTS = ("> pipeline offload plan", ">   pp rank", "> schedule as run", "i
 
 
 def builtin_script() -> Path:
-    """``examples/pretrain_gpt.py`` of this checkout, or as installed (megatron_offload.examples)."""
+    """``examples/pretrain_gpt.py`` of this checkout, or as installed
+    (megatron_offload.examples)."""
     here = Path(__file__).resolve().parents[2] / "examples" / "pretrain_gpt.py"
     if here.is_file():
         return here
@@ -73,7 +74,8 @@ def builtin_script() -> Path:
 
     spec = importlib.util.find_spec("megatron_offload.examples.pretrain_gpt")
     if spec is None or spec.origin is None:  # pragma: no cover - broken install
-        raise FileNotFoundError("the built-in pretrain script (examples/pretrain_gpt.py) is missing")
+        raise FileNotFoundError("the built-in pretrain script (examples/pretrain_gpt.py) is "
+                                "missing")
     return Path(spec.origin)
 
 
@@ -92,7 +94,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--nproc", type=int, default=4, help="ranks to spawn (world size); default 4")
     run.add_argument("--device", choices=["cpu", "cuda"], default=None,
                      help="default: cuda when a GPU is visible, else cpu (gloo)")
-    run.add_argument("--train-iters", type=int, default=5, help="Megatron's --train-iters; default 5")
+    run.add_argument("--train-iters", type=int, default=5,
+                     help="Megatron's --train-iters; default 5")
     run.add_argument("--no-baseline", action="store_true",
                      help="skip the run with --offload-policy none (no with/without comparison)")
     run.add_argument("--log-dir", default=None, help="per-rank logs (default: a new temp folder)")
@@ -310,7 +313,8 @@ def summarize(main: dict, baseline: dict | None) -> dict:
         base_losses, base_norms = losses_and_norms(baseline)
         mismatches = [
             f"iteration {i}: {what} {a!r} with offload vs {b!r} without"
-            for what, mine, theirs in (("loss", losses, base_losses), ("grad norm", norms, base_norms))
+            for what, mine, theirs in (("loss", losses, base_losses),
+                                       ("grad norm", norms, base_norms))
             for (i, a), (_, b) in zip(mine, theirs) if a != b
         ]
         if len(losses) != len(base_losses) or len(norms) != len(base_norms):
@@ -341,12 +345,14 @@ def render_report(result: dict) -> str:
     ]
     for i, loss, norm, t in zip(result["iterations"], result["losses"], result["grad_norms"],
                                 result["iteration_time_s"]):
-        lines.append(f"{i:>9}  {loss:.8f}  {norm if norm is not None else float('nan'):10.6f}  {t:7.3f} s")
+        lines.append(f"{i:>9}  {loss:.8f}  {norm if norm is not None else float('nan'):10.6f}  "
+                     f"{t:7.3f} s")
     if "baseline_peak_activation_bytes" in result:
         lines += [
             "",
             f"per-rank activation memory (measured, last iteration; policy {offload['policy']}):",
-            "rank | peak without offload | peak with offload | reduction | offloaded/iter | host pool",
+            "rank | peak without offload | peak with offload | "
+            "reduction | offloaded/iter | host pool",
         ]
         for rank, (before, after, moved, pool) in enumerate(zip(
                 result["baseline_peak_activation_bytes"], result["peak_activation_bytes"],
@@ -402,7 +408,8 @@ def run(args, megatron_flags: list[str] | None = None) -> int:
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="megatron-offload-train-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     echo = _Echo(args.verbose, args.json, args.nproc)
-    say = (lambda *a: None) if args.json else (lambda text: print(text, file=sys.stderr, flush=True))
+    say = ((lambda *a: None) if args.json
+           else (lambda text: print(text, file=sys.stderr, flush=True)))
     started = time.perf_counter()
     try:
         baseline = None
@@ -410,9 +417,9 @@ def run(args, megatron_flags: list[str] | None = None) -> int:
             say("[train] baseline run: --pipeline-offload --offload-policy none (the hooks "
                 "measure, nothing moves) ...")
             echo.plugin = False
-            baseline = spawn_run(drop_flags(base, BASELINE_DROPS) + offload_argv(args, policy="none"),
-                                 args.nproc,
-                                 args._device, log_dir, "baseline", echo)
+            baseline = spawn_run(drop_flags(base, BASELINE_DROPS)
+                                 + offload_argv(args, policy="none"),
+                                 args.nproc, args._device, log_dir, "baseline", echo)
         echo.plugin = True
         policy = args.offload_policy or "full"
         say(f"[train] offload run: --offload-policy {policy} ..." if args.pipeline_offload
@@ -446,6 +453,7 @@ def _run_in_this_process(args, base: list[str]) -> int:
     code = launch.main(base + offload_argv(args))
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
     if code == 0 and rank == "0" and Path(os.environ["MEGATRON_OFFLOAD_RECORD"]).is_file():
-        result = summarize(json.loads(Path(os.environ["MEGATRON_OFFLOAD_RECORD"]).read_text()), None)
+        result = summarize(json.loads(Path(os.environ["MEGATRON_OFFLOAD_RECORD"]).read_text()),
+                           None)
         print(json.dumps(result, indent=2) if args.json else render_report(result))
     return code

@@ -13,7 +13,12 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from megatron_offload.planning.costmodel import DEFAULT_MIN_OFFLOAD_BYTES, GiB, UnitBytes, unit_bytes
+from megatron_offload.planning.costmodel import (
+    DEFAULT_MIN_OFFLOAD_BYTES,
+    GiB,
+    UnitBytes,
+    unit_bytes,
+)
 from megatron_offload.planning.job import JobSpec, Recompute
 from megatron_offload.schedule.ir import OpKind, UnitKey
 from megatron_offload.schedule.layers import runtime_rank_ops
@@ -60,10 +65,11 @@ class RankOffloadChoice:
         return dict(sorted(counts.items()))
 
     def as_dict(self) -> dict:
-        return {"rank": self.rank, "offload": sorted(self.offload), "units": self.units, "candidates": self.candidates,
-                "budget_bytes": self.budget_bytes, "peak_bytes": self.peak_bytes, "peak_without_bytes": self.peak_without_bytes,
-                "floor_bytes": self.floor_bytes, "overhead_bytes": self.overhead_bytes, "fits": self.fits,
-                "per_chunk": self.per_chunk()}
+        return {"rank": self.rank, "offload": sorted(self.offload), "units": self.units,
+                "candidates": self.candidates, "budget_bytes": self.budget_bytes,
+                "peak_bytes": self.peak_bytes, "peak_without_bytes": self.peak_without_bytes,
+                "floor_bytes": self.floor_bytes, "overhead_bytes": self.overhead_bytes,
+                "fits": self.fits, "per_chunk": self.per_chunk()}
 
 
 def _mib(nbytes: float) -> str:
@@ -80,8 +86,8 @@ def _compute_positions(order) -> tuple[list, dict, dict]:
 
 def resident_peak(ops, units: Sequence[UnitBytes], overhead_bytes: float = 0.0) -> float:
     """Peak resident activation bytes of one rank's runtime op list (F, B, O, R: what
-    :func:`schedule.layers.runtime_rank_ops` returns), sampled where the runtime measures: after each
-    forward (before its offload) and before each backward (after the reloads before it). A
+    :func:`schedule.layers.runtime_rank_ops` returns), sampled where the runtime measures: after
+    each forward (before its offload) and before each backward (after the reloads before it). A
     forward adds its unit's ``total`` bytes, an offload removes the ``offloadable`` part, a
     reload brings it back, a backward frees the unit after its sample. ``units[c]``: bytes of
     one unit of model chunk c on this rank."""
@@ -101,8 +107,9 @@ def resident_peak(ops, units: Sequence[UnitBytes], overhead_bytes: float = 0.0) 
     return peak + overhead_bytes
 
 
-def choose_offload_units(order, units: Sequence[UnitBytes], budget_bytes: float, *, prefetch_distance: int = 1,
-                         overhead_bytes: float = 0.0, rank: int = 0) -> RankOffloadChoice:
+def choose_offload_units(order, units: Sequence[UnitBytes], budget_bytes: float, *,
+                         prefetch_distance: int = 1, overhead_bytes: float = 0.0,
+                         rank: int = 0) -> RankOffloadChoice:
     """The fewest units of one rank's fixed op ``order`` to offload so that the resident peak
     (:func:`resident_peak` of the runtime's op IR, plus ``overhead_bytes``) stays within
     ``budget_bytes``; longest-lived first.
@@ -132,7 +139,8 @@ def choose_offload_units(order, units: Sequence[UnitBytes], budget_bytes: float,
     starts: list[list] = [[] for _ in range(n)]
     candidates = []
     for unit, start in forward_at.items():
-        first, last = start + 1, backward_at[unit] - prefetch_distance - 1  # away at samples first..last
+        # away at samples first..last
+        first, last = start + 1, backward_at[unit] - prefetch_distance - 1
         moved = units[unit[0]].offloadable
         if first <= last and moved > 0:
             starts[first].append(unit)
@@ -176,9 +184,12 @@ def choose_offload_units(order, units: Sequence[UnitBytes], budget_bytes: float,
         floor = max(floor, level - gone)
     offload = frozenset(chosen)
     return RankOffloadChoice(
-        rank=rank, offload=offload, units=len(forward_at), candidates=len(candidates), budget_bytes=budget_bytes,
-        peak_bytes=resident_peak(runtime_rank_ops(order, set(offload), prefetch_distance), units, overhead_bytes),
-        peak_without_bytes=without + overhead_bytes, floor_bytes=floor + overhead_bytes, overhead_bytes=overhead_bytes,
+        rank=rank, offload=offload, units=len(forward_at), candidates=len(candidates),
+        budget_bytes=budget_bytes,
+        peak_bytes=resident_peak(runtime_rank_ops(order, set(offload), prefetch_distance), units,
+                                 overhead_bytes),
+        peak_without_bytes=without + overhead_bytes, floor_bytes=floor + overhead_bytes,
+        overhead_bytes=overhead_bytes,
     )
 
 
@@ -209,8 +220,9 @@ class AutoOffloadPlan:
         chunks = ", ".join(f"chunk {c}: {k}" for c, k in choice.per_chunk().items())
         relation = "<=" if choice.fits else ">"
         return (f"rank {choice.rank} offloads {len(choice.offload)} of {choice.units} units"
-                f"{f' ({chunks})' if chunks else ''}; predicted peak {_mib(choice.peak_bytes)} {relation} budget "
-                f"{_mib(choice.budget_bytes)} (without offload {_mib(choice.peak_without_bytes)})")
+                f"{f' ({chunks})' if chunks else ''}; predicted peak {_mib(choice.peak_bytes)} "
+                f"{relation} budget {_mib(choice.budget_bytes)} (without offload "
+                f"{_mib(choice.peak_without_bytes)})")
 
     def log_lines(self) -> list[str]:
         """Megatron-style log lines: one per pipeline rank."""
@@ -220,14 +232,17 @@ class AutoOffloadPlan:
         worst = max(self.ranks, key=lambda c: c.floor_bytes - c.budget_bytes)
         missing = worst.floor_bytes - worst.budget_bytes
         least = max(self.budget_bytes + c.floor_bytes - c.budget_bytes for c in self.ranks)
-        text = (f"--offload-memory-budget-gib too small: even with every unit offloaded, pipeline rank {worst.rank} keeps "
-                f"{_mib(worst.floor_bytes)} of activations resident (the unit in its forward or backward, the one "
-                f"reloaded ahead, small tensors that stay, p2p buffers) against an activation budget of "
-                f"{_mib(worst.budget_bytes)}: {_mib(missing)} missing. Remedy: raise --offload-memory-budget-gib by at "
-                f"least {_mib(least - self.budget_bytes)} (to {least / GiB:.4g} GiB"
-                f"{'' if all(c.budget_bytes == self.budget_bytes for c in self.ranks) else ' of activation budget'})")
+        uniform = all(c.budget_bytes == self.budget_bytes for c in self.ranks)
+        text = ("--offload-memory-budget-gib too small: even with every unit offloaded, pipeline "
+                f"rank {worst.rank} keeps {_mib(worst.floor_bytes)} of activations resident (the "
+                "unit in its forward or backward, the one reloaded ahead, small tensors that stay, "
+                f"p2p buffers) against an activation budget of {_mib(worst.budget_bytes)}: "
+                f"{_mib(missing)} missing. Remedy: raise --offload-memory-budget-gib by at least "
+                f"{_mib(least - self.budget_bytes)} (to {least / GiB:.4g} GiB"
+                f"{'' if uniform else ' of activation budget'})")
         if self.job is not None:
-            text += "; or make each unit smaller: " + "; ".join(_smaller_units(self.job, worst.rank))
+            text += ("; or make each unit smaller: "
+                     + "; ".join(_smaller_units(self.job, worst.rank)))
         return text
 
 
@@ -238,8 +253,9 @@ def _smaller_units(job: JobSpec, rank: int) -> list[str]:
     if job.micro_batch_size > 1:
         half = job.micro_batch_size // 2
         smaller = job.with_changes(micro_batch_size=half, global_batch_size=None)
-        out.append(f"--micro-batch-size {half} ({_mib(max(unit_bytes(smaller, rank, c).total for c in range(job.vpp)))} per unit "
-                   f"instead of {_mib(now)})")
+        out.append(f"--micro-batch-size {half} ("
+                   f"{_mib(max(unit_bytes(smaller, rank, c).total for c in range(job.vpp)))} per "
+                   f"unit instead of {_mib(now)})")
     if job.recompute.granularity != "full":
         full = Recompute(granularity="full", method="uniform", num_layers=1)
         try:
@@ -252,22 +268,30 @@ def _smaller_units(job: JobSpec, rank: int) -> list[str]:
     return out or ["no smaller unit is possible with this model"]
 
 
-def plan_auto_offload(job: JobSpec, orders, budget_bytes: float | Sequence[float], *, prefetch_distance: int = 1,
-                      min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES, overhead_bytes: float | Sequence[float] = 0.0,
-                      units: Sequence[Sequence[UnitBytes]] | None = None, ranks: Sequence[int] | None = None) -> AutoOffloadPlan:
+def plan_auto_offload(job: JobSpec, orders, budget_bytes: float | Sequence[float], *,
+                      prefetch_distance: int = 1,
+                      min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES,
+                      overhead_bytes: float | Sequence[float] = 0.0,
+                      units: Sequence[Sequence[UnitBytes]] | None = None,
+                      ranks: Sequence[int] | None = None) -> AutoOffloadPlan:
     """Policy ``auto`` for the pipeline ranks of ``job``: ``orders[r]`` is rank r's fixed op
     order (Megatron's), the bytes of a unit come from the cost model (``units[r][c]`` overrides
     them), ``overhead_bytes`` (one number, or one per rank) is added to every predicted peak;
     ``budget_bytes``: one activation budget, or one per rank. ``ranks`` restricts the plan to
     some ranks (default all)."""
     if units is None:
-        units = [[unit_bytes(job, rank, chunk, job.recompute, min_offload_bytes) for chunk in range(job.vpp)]
+        units = [[unit_bytes(job, rank, chunk, job.recompute, min_offload_bytes)
+                  for chunk in range(job.vpp)]
                  for rank in range(job.pp)]
     if isinstance(overhead_bytes, (int, float)):
         overhead_bytes = [float(overhead_bytes)] * job.pp
-    budgets = [float(budget_bytes)] * job.pp if isinstance(budget_bytes, (int, float)) else list(budget_bytes)
+    budgets = ([float(budget_bytes)] * job.pp if isinstance(budget_bytes, (int, float))
+               else list(budget_bytes))
     ranks = range(job.pp) if ranks is None else ranks
-    choices = [choose_offload_units(orders[rank], units[rank], budgets[rank], prefetch_distance=prefetch_distance,
-                                    overhead_bytes=overhead_bytes[rank], rank=rank) for rank in ranks]
-    return AutoOffloadPlan(budget_bytes=min(budgets[rank] for rank in ranks), ranks=choices, unit_bytes=[list(row) for row in units], job=job,
+    choices = [choose_offload_units(orders[rank], units[rank], budgets[rank],
+                                    prefetch_distance=prefetch_distance,
+                                    overhead_bytes=overhead_bytes[rank], rank=rank)
+               for rank in ranks]
+    return AutoOffloadPlan(budget_bytes=min(budgets[rank] for rank in ranks), ranks=choices,
+                           unit_bytes=[list(row) for row in units], job=job,
                            prefetch_distance=prefetch_distance)

@@ -68,7 +68,8 @@ class Setting:
     def floor(self) -> list[float]:
         """Per rank, the least any plan holds: static state, working memory and one unit (the
         one in its backward; the rank's smallest)."""
-        return [s.total + w + min(u.total for u in row) for s, w, row in zip(self.static, self.working, self.units)]
+        return [s.total + w + min(u.total for u in row)
+                for s, w, row in zip(self.static, self.working, self.units)]
 
 
 def recompute_ladder(job: JobSpec) -> list[Recompute]:
@@ -81,11 +82,13 @@ def recompute_ladder(job: JobSpec) -> list[Recompute]:
         return [own]
     ladder = [own]
     modules = list(own.modules) if own.granularity == "selective" else []
-    steps = ([] if job.uses_flash else ["core_attn"]) + ["layernorm"] + ([] if job.add_bias_linear else ["mlp"])
+    steps = (([] if job.uses_flash else ["core_attn"]) + ["layernorm"]
+             + ([] if job.add_bias_linear else ["mlp"]))
     for step in steps:
         if step not in modules:
             modules.append(step)
-        ordered = tuple(m for m in RECOMPUTE_MODULES if m in modules) + tuple(m for m in modules if m not in RECOMPUTE_MODULES)
+        ordered = (tuple(m for m in RECOMPUTE_MODULES if m in modules)
+                   + tuple(m for m in modules if m not in RECOMPUTE_MODULES))
         candidate = Recompute(granularity="selective", modules=ordered)
         if candidate not in ladder:
             ladder.append(candidate)
@@ -93,8 +96,8 @@ def recompute_ladder(job: JobSpec) -> list[Recompute]:
     return ladder
 
 
-def build_setting(job: JobSpec, hardware: Hardware, recompute: Recompute, level: int, min_offload_bytes: int,
-                  calibration: list[list[float]] | None) -> Setting:
+def build_setting(job: JobSpec, hardware: Hardware, recompute: Recompute, level: int,
+                  min_offload_bytes: int, calibration: list[list[float]] | None) -> Setting:
     """The :class:`Setting` of ``recompute`` (position ``level`` in the ladder) for ``job`` on
     ``hardware``; ``calibration[r][c]`` scales the cost model's bytes of a unit (measured /
     predicted)."""
@@ -106,13 +109,15 @@ def build_setting(job: JobSpec, hardware: Hardware, recompute: Recompute, level:
             unit = unit_bytes(job, rank, chunk, recompute, min_offload_bytes)
             if calibration is not None:
                 factor = calibration[rank][chunk]
-                unit = UnitBytes(total=int(unit.total * factor), offloadable=int(unit.offloadable * factor))
+                unit = UnitBytes(total=int(unit.total * factor),
+                                 offloadable=int(unit.offloadable * factor))
             row.append(unit)
         units.append(row)
     typical = unit_bytes(job, -1, -1, recompute, min_offload_bytes)
     if calibration is not None:
         middle = calibration[min(1, p - 1)][0]
-        typical = UnitBytes(total=int(typical.total * middle), offloadable=int(typical.offloadable * middle))
+        typical = UnitBytes(total=int(typical.total * middle),
+                            offloadable=int(typical.offloadable * middle))
     flops = layer_flops(job, recompute)
     norm_extra = 0.0
     if recompute.has("layernorm"):
@@ -120,10 +125,13 @@ def build_setting(job: JobSpec, hardware: Hardware, recompute: Recompute, level:
     rate = hardware.achieved_tflops * 1e12
     forward_s = job.layers_per_chunk * flops.forward / rate
     backward_s = job.layers_per_chunk * (flops.backward + norm_extra) / rate
-    k = offload_ratio(typical.offloadable, forward_s + backward_s, hardware.host_link_gbps) if typical.offloadable else 0.0
-    costs = CostModel(forward_time=forward_s, backward_time=backward_s, offload_ratio=k, offload_share=0.5)
+    k = (offload_ratio(typical.offloadable, forward_s + backward_s, hardware.host_link_gbps)
+         if typical.offloadable else 0.0)
+    costs = CostModel(forward_time=forward_s, backward_time=backward_s, offload_ratio=k,
+                      offload_share=0.5)
     return Setting(recompute=recompute, level=level, units=units, typical=typical,
-                   static=[static_bytes(job, r) for r in range(p)], working=[working_bytes(job, r, recompute) for r in range(p)],
+                   static=[static_bytes(job, r) for r in range(p)],
+                   working=[working_bytes(job, r, recompute) for r in range(p)],
                    forward_s=forward_s, backward_s=backward_s, k=k, costs=costs)
 
 
@@ -133,7 +141,7 @@ def streams_layers(job: JobSpec, setting: Setting) -> bool:
     return setting.recompute.granularity != "full" and job.layers_per_chunk > 0
 
 
-# ---- candidates -----------------------------------------------------------------------------------
+# ---- candidates ----------------------------------------------------------------------------------
 
 @dataclass(kw_only=True, slots=True)
 class LayerScore:
@@ -224,14 +232,17 @@ class Candidate:
         return max(self.memory_bytes) - budget_bytes
 
     def label(self) -> str:
-        group = f" g={self.group_size}" if self.kind != "1f1b" and self.group_size is not None else ""
-        offload = "no offload" if self.offload_chunks == 0 else f"offload chunks<{self.offload_chunks} ({self.offloaded_count} units)"
+        group = (f" g={self.group_size}" if self.kind != "1f1b" and self.group_size is not None
+                 else "")
+        offload = ("no offload" if self.offload_chunks == 0
+                   else f"offload chunks<{self.offload_chunks} ({self.offloaded_count} units)")
         return f"{self.kind}{group}, recompute {self.setting.recompute.label}, {offload}"
 
     def sort_key(self) -> tuple:
         """Tie-breaks at equal makespan: less recomputation, fewer offloaded units, Megatron's
         schedule, larger groups."""
-        return (self.setting.level, self.offloaded_count, 0 if self.family == "megatron" else 1, -(self.group_size or 0))
+        return (self.setting.level, self.offloaded_count, 0 if self.family == "megatron" else 1,
+                -(self.group_size or 0))
 
 
 def better(a: Candidate, b: Candidate | None) -> bool:
@@ -242,7 +253,9 @@ def better(a: Candidate, b: Candidate | None) -> bool:
     return a.sort_key() < b.sort_key()
 
 
-def schedule_shapes(job: JobSpec, families: Sequence[str] = FAMILIES) -> tuple[list[tuple[str, int | None]], list[str]]:
+def schedule_shapes(
+    job: JobSpec, families: Sequence[str] = FAMILIES
+) -> tuple[list[tuple[str, int | None]], list[str]]:
     """The (kind, group size) pairs to try, and why others were left out."""
     p, v, m = job.pp, job.vpp, job.microbatches
     shapes: list[tuple[str, int | None]] = []

@@ -24,8 +24,8 @@ d = bytes per activation element (2 for bf16/fp16, 4 for fp32), T = (s / c) b to
 h_sp = h / t with sequence parallelism, h without (the width of the tensors in the sequence-
 parallel region: layer input, norm in/out, residual, dropout masks after a row-parallel linear).
 
-The PipeOffload paper's check of k (Wan et al., ICML 2025, section 2) is :func:`paper_k`; ``python -m
-megatron_offload.planning.costmodel`` prints it with its assumptions.
+The PipeOffload paper's check of k (Wan et al., ICML 2025, section 2) is :func:`paper_k`;
+``python -m megatron_offload.planning.costmodel`` prints it with its assumptions.
 """
 from __future__ import annotations
 
@@ -87,7 +87,8 @@ def _norm_terms(job: JobSpec, which: str, recompute: Recompute) -> list[Term]:
         # RMSNorm happens inside the recomputed forward).
         # Measured: the runtime finds these inputs referenced besides the saved tensors and
         # keeps them (except the unit's received input, which it always moves: unit_terms).
-        return [Term(f"{which}_input", T * hs * d, doc="norm input kept by the checkpoint", moves=False)]
+        return [Term(f"{which}_input", T * hs * d, doc="norm input kept by the checkpoint",
+                     moves=False)]
     in_bytes = 4 if local_rms else d
     terms = [Term(f"{which}_input", T * hs * in_bytes, doc="norm input (layer input / residual)")]
     terms.append(Term(f"{which}_output", T * hs * d, doc="norm output, saved by the next linear"))
@@ -95,7 +96,8 @@ def _norm_terms(job: JobSpec, which: str, recompute: Recompute) -> list[Term]:
         terms.append(Term(f"{which}_stats", T * stat, 2, doc="mean and rstd per token"))
     elif local_rms:
         terms.append(Term(f"{which}_stats", T * 4, doc="rsqrt per token (fp32)"))
-        terms.append(Term(f"{which}_normalized", T * hs * 4, doc="x * rsqrt in fp32 (local RMSNorm)"))
+        terms.append(Term(f"{which}_normalized", T * hs * 4,
+                          doc="x * rsqrt in fp32 (local RMSNorm)"))
     else:
         terms.append(Term(f"{which}_stats", T * 4, doc="rstd per token (fp32)"))
     return terms
@@ -123,11 +125,14 @@ def _attention_terms(job: JobSpec, recompute: Recompute) -> list[Term]:
     hd, a, g = job.head_dim, job.num_attention_heads, job.query_groups
     qd, kvd = a * hd / t, g * hd / t
     rope = job.position_embedding_type == "rope"
-    s_local, s_keys, b = job.seq_length // job.context_parallel_size, job.seq_length, job.micro_batch_size
+    s_local, s_keys, b = (job.seq_length // job.context_parallel_size, job.seq_length,
+                          job.micro_batch_size)
     terms: list[Term] = []
     if rope and not job.rope_fusion:
-        terms.append(Term("rope_cos_sin", s_local * hd * d, 4, doc="unfused RoPE: cos and sin for q and k"))
-    mixed = Term("qkv_output", T * (qd + 2 * kvd) * d, doc="QKV linear output (q, k, v are views of it)")
+        terms.append(Term("rope_cos_sin", s_local * hd * d, 4,
+                          doc="unfused RoPE: cos and sin for q and k"))
+    mixed = Term("qkv_output", T * (qd + 2 * kvd) * d,
+                 doc="QKV linear output (q, k, v are views of it)")
     if recompute.has("core_attn"):
         terms.append(Term("attn_mask_type", 4, doc="the checkpoint's int32 mask-type tensor"))
         terms.append(mixed)
@@ -138,27 +143,34 @@ def _attention_terms(job: JobSpec, recompute: Recompute) -> list[Term]:
         terms.append(Term("q", T * qd * d, doc="query as the fused kernel keeps it"))
         terms.append(Term("k", T * kvd * d, doc="key"))
         terms.append(Term("v", T * kvd * d, doc="value"))
-        terms.append(Term("softmax_lse", T * (a / t) * 4, doc="fp32 log-sum-exp per head and token"))
+        terms.append(Term("softmax_lse", T * (a / t) * 4,
+                          doc="fp32 log-sum-exp per head and token"))
     else:
         if g < a:
-            terms.append(Term("q_k_v_expanded", T * qd * d, 3, doc="q (reshaped copy) and k, v expanded to all heads"))
+            terms.append(Term("q_k_v_expanded", T * qd * d, 3,
+                              doc="q (reshaped copy) and k, v expanded to all heads"))
         else:
             terms.append(mixed)
             if rope:
                 terms.append(Term("q_k_rotated", T * qd * d, 2, doc="RoPE outputs q, k"))
         scores = b * (a / t) * s_local * s_keys
-        sm_fp32 = job.attention_softmax_in_fp32 and not (job.masked_softmax_fusion and job.device == "cuda" and job.dtype != "fp32")
+        sm_fp32 = job.attention_softmax_in_fp32 and not (
+            job.masked_softmax_fusion and job.device == "cuda" and job.dtype != "fp32")
         mask_bytes = 1 if job.device == "cuda" else d
         if sm_fp32 and d != 4:
             terms.append(Term("softmax_fp32", scores * 4, doc="softmax output in fp32"))
         else:
             terms.append(Term("softmax", scores * d, doc="softmax output"))
         if job.attention_dropout > 0:
-            terms.append(Term("attention_dropout_mask", scores * mask_bytes, doc="attention dropout mask"))
-            terms.append(Term("attention_probs", scores * d, doc="dropout output, saved by the context matmul"))
+            terms.append(Term("attention_dropout_mask", scores * mask_bytes,
+                              doc="attention dropout mask"))
+            terms.append(Term("attention_probs", scores * d,
+                              doc="dropout output, saved by the context matmul"))
         elif sm_fp32 and d != 4:
-            terms.append(Term("attention_probs", scores * d, doc="probabilities cast to d bytes for the context matmul"))
-    terms.append(Term("context", T * qd * d, doc="attention output, saved by the output projection"))
+            terms.append(Term("attention_probs", scores * d,
+                              doc="probabilities cast to d bytes for the context matmul"))
+    terms.append(Term("context", T * qd * d,
+                      doc="attention output, saved by the output projection"))
     return terms
 
 
@@ -176,18 +188,22 @@ def _mlp_terms(job: JobSpec) -> list[Term]:
         if job.swiglu:
             return [Term("fc1_output", T * 2 * f * d, doc="fc1 output (gate and linear halves)"),
                     Term("activation_output", T * f * d, doc="SwiGLU output, saved by fc2")]
-        return [Term("fc1_output", T * f * d, doc="fc1 output"), Term("activation_output", T * f * d, doc="GeLU output, saved by fc2")]
+        return [Term("fc1_output", T * f * d, doc="fc1 output"),
+                Term("activation_output", T * f * d, doc="GeLU output, saved by fc2")]
     if job.swiglu:
         return [Term("fc1_output", T * 2 * f * d, doc="fc1 output (gate and linear halves)"),
-                Term("glu_parts", T * f * d, 3, doc="x_linear + offset, SiLU output, product (saved by fc2)")]
-    return [Term("fc1_output", T * f * d, doc="fc1 output (+ bias)"), Term("activation_output", T * f * d, doc="GeLU output, saved by fc2")]
+                Term("glu_parts", T * f * d, 3,
+                     doc="x_linear + offset, SiLU output, product (saved by fc2)")]
+    return [Term("fc1_output", T * f * d, doc="fc1 output (+ bias)"),
+            Term("activation_output", T * f * d, doc="GeLU output, saved by fc2")]
 
 
 def _dropout_mask(job: JobSpec, name: str) -> list[Term]:
     if job.hidden_dropout <= 0:
         return []
     mask_bytes = 1 if job.device == "cuda" else job.act_bytes
-    return [Term(name, job.tokens * job.sp_width * mask_bytes, doc="hidden dropout mask (after a row-parallel linear)")]
+    return [Term(name, job.tokens * job.sp_width * mask_bytes,
+                 doc="hidden dropout mask (after a row-parallel linear)")]
 
 
 def layer_terms(job: JobSpec, recompute: Recompute | None = None) -> list[Term]:
@@ -202,7 +218,8 @@ def layer_terms(job: JobSpec, recompute: Recompute | None = None) -> list[Term]:
     recompute = job.recompute if recompute is None else recompute
     if recompute.granularity == "full":
         recompute = NO_RECOMPUTE
-    terms = _norm_terms(job, "norm1", recompute) + _attention_terms(job, recompute) + _dropout_mask(job, "attention_bda_mask")
+    terms = (_norm_terms(job, "norm1", recompute) + _attention_terms(job, recompute)
+             + _dropout_mask(job, "attention_bda_mask"))
     terms += _norm_terms(job, "norm2", recompute)
     if not recompute.has("mlp"):
         terms += _mlp_terms(job)
@@ -245,14 +262,18 @@ def unit_shared_terms(job: JobSpec, recompute: Recompute | None = None) -> list[
     recompute = job.recompute if recompute is None else recompute
     terms = []
     if not job.uses_flash:
-        terms.append(Term("attention_mask", job.seq_length * job.seq_length * 1, doc="causal mask (bool), shared by the chunk's layers"))
+        terms.append(Term("attention_mask", job.seq_length * job.seq_length * 1,
+                          doc="causal mask (bool), shared by the chunk's layers"))
     if recompute.granularity == "full" and job.position_embedding_type == "rope":
-        terms.append(Term("rotary_freqs", job.seq_length // job.context_parallel_size * job.head_dim * 4, doc="RoPE table kept by the checkpoints",
+        terms.append(Term("rotary_freqs",
+                          job.seq_length // job.context_parallel_size * job.head_dim * 4,
+                          doc="RoPE table kept by the checkpoints",
                           moves=False))  # a cache shared by the units: stays
     return terms
 
 
-def received_input_terms(job: JobSpec, rank: int, chunk: int, recompute: Recompute | None = None) -> list[Term]:
+def received_input_terms(job: JobSpec, rank: int, chunk: int,
+                         recompute: Recompute | None = None) -> list[Term]:
     """The hidden state a unit receives from the previous stage (every unit but the first
     stage's chunk 0). The runtime counts it as the unit's memory (the schedule holds it until
     the backward). Usually it is the first layer's norm input (or a full-recompute checkpoint's
@@ -261,14 +282,17 @@ def received_input_terms(job: JobSpec, rank: int, chunk: int, recompute: Recompu
     recompute = job.recompute if recompute is None else recompute
     if rank == 0 and chunk == 0:
         return []
-    upcast = job.transformer_impl == "local" and job.normalization == "RMSNorm" and job.act_bytes != 4
+    upcast = (job.transformer_impl == "local" and job.normalization == "RMSNorm"
+              and job.act_bytes != 4)
     if upcast and recompute.granularity != "full" and not recompute.has("layernorm"):
         return [Term("received_input", job.tokens * job.sp_width * job.act_bytes,
-                     doc="hidden state received from the previous stage (the norm keeps an fp32 copy)")]
+                     doc="hidden state received from the previous stage (the norm "
+                         "keeps an fp32 copy)")]
     return []
 
 
-def unit_terms(job: JobSpec, rank: int, chunk: int, recompute: Recompute | None = None) -> list[Term]:
+def unit_terms(job: JobSpec, rank: int, chunk: int,
+               recompute: Recompute | None = None) -> list[Term]:
     """Everything one unit (model chunk ``chunk`` of pipeline rank ``rank``, one microbatch)
     keeps: its layers (full recompute: the checkpoint inputs plus the layers that are not
     recomputed), the per-unit terms (causal mask, received input where it is an extra storage)
@@ -281,12 +305,16 @@ def unit_terms(job: JobSpec, rank: int, chunk: int, recompute: Recompute | None 
             checkpoints, plain = math.ceil(n / recompute.num_layers), 0
         else:
             checkpoints, plain = min(recompute.num_layers, n), n - min(recompute.num_layers, n)
-        width = job.hidden_size / job.tp if job.distribute_saved_activations and not job.sequence_parallel else job.sp_width
-        terms = [Term("checkpoint_input", job.tokens * width * job.act_bytes, checkpoints, doc="input of each recomputed group")]
+        width = (job.hidden_size / job.tp
+                 if job.distribute_saved_activations and not job.sequence_parallel
+                 else job.sp_width)
+        terms = [Term("checkpoint_input", job.tokens * width * job.act_bytes, checkpoints,
+                      doc="input of each recomputed group")]
         terms += [term.scaled(plain) for term in layer_terms(job, NO_RECOMPUTE)] if plain else []
     else:
         terms = [term.scaled(n) for term in layer_terms(job, recompute)]
-    if recompute.granularity != "full" and recompute.has("layernorm") and not (rank == 0 and chunk == 0):
+    if (recompute.granularity != "full" and recompute.has("layernorm")
+            and not (rank == 0 and chunk == 0)):
         # The first layer's norm1 input is the received input: the runtime moves it.
         terms = [term.scaled((n - 1) / n) if term.name == "norm1_input" else term for term in terms]
         terms.append(Term("received_input", job.tokens * job.sp_width * job.act_bytes,
@@ -316,7 +344,8 @@ class UnitBytes:
 
 def split_bytes(terms: list[Term], min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES) -> UnitBytes:
     total = sum(term.bytes for term in terms)
-    movable = sum(term.bytes for term in terms if term.moves and term.tensor_bytes >= min_offload_bytes)
+    movable = sum(term.bytes for term in terms
+                  if term.moves and term.tensor_bytes >= min_offload_bytes)
     return UnitBytes(total=int(round(total)), offloadable=int(round(movable)))
 
 
@@ -376,7 +405,8 @@ def rank_params(job: JobSpec, rank: int) -> int:
 
 def total_params(job: JobSpec) -> int:
     h = job.hidden_size
-    params = layer_params(job) * job.num_layers + job.vocab * h + (2 * h if job.normalization == "LayerNorm" else h)
+    params = (layer_params(job) * job.num_layers + job.vocab * h
+              + (2 * h if job.normalization == "LayerNorm" else h))
     if job.position_embedding_type == "learned_absolute":
         params += (job.max_position_embeddings or job.seq_length) * h
     if job.untie_embeddings_and_output_weights:
@@ -414,8 +444,10 @@ def static_bytes(job: JobSpec, rank: int) -> StaticBytes:
     gbytes = 4 if fp32_grads or job.dtype == "fp32" else 2
     main = 4 if job.dtype != "fp32" else 0
     state = main + (8 if job.optimizer == "adam" else 4)
-    shards = job.data_parallel_size * job.context_parallel_size if job.use_distributed_optimizer else 1
-    return StaticBytes(params=int(params * pbytes), grads=int(params * gbytes), optimizer=int(params * state / shards))
+    shards = (job.data_parallel_size * job.context_parallel_size
+              if job.use_distributed_optimizer else 1)
+    return StaticBytes(params=int(params * pbytes), grads=int(params * gbytes),
+                       optimizer=int(params * state / shards))
 
 
 def working_bytes(job: JobSpec, rank: int, recompute: Recompute | None = None) -> int:
@@ -432,7 +464,8 @@ def working_bytes(job: JobSpec, rank: int, recompute: Recompute | None = None) -
     """
     recompute = job.recompute if recompute is None else recompute
     p2p = 2 * job.tokens * job.sp_width * job.act_bytes
-    layers = recompute.num_layers if recompute.granularity == "full" and recompute.method == "uniform" else 1
+    layers = (recompute.num_layers
+              if recompute.granularity == "full" and recompute.method == "uniform" else 1)
     work = layers * layer_bytes(job, NO_RECOMPUTE)
     logits = job.tokens * job.vocab / job.tp * job.act_bytes if rank == job.pp - 1 else 0
     return int(p2p + work + logits)
@@ -460,7 +493,8 @@ def layer_flops(job: JobSpec, recompute: Recompute | None = None) -> LayerFlops:
     recomputed forward (full: all of it; core_attn: the attention core; mlp: the MLP; layernorm:
     nothing worth counting)."""
     recompute = job.recompute if recompute is None else recompute
-    h, f, hd, a, g = job.hidden_size, job.ffn, job.head_dim, job.num_attention_heads, job.query_groups
+    h, f, hd, a, g = (job.hidden_size, job.ffn, job.head_dim, job.num_attention_heads,
+                      job.query_groups)
     s = job.seq_length
     linear_attn = 2 * h * (a + 2 * g) * hd + 2 * a * hd * h
     core = 4 * s * a * hd
@@ -473,11 +507,13 @@ def layer_flops(job: JobSpec, recompute: Recompute | None = None) -> LayerFlops:
         else:
             again = forward
     else:
-        again = (core * scale if recompute.has("core_attn") else 0.0) + (mlp * scale if recompute.has("mlp") else 0.0)
+        again = ((core * scale if recompute.has("core_attn") else 0.0)
+                 + (mlp * scale if recompute.has("mlp") else 0.0))
     return LayerFlops(forward=forward, backward=2 * forward + again, recompute=again)
 
 
-def unit_times(job: JobSpec, tflops: float, recompute: Recompute | None = None) -> tuple[float, float]:
+def unit_times(job: JobSpec, tflops: float,
+               recompute: Recompute | None = None) -> tuple[float, float]:
     """(forward, backward) seconds of one unit (``layers_per_chunk`` layers) at ``tflops``
     achieved TFLOP/s. The embedding and the output layer are not included (see
     :mod:`megatron_offload.planning.search`, "Not modelled")."""
@@ -487,7 +523,8 @@ def unit_times(job: JobSpec, tflops: float, recompute: Recompute | None = None) 
     return n * flops.forward / rate, n * flops.backward / rate
 
 
-def offload_ratio(nbytes: float, compute_s: float, d2h_gbps: float, h2d_gbps: float | None = None) -> float:
+def offload_ratio(nbytes: float, compute_s: float, d2h_gbps: float,
+                  h2d_gbps: float | None = None) -> float:
     """k = (D2H + H2D time of ``nbytes``) / ``compute_s`` (forward + backward time of the same
     unit); link speeds in GB/s (1e9 bytes/s) per direction."""
     h2d_gbps = d2h_gbps if h2d_gbps is None else h2d_gbps
@@ -496,7 +533,7 @@ def offload_ratio(nbytes: float, compute_s: float, d2h_gbps: float, h2d_gbps: fl
     return (nbytes / (d2h_gbps * 1e9) + nbytes / (h2d_gbps * 1e9)) / compute_s
 
 
-# ---- the paper's k --------------------------------------------------------------------------------
+# ---- the paper's k -------------------------------------------------------------------------------
 
 PAPER_TFLOPS = 220.0
 """A100 achieved compute rate B_c of the paper (TFLOP/s)."""
@@ -520,8 +557,9 @@ PAPER_ASSUMPTIONS = (
 def paper_job(hidden: int, seq: int, micro_batch: int = 1) -> JobSpec:
     """A layer as the paper assumes it: bf16, flash attention, a = g, f = 4h, GeLU, no dropout
     (the paper recomputes it from the RNG state), LayerNorm recomputed."""
-    return JobSpec(num_layers=1, hidden_size=hidden, num_attention_heads=hidden // 128, seq_length=seq,
-                   micro_batch_size=micro_batch, dtype="bf16", hidden_dropout=0.0, attention_dropout=0.0,
+    return JobSpec(num_layers=1, hidden_size=hidden, num_attention_heads=hidden // 128,
+                   seq_length=seq, micro_batch_size=micro_batch, dtype="bf16",
+                   hidden_dropout=0.0, attention_dropout=0.0,
                    recompute=Recompute(granularity="selective", modules=("layernorm",)))
 
 
@@ -529,7 +567,8 @@ def paper_offload_bytes(job: JobSpec) -> int:
     """The paper's offloaded bytes per layer from our term list: the layer with LayerNorm
     recomputed, minus what the paper also recomputes (the activation output, kept by fc2) and
     the fp32 softmax statistics it neglects. Equals 20 s b h for :func:`paper_job`."""
-    return int(sum(t.bytes for t in layer_terms(job) if t.name not in ("activation_output", "softmax_lse")))
+    return int(sum(t.bytes for t in layer_terms(job)
+                   if t.name not in ("activation_output", "softmax_lse")))
 
 
 def paper_k(hidden: int, seq: int, tflops: float = PAPER_TFLOPS, gbps: float = PAPER_GBPS) -> float:
@@ -540,17 +579,20 @@ def paper_k(hidden: int, seq: int, tflops: float = PAPER_TFLOPS, gbps: float = P
     return offload_ratio(paper_offload_bytes(job), forward + backward, gbps)
 
 
-def paper_k_formula(hidden: int, seq: int, tflops: float = PAPER_TFLOPS, gbps: float = PAPER_GBPS) -> float:
+def paper_k_formula(hidden: int, seq: int, tflops: float = PAPER_TFLOPS,
+                    gbps: float = PAPER_GBPS) -> float:
     """The paper's closed form, 10 / (3 (6h + s)) x B_c / B_o."""
     return 10.0 / (3.0 * (6 * hidden + seq)) * (tflops * 1e12) / (gbps * 1e9)
 
 
 def paper_k_table(tflops: float = PAPER_TFLOPS, gbps: float = PAPER_GBPS) -> str:
-    lines = [PAPER_ASSUMPTIONS.format(tflops=tflops, gbps=gbps), f"{'h':>6}{'s':>7}{'k (ours)':>10}{'k (formula)':>13}{'paper':>7}{'diff':>8}"]
+    lines = [PAPER_ASSUMPTIONS.format(tflops=tflops, gbps=gbps),
+             f"{'h':>6}{'s':>7}{'k (ours)':>10}{'k (formula)':>13}{'paper':>7}{'diff':>8}"]
     for hidden, row in PAPER_VALUES.items():
         for seq, published in row.items():
             ours = paper_k(hidden, seq, tflops, gbps)
-            lines.append(f"{hidden:>6}{seq:>7}{ours:>10.3f}{paper_k_formula(hidden, seq, tflops, gbps):>13.3f}{published:>7.2f}"
+            lines.append(f"{hidden:>6}{seq:>7}{ours:>10.3f}"
+                         f"{paper_k_formula(hidden, seq, tflops, gbps):>13.3f}{published:>7.2f}"
                          f"{ours / published - 1:>+8.1%}")
     return "\n".join(lines)
 

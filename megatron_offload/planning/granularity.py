@@ -1,18 +1,25 @@
 """Offload granularity: scoring layer streaming (``--offload-granularity layer``).
 
 :class:`LayerSearch` extends the unit search with layer-granularity scores: every transformer
-layer's saved activations are a sub-unit of their own (:func:`schedule.layer_sim.plan_layer_streaming`:
-the cost model's bytes per layer, per-layer times from the FLOPs, the host link's GB/s, reloads
-as late as the link allows, copies it cannot hide dropped), simulated on a short schedule with
-the job's peaks. :meth:`LayerSearch.choose_granularity` decides between the unit plan and layer
-streaming (the rule: :func:`megatron_offload.planning.search.plan_job`, "Granularity");
-:func:`score_layer_granularity` scores one combination of a plan.
+layer's saved activations are a sub-unit of their own
+(:func:`schedule.layer_sim.plan_layer_streaming`: the cost model's bytes per layer, per-layer times
+from the FLOPs, the host link's GB/s, reloads as late as the link allows, copies it cannot hide
+dropped), simulated on a short schedule with the job's peaks. :meth:`LayerSearch.choose_granularity`
+decides between the unit plan and layer streaming (the rule:
+:func:`megatron_offload.planning.search.plan_job`, "Granularity"); :func:`score_layer_granularity`
+scores one combination of a plan.
 """
 from __future__ import annotations
 
 import math
 
-from megatron_offload.planning.candidates import TOLERANCE, Candidate, LayerScore, Setting, streams_layers
+from megatron_offload.planning.candidates import (
+    TOLERANCE,
+    Candidate,
+    LayerScore,
+    Setting,
+    streams_layers,
+)
 from megatron_offload.planning.costmodel import (
     DEFAULT_MIN_OFFLOAD_BYTES,
     GiB,
@@ -61,9 +68,11 @@ class LayerSearch(UnitSearch):
     simulations (:attr:`layer_runs` counts them), a layer plan within ``layer_tolerance`` of
     the iteration time without copies."""
 
-    def __init__(self, job, hardware, budget_bytes, host_budget_node, min_offload_bytes, calibration,
-                 layer_tolerance: float = DEFAULT_LAYER_SLOWDOWN_TOLERANCE, layer_scores: int = LAYER_SCORES_PER_PLAN):
-        super().__init__(job, hardware, budget_bytes, host_budget_node, min_offload_bytes, calibration)
+    def __init__(self, job, hardware, budget_bytes, host_budget_node, min_offload_bytes,
+                 calibration, layer_tolerance: float = DEFAULT_LAYER_SLOWDOWN_TOLERANCE,
+                 layer_scores: int = LAYER_SCORES_PER_PLAN):
+        super().__init__(job, hardware, budget_bytes, host_budget_node, min_offload_bytes,
+                         calibration)
         self.layer_tolerance = layer_tolerance
         self.layer_budget = layer_scores
         self.layer_scores: dict[tuple, LayerScore | None] = {}
@@ -91,7 +100,8 @@ class LayerSearch(UnitSearch):
             rest, layers, moved = [], [], {}
             for chunk in range(v):
                 unit = setting.units[rank][chunk]
-                raw = unit_bytes(job, rank, chunk, setting.recompute, self.min_offload_bytes).total if self.calibration else 0
+                raw = (unit_bytes(job, rank, chunk, setting.recompute, self.min_offload_bytes).total
+                       if self.calibration else 0)
                 factor = unit.total / raw if self.calibration and raw else 1.0
                 total, movable = layer.total * factor, layer.offloadable * factor
                 rest_total = max(0.0, unit.total - L * total)
@@ -102,8 +112,9 @@ class LayerSearch(UnitSearch):
                     moved[(chunk, mb, None)] = rest_moved
                     for index in range(L):
                         moved[(chunk, mb, index)] = movable
-            profiles.append(LayerProfile(rest_bytes=tuple(rest), layer_bytes=tuple(layers), forward_time=forward,
-                                         backward_time=backward, moved_bytes=moved))
+            profiles.append(LayerProfile(rest_bytes=tuple(rest), layer_bytes=tuple(layers),
+                                         forward_time=forward, backward_time=backward,
+                                         moved_bytes=moved))
         self._profiles[key] = profiles
         return profiles
 
@@ -123,7 +134,8 @@ class LayerSearch(UnitSearch):
         full = self.schedule(kind, group)
         weights = [[[u.total for u in row] for row in setting.units]]
         if chunks:
-            weights.append([[u.kept if c < chunks else u.total for c, u in enumerate(row)] for row in setting.units])
+            weights.append([[u.kept if c < chunks else u.total for c, u in enumerate(row)]
+                            for row in setting.units])
 
         def peaks(schedule, sim=None):
             sim = sim or simulate(schedule, setting.costs)
@@ -138,12 +150,14 @@ class LayerSearch(UnitSearch):
         result = (m, full)
         while count < m:
             try:
-                schedule = make_schedule(kind, job.pp, job.vpp, count, group if kind != "1f1b" else None)
+                schedule = make_schedule(kind, job.pp, job.vpp, count,
+                                         group if kind != "1f1b" else None)
             except ValueError:
                 count += step
                 continue
             got = peaks(schedule)
-            if all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1.0) for x, y in zip(got, want) for a, b in zip(x, y)):
+            if all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1.0)
+                   for x, y in zip(got, want) for a, b in zip(x, y)):
                 result = (count, schedule)
                 break
             count *= 2
@@ -170,13 +184,15 @@ class LayerSearch(UnitSearch):
         if microbatches < job.microbatches:
             # Copies the D2H lane cannot drain within the rank's compute pile up over a long
             # iteration: the short schedule would understate the peak; simulate the job's own.
-            saturated = any(sum(e - b for op, b, e in zip(r.ops, r.start, r.end) if op.kind is OpKind.OFFLOAD) > 0.9 * r.busy
+            saturated = any(sum(e - b for op, b, e in zip(r.ops, r.start, r.end)
+                                if op.kind is OpKind.OFFLOAD) > 0.9 * r.busy
                             for r in sims)
             if saturated:
                 microbatches, schedule = job.microbatches, self.schedule(kind, group)
                 profiles = self.layer_profiles(setting, microbatches)
-                result = plan_layer_streaming(schedule, job.layers_per_chunk, profiles, link, chunks=chunks,
-                                              reload_distance="auto", drop_unhidden=True)
+                result = plan_layer_streaming(schedule, job.layers_per_chunk, profiles, link,
+                                              chunks=chunks, reload_distance="auto",
+                                              drop_unhidden=True)
                 sims = result.simulation.ranks
         activation = list(result.simulation.peak_bytes)
         memory = [st.total + w + a for st, w, a in zip(setting.static, setting.working, activation)]
@@ -186,16 +202,19 @@ class LayerSearch(UnitSearch):
         sets = [stream_sets(ops, chunks) if chunks else (set(), set()) for ops in full.ranks]
         base = self.base(kind, group, setting)
         score = LayerScore(
-            chunks=chunks, activation_bytes=activation, memory_bytes=memory, host_bytes=host, host_bytes_per_node=host_node,
-            slowdown=result.slowdown, makespan=base.makespan * (1.0 + result.slowdown),
-            streamed_units=[len(streamed) for streamed, _ in sets], offloaded_units=[len(gone) for _, gone in sets],
-            copies=list(result.simulation.copies), stall_s=list(result.simulation.stall), simulated_microbatches=microbatches,
+            chunks=chunks, activation_bytes=activation, memory_bytes=memory, host_bytes=host,
+            host_bytes_per_node=host_node, slowdown=result.slowdown,
+            makespan=base.makespan * (1.0 + result.slowdown),
+            streamed_units=[len(streamed) for streamed, _ in sets],
+            offloaded_units=[len(gone) for _, gone in sets],
+            copies=list(result.simulation.copies), stall_s=list(result.simulation.stall),
+            simulated_microbatches=microbatches,
             gpu_fits=max(memory) <= self.budget, host_fits=host_node <= self.host_budget)
         self.layer_scores[key] = score
         return score
 
-    def choose_granularity(self, best: Candidate | None, shapes, settings: list[Setting], refine: bool = True
-                           ) -> tuple[Candidate | None, str, str]:
+    def choose_granularity(self, best: Candidate | None, shapes, settings: list[Setting],
+                           refine: bool = True) -> tuple[Candidate | None, str, str]:
         """(plan, granularity, reason); see :func:`megatron_offload.planning.search.plan_job`."""
         tol = self.layer_tolerance
         reason = ""
@@ -203,28 +222,34 @@ class LayerSearch(UnitSearch):
         if best is not None and best.offload_chunks > 0 and refine:
             score = self.layer_score(best.kind, best.group_size, best.setting, best.offload_chunks)
             if score is None:
-                reason = ("unit: layers under full recomputation keep only their checkpoint inputs, nothing to stream"
-                          if not streams_layers(self.job, best.setting) else "unit: layer streaming not scored")
+                reason = ("unit: layers under full recomputation keep only their checkpoint "
+                          "inputs, nothing to stream"
+                          if not streams_layers(self.job, best.setting)
+                          else "unit: layer streaming not scored")
             else:
                 best.layer = score
                 worst_unit, worst_layer = max(best.memory_bytes), max(score.memory_bytes)
                 if not score.gpu_fits:
-                    reason = f"unit: layer streaming does not fit ({worst_layer / GiB:.2f} GiB on the worst rank)"
+                    reason = (f"unit: layer streaming does not fit ({worst_layer / GiB:.2f} GiB on "
+                              "the worst rank)")
                 elif not score.host_fits:
-                    reason = (f"unit: layer streaming needs {score.host_bytes_per_node / GiB:.1f} GiB of pinned host memory per "
-                              f"node, over the host budget")
+                    reason = (f"unit: layer streaming needs {score.host_bytes_per_node / GiB:.1f} "
+                              "GiB of pinned host memory per node, over the host budget")
                 elif score.slowdown > tol or score.makespan > best.makespan * (1 + tol):
-                    reason = (f"unit: layer streaming would slow the iteration by {score.slowdown:+.2%} (the host link cannot "
-                              f"hide the per-layer copies; tolerance {tol:.1%})")
+                    reason = ("unit: layer streaming would slow the iteration by "
+                              f"{score.slowdown:+.2%} (the host link cannot hide the per-layer "
+                              f"copies; tolerance {tol:.1%})")
                 elif worst_layer >= worst_unit - 2**20:
-                    reason = (f"unit: layer streaming does not lower the worst rank's memory ({worst_layer / GiB:.2f} GiB vs "
-                              f"{worst_unit / GiB:.2f} GiB)")
+                    reason = ("unit: layer streaming does not lower the worst rank's memory ("
+                              f"{worst_layer / GiB:.2f} GiB vs {worst_unit / GiB:.2f} GiB)")
                 else:
                     granularity = "layer"
-                    reason = (f"layer: lowers the worst rank's memory from {worst_unit / GiB:.2f} to {worst_layer / GiB:.2f} GiB "
-                              f"at {score.slowdown:+.2%}, with the same offload chunks (K = {best.offload_chunks})")
+                    reason = (f"layer: lowers the worst rank's memory from {worst_unit / GiB:.2f} "
+                              f"to {worst_layer / GiB:.2f} GiB at {score.slowdown:+.2%}, "
+                              f"with the same offload chunks (K = {best.offload_chunks})")
         # Faster combinations (or any, when nothing fits) that fit only with layer streaming.
-        limit = math.inf if best is None else best.layer.makespan if granularity == "layer" else best.makespan
+        limit = (math.inf if best is None
+                 else best.layer.makespan if granularity == "layer" else best.makespan)
         pairs = []
         floor: dict[tuple, float] = {}  # a shape's makespan only grows up the recompute ladder
         for setting in settings:
@@ -233,7 +258,8 @@ class LayerSearch(UnitSearch):
                     continue
                 base = self.base(kind, group, setting)
                 floor[(kind, group)] = base.makespan
-                if best is not None and (kind, group, setting.recompute) == (best.kind, best.group_size, best.setting.recompute):
+                if best is not None and ((kind, group, setting.recompute)
+                                         == (best.kind, best.group_size, best.setting.recompute)):
                     continue
                 if base.makespan < limit * (1 - TOLERANCE) and streams_layers(self.job, setting):
                     pairs.append((base.makespan, base.sort_key(), kind, group, setting))
@@ -246,44 +272,56 @@ class LayerSearch(UnitSearch):
             if score is None:
                 continue
             if not score.fits or score.slowdown > tol or score.makespan >= limit * (1 - TOLERANCE):
-                tried.append(f"{kind}{'' if group is None else f' g={group}'} recompute {setting.recompute.label}: "
-                             + (f"{max(score.memory_bytes) / GiB:.2f} GiB on the worst rank" if not score.gpu_fits
-                                else "host memory over budget" if not score.host_fits else f"{score.slowdown:+.2%} slower"))
+                tried.append(f"{kind}{'' if group is None else f' g={group}'} recompute "
+                             f"{setting.recompute.label}: "
+                             + (f"{max(score.memory_bytes) / GiB:.2f} GiB on the worst rank"
+                                if not score.gpu_fits
+                                else "host memory over budget" if not score.host_fits
+                                else f"{score.slowdown:+.2%} slower"))
                 continue
             candidate = self.unit_at(kind, group, setting, self.job.vpp)
             candidate.layer = score
             why = ("nothing fits at unit granularity" if best is None
                    else f"faster than the {granularity} plan ({best.label()}, {limit:.3f} s)")
-            return candidate, "layer", (f"layer: {candidate.kind}{'' if candidate.group_size is None else f' g={candidate.group_size}'}"
-                                        f", recompute {setting.recompute.label} fits only with layer streaming "
-                                        f"({max(score.memory_bytes) / GiB:.2f} GiB on the worst rank, "
-                                        f"{score.slowdown:+.2%}): {why}")
+            return candidate, "layer", (
+                f"layer: {candidate.kind}"
+                f"{'' if candidate.group_size is None else f' g={candidate.group_size}'}"
+                f", recompute {setting.recompute.label} fits only with layer streaming "
+                f"({max(score.memory_bytes) / GiB:.2f} GiB on the worst rank, "
+                f"{score.slowdown:+.2%}): {why}")
         what = "a faster combination" if best is not None else "the job"
         if granularity == "layer":
             # Fewer streamed chunks (less host memory and link traffic) if they meet the same rule.
             worst_unit = max(best.memory_bytes)
             while best.layer.chunks > 1 and self.layer_runs < self.layer_budget:
-                fewer = self.layer_score(best.kind, best.group_size, best.setting, best.layer.chunks - 1)
-                if (fewer is None or not fewer.fits or fewer.slowdown > tol or fewer.makespan > best.makespan * (1 + tol)
+                fewer = self.layer_score(best.kind, best.group_size, best.setting,
+                                         best.layer.chunks - 1)
+                if (fewer is None or not fewer.fits or fewer.slowdown > tol
+                        or fewer.makespan > best.makespan * (1 + tol)
                         or max(fewer.memory_bytes) >= worst_unit - 2**20):
                     break
                 best.layer = fewer
                 reason = (f"layer: lowers the worst rank's memory from {worst_unit / GiB:.2f} to "
-                          f"{max(fewer.memory_bytes) / GiB:.2f} GiB at {fewer.slowdown:+.2%}, streaming fewer chunks "
-                          f"(K = {fewer.chunks}) than the unit plan offloads (K = {best.offload_chunks})")
+                          f"{max(fewer.memory_bytes) / GiB:.2f} GiB at {fewer.slowdown:+.2%}, "
+                          f"streaming fewer chunks (K = {fewer.chunks}) than the unit plan "
+                          f"offloads (K = {best.offload_chunks})")
             return best, "layer", reason
         if tried:
             reason = (reason + "; " if reason else "unit: ") + (
                 f"layer streaming of every chunk does not make {what} fit ({'; '.join(tried)})")
         elif not reason:
-            reason = ("unit: no offload needed" if best is not None and best.offload_chunks == 0 and not pairs
-                      else "unit: the plan offloads nothing" if best is not None and best.offload_chunks == 0
+            reason = ("unit: no offload needed"
+                      if best is not None and best.offload_chunks == 0 and not pairs
+                      else "unit: the plan offloads nothing"
+                      if best is not None and best.offload_chunks == 0
                       else "unit: layer streaming does not make the job fit either")
         return best, "unit", reason
 
 
-def score_layer_granularity(plan: Plan, chunks: int | None = None, *, candidate: Candidate | None = None,
-                            shape: tuple[str, int | None] | None = None, min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES,
+def score_layer_granularity(plan: Plan, chunks: int | None = None, *,
+                            candidate: Candidate | None = None,
+                            shape: tuple[str, int | None] | None = None,
+                            min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES,
                             full_schedule: bool = False) -> LayerScore | None:
     """``candidate``'s combination (default the plan's; ``shape`` = (kind, group size)
     replaces its schedule) scored at layer granularity with the units of chunks < ``chunks``
@@ -292,13 +330,14 @@ def score_layer_granularity(plan: Plan, chunks: int | None = None, *, candidate:
     calibration). ``full_schedule``: simulate the job's own microbatches instead of the short
     schedule. None under full recomputation."""
     candidate = candidate or plan.chosen or plan.baseline
-    search = LayerSearch(plan.job, plan.hardware, plan.budget_bytes, plan.host_budget_bytes_per_node, min_offload_bytes, None,
-                         layer_scores=1)
+    search = LayerSearch(plan.job, plan.hardware, plan.budget_bytes,
+                         plan.host_budget_bytes_per_node, min_offload_bytes, None, layer_scores=1)
     setting = search.setting(candidate.setting.recompute, candidate.setting.level)
     kind, group = shape or (candidate.kind, candidate.group_size)
     chunks = candidate.offload_chunks if chunks is None else chunks
     if full_schedule:
-        search._proxies[(kind, group, setting.recompute, chunks)] = (plan.job.microbatches, search.schedule(kind, group))
+        search._proxies[(kind, group, setting.recompute, chunks)] = (plan.job.microbatches,
+                                                                     search.schedule(kind, group))
     return search.layer_score(kind, group, setting, chunks)
 
 
@@ -308,4 +347,5 @@ def layer_floor(job: JobSpec, setting: Setting, min_offload_bytes: int) -> list[
     if not streams_layers(job, setting):
         return setting.floor
     layer = split_bytes(layer_terms(job, setting.recompute), min_offload_bytes).total
-    return [s.total + w + min(layer, min(u.total for u in row)) for s, w, row in zip(setting.static, setting.working, setting.units)]
+    return [s.total + w + min(layer, min(u.total for u in row))
+            for s, w, row in zip(setting.static, setting.working, setting.units)]

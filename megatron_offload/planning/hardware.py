@@ -46,7 +46,8 @@ class Hardware:
     """Field -> where the value comes from (datasheet, paper, estimate, user, measured)."""
 
     def __post_init__(self) -> None:
-        for flag, value in (("--gpu-memory-gib", self.gpu_memory_gib), ("--gpu-tflops", self.achieved_tflops),
+        for flag, value in (("--gpu-memory-gib", self.gpu_memory_gib),
+                            ("--gpu-tflops", self.achieved_tflops),
                             ("--host-link-gbps", self.host_link_gbps)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"{flag} {value!r} must be a number > 0")
@@ -60,14 +61,20 @@ class Hardware:
         return self.host_link_gbps * GB
 
     def describe(self) -> str:
-        host = f"{self.host_memory_gib:g} GiB host RAM per node" if self.host_memory_gib else "host RAM not given"
-        return (f"{self.name}: {self.gpu_memory_gib:g} GiB, {self.achieved_tflops:g} TFLOP/s achieved"
-                f"{f' (peak {self.peak_tflops:g})' if self.peak_tflops else ''}, host link {self.host_link_gbps:g} GB/s per direction "
+        host = (f"{self.host_memory_gib:g} GiB host RAM per node" if self.host_memory_gib
+                else "host RAM not given")
+        return (f"{self.name}: {self.gpu_memory_gib:g} GiB, "
+                f"{self.achieved_tflops:g} TFLOP/s achieved"
+                f"{f' (peak {self.peak_tflops:g})' if self.peak_tflops else ''}, "
+                f"host link {self.host_link_gbps:g} GB/s per direction "
                 f"with all {self.gpus_per_node} GPUs copying"
-                f"{f' ({self.host_link_alone_gbps:g} alone)' if self.host_link_alone_gbps else ''}, {host}")
+                f"{f' ({self.host_link_alone_gbps:g} alone)' if self.host_link_alone_gbps else ''}"
+                f", {host}")
 
 
-_DGX_LINK_NOTE = "measured on 8-GPU H100/H200 nodes (the PipeOffload reference code's setting): one GPU alone ~50-55 GB/s per direction on an 8-GPU H100/H200 node, ~32 GB/s each when all copy"
+_DGX_LINK_NOTE = ("measured on 8-GPU H100/H200 nodes (the PipeOffload reference code's setting): "
+                  "one GPU alone ~50-55 GB/s per direction on an 8-GPU H100/H200 node, "
+                  "~32 GB/s each when all copy")
 
 PRESETS: dict[str, Hardware] = {
     "a100-80g": Hardware(
@@ -76,60 +83,79 @@ PRESETS: dict[str, Hardware] = {
         peak_tflops=312.0,  # NVIDIA A100 datasheet: BF16 tensor core 312 TFLOP/s dense (624 sparse)
         achieved_tflops=220.0,  # PipeOffload paper (ICML 2025), B_c for A100
         host_link_gbps=15.0,  # PipeOffload paper, B_o for A100 (all GPUs copying)
-        host_link_alone_gbps=25.0,  # estimate: PCIe Gen4 x16 is 32 GB/s per direction raw; pinned copies reach ~25
-        host_memory_gib=2048.0,  # DGX A100 640GB datasheet: 2 TB system memory (the 320GB model has 1 TB)
+        # estimate: PCIe Gen4 x16 is 32 GB/s per direction raw; pinned copies reach ~25
+        host_link_alone_gbps=25.0,
+        # DGX A100 640GB datasheet: 2 TB system memory (the 320GB model has 1 TB)
+        host_memory_gib=2048.0,
         gpus_per_node=8,  # DGX A100: 8 GPUs
-        sources={"gpu_memory_gib": "datasheet", "peak_tflops": "datasheet", "achieved_tflops": "paper",
-                 "host_link_gbps": "paper", "host_link_alone_gbps": "estimate", "host_memory_gib": "datasheet (DGX A100 640GB)"},
+        sources={"gpu_memory_gib": "datasheet", "peak_tflops": "datasheet",
+                 "achieved_tflops": "paper", "host_link_gbps": "paper",
+                 "host_link_alone_gbps": "estimate",
+                 "host_memory_gib": "datasheet (DGX A100 640GB)"},
     ),
     "h100-80g": Hardware(
         name="h100-80g",
         gpu_memory_gib=79.6,  # H100 SXM5 80GB: nvidia-smi total 81559 MiB
         peak_tflops=989.0,  # NVIDIA H100 SXM datasheet: BF16 989 TFLOP/s dense (1,979 sparse)
         achieved_tflops=440.0,  # PipeOffload reference code's H100 constant, ~45% of peak
-        host_link_gbps=32.0,  # all 8 GPUs of the node copying (_DGX_LINK_NOTE); PCIe Gen5 x16 is 64 GB/s raw per direction
+        # all 8 GPUs of the node copying (_DGX_LINK_NOTE); PCIe Gen5 x16 is 64 GB/s raw per
+        # direction
+        host_link_gbps=32.0,
         host_link_alone_gbps=53.0,  # 50-55 GB/s for one GPU alone (_DGX_LINK_NOTE)
         host_memory_gib=2048.0,  # DGX H100 datasheet: 2 TB system memory
         gpus_per_node=8,  # DGX H100 / HGX H100: 8 GPUs
-        sources={"gpu_memory_gib": "datasheet", "peak_tflops": "datasheet", "achieved_tflops": "reference code",
-                 "host_link_gbps": _DGX_LINK_NOTE, "host_link_alone_gbps": _DGX_LINK_NOTE, "host_memory_gib": "datasheet (DGX H100)"},
+        sources={"gpu_memory_gib": "datasheet", "peak_tflops": "datasheet",
+                 "achieved_tflops": "reference code", "host_link_gbps": _DGX_LINK_NOTE,
+                 "host_link_alone_gbps": _DGX_LINK_NOTE, "host_memory_gib": "datasheet (DGX H100)"},
     ),
     "h200": Hardware(
         name="h200",
         gpu_memory_gib=140.4,  # H200 SXM 141GB: nvidia-smi total 143771 MiB
-        peak_tflops=989.0,  # NVIDIA H200 datasheet: BF16 989 TFLOP/s dense (1,979 sparse), the H100's tensor cores
-        achieved_tflops=440.0,  # estimate: as H100 (same compute; more memory bandwidth helps little in big GEMMs)
+        # NVIDIA H200 datasheet: BF16 989 TFLOP/s dense (1,979 sparse), the H100's tensor cores
+        peak_tflops=989.0,
+        # estimate: as H100 (same compute; more memory bandwidth helps little in big GEMMs)
+        achieved_tflops=440.0,
         host_link_gbps=32.0,  # H100/H200 nodes, all 8 GPUs copying (_DGX_LINK_NOTE)
         host_link_alone_gbps=53.0,  # _DGX_LINK_NOTE
         host_memory_gib=2048.0,  # DGX H200 datasheet: 2 TB system memory
         gpus_per_node=8,  # DGX H200 / HGX H200: 8 GPUs
-        sources={"gpu_memory_gib": "datasheet", "peak_tflops": "datasheet", "achieved_tflops": "estimate",
-                 "host_link_gbps": _DGX_LINK_NOTE, "host_link_alone_gbps": _DGX_LINK_NOTE, "host_memory_gib": "datasheet (DGX H200)"},
+        sources={"gpu_memory_gib": "datasheet", "peak_tflops": "datasheet",
+                 "achieved_tflops": "estimate", "host_link_gbps": _DGX_LINK_NOTE,
+                 "host_link_alone_gbps": _DGX_LINK_NOTE, "host_memory_gib": "datasheet (DGX H200)"},
     ),
     "gh200": Hardware(
         name="gh200",
-        gpu_memory_gib=95.0,  # GH200 96GB HBM3 datasheet (about 95 GiB usable; the 144GB HBM3e model: give --gpu-memory-gib)
+        # GH200 96GB HBM3 datasheet (about 95 GiB usable; the 144GB HBM3e model: give
+        # --gpu-memory-gib)
+        gpu_memory_gib=95.0,
         peak_tflops=989.0,  # NVIDIA GH200 datasheet: BF16 989 TFLOP/s dense (H100 tensor cores)
         achieved_tflops=440.0,  # estimate: as H100
-        host_link_gbps=360.0,  # estimate: NVLink-C2C is 900 GB/s total = 450 per direction raw; ~80% of it
+        # estimate: NVLink-C2C is 900 GB/s total = 450 per direction raw; ~80% of it
+        host_link_gbps=360.0,
         host_link_alone_gbps=360.0,  # each superchip has its own C2C link: no sharing between GPUs
-        host_memory_gib=447.0,  # GH200 datasheet: up to 480 GB LPDDR5X per superchip (= 447 GiB); systems ship less
+        # GH200 datasheet: up to 480 GB LPDDR5X per superchip (= 447 GiB); systems ship less
+        host_memory_gib=447.0,
         gpus_per_node=1,  # counted per superchip: each GPU has its own host memory and link
-        sources={"gpu_memory_gib": "datasheet", "peak_tflops": "datasheet", "achieved_tflops": "estimate",
-                 "host_link_gbps": "estimate (NVLink-C2C 900 GB/s datasheet)", "host_link_alone_gbps": "estimate",
+        sources={"gpu_memory_gib": "datasheet", "peak_tflops": "datasheet",
+                 "achieved_tflops": "estimate",
+                 "host_link_gbps": "estimate (NVLink-C2C 900 GB/s datasheet)",
+                 "host_link_alone_gbps": "estimate",
                  "host_memory_gib": "datasheet maximum (check your system)"},
     ),
     "b200": Hardware(
         name="b200",
-        gpu_memory_gib=179.0,  # DGX B200 datasheet: 1,440 GB for 8 GPUs = 180 GB each (about 179 GiB reported)
+        # DGX B200 datasheet: 1,440 GB for 8 GPUs = 180 GB each (about 179 GiB reported)
+        gpu_memory_gib=179.0,
         peak_tflops=2250.0,  # NVIDIA HGX B200 spec: BF16 4.5 PFLOP/s with sparsity = 2.25 dense
         achieved_tflops=1000.0,  # estimate: ~45% of peak, as H100's 440 / 989
-        host_link_gbps=32.0,  # estimate: PCIe Gen5 x16 to the host as on DGX H100 (_DGX_LINK_NOTE's numbers)
+        # estimate: PCIe Gen5 x16 to the host as on DGX H100 (_DGX_LINK_NOTE's numbers)
+        host_link_gbps=32.0,
         host_link_alone_gbps=53.0,  # estimate: as H100
         host_memory_gib=2048.0,  # DGX B200 datasheet: 2 TB system memory (up to 4 TB)
         gpus_per_node=8,  # DGX B200: 8 GPUs
-        sources={"gpu_memory_gib": "datasheet", "peak_tflops": "datasheet", "achieved_tflops": "estimate",
-                 "host_link_gbps": "estimate", "host_link_alone_gbps": "estimate", "host_memory_gib": "datasheet (DGX B200)"},
+        sources={"gpu_memory_gib": "datasheet", "peak_tflops": "datasheet",
+                 "achieved_tflops": "estimate", "host_link_gbps": "estimate",
+                 "host_link_alone_gbps": "estimate", "host_memory_gib": "datasheet (DGX B200)"},
     ),
 }
 
@@ -138,17 +164,19 @@ def preset(name: str) -> Hardware:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"--gpu {name!r} is not a preset; choose one of {', '.join(PRESETS)}, or give --gpu-memory-gib, "
-                         "--gpu-tflops and --host-link-gbps") from None
+        raise ValueError(f"--gpu {name!r} is not a preset; choose one of {', '.join(PRESETS)}, "
+                         "or give --gpu-memory-gib, --gpu-tflops and --host-link-gbps") from None
 
 
-def hardware_from_args(gpu: str | None = None, *, gpu_memory_gib: float | None = None, gpu_tflops: float | None = None,
-                       host_link_gbps: float | None = None, host_memory_gib: float | None = None,
+def hardware_from_args(gpu: str | None = None, *, gpu_memory_gib: float | None = None,
+                       gpu_tflops: float | None = None, host_link_gbps: float | None = None,
+                       host_memory_gib: float | None = None,
                        gpus_per_node: int | None = None) -> Hardware:
     """A preset (``--gpu``) with the user's values over it, or the user's values alone (then
     memory, compute rate and link are all required)."""
-    given = {"gpu_memory_gib": gpu_memory_gib, "achieved_tflops": gpu_tflops, "host_link_gbps": host_link_gbps,
-             "host_memory_gib": host_memory_gib, "gpus_per_node": gpus_per_node}
+    given = {"gpu_memory_gib": gpu_memory_gib, "achieved_tflops": gpu_tflops,
+             "host_link_gbps": host_link_gbps, "host_memory_gib": host_memory_gib,
+             "gpus_per_node": gpus_per_node}
     given = {key: value for key, value in given.items() if value is not None}
     if gpu is not None:
         base = preset(gpu)
@@ -156,11 +184,12 @@ def hardware_from_args(gpu: str | None = None, *, gpu_memory_gib: float | None =
             return base
         sources = dict(base.sources, **{key: "user" for key in given})
         return replace(base, name=f"{base.name} (with user values)", sources=sources, **given)
-    missing = [flag for flag, key in (("--gpu-memory-gib", "gpu_memory_gib"), ("--gpu-tflops", "achieved_tflops"),
+    missing = [flag for flag, key in (("--gpu-memory-gib", "gpu_memory_gib"),
+                                      ("--gpu-tflops", "achieved_tflops"),
                                       ("--host-link-gbps", "host_link_gbps")) if key not in given]
     if missing:
-        raise ValueError(f"give --gpu PRESET ({', '.join(PRESETS)}) or all of --gpu-memory-gib, --gpu-tflops, --host-link-gbps "
-                         f"(missing: {', '.join(missing)})")
+        raise ValueError(f"give --gpu PRESET ({', '.join(PRESETS)}) or all of --gpu-memory-gib, "
+                         f"--gpu-tflops, --host-link-gbps (missing: {', '.join(missing)})")
     return Hardware(name="user", sources={key: "user" for key in given}, **given)
 
 
@@ -195,16 +224,20 @@ class DeviceMeasurement:
     measured_at: float
     """time.time() of the measurement."""
 
-    def to_hardware(self, *, model_efficiency: float = 0.6, gpus_per_node: int = 8, host_memory_gib: float | None = None) -> Hardware:
+    def to_hardware(self, *, model_efficiency: float = 0.6, gpus_per_node: int = 8,
+                    host_memory_gib: float | None = None) -> Hardware:
         """Hardware from this measurement: achieved rate = GEMM rate x ``model_efficiency``
         (a transformer layer's forward + backward runs its GEMMs with attention, norms and
         communication around them); link = the duplex rate (offload and reload overlap). The
         measurement is of one GPU copying; with every GPU of the node copying at once the share
         may be lower: run the probe on all local ranks together to see it."""
-        return Hardware(name=f"measured {self.gpu_name} on {self.host}", gpu_memory_gib=self.gpu_memory_gib,
-                        achieved_tflops=self.matmul_tflops * model_efficiency, host_link_gbps=self.duplex_gbps_each_way,
-                        host_link_alone_gbps=min(self.d2h_gbps, self.h2d_gbps), host_memory_gib=host_memory_gib,
-                        gpus_per_node=gpus_per_node, sources={"all": f"measured {time.ctime(self.measured_at)}"})
+        return Hardware(name=f"measured {self.gpu_name} on {self.host}",
+                        gpu_memory_gib=self.gpu_memory_gib,
+                        achieved_tflops=self.matmul_tflops * model_efficiency,
+                        host_link_gbps=self.duplex_gbps_each_way,
+                        host_link_alone_gbps=min(self.d2h_gbps, self.h2d_gbps),
+                        host_memory_gib=host_memory_gib, gpus_per_node=gpus_per_node,
+                        sources={"all": f"measured {time.ctime(self.measured_at)}"})
 
 
 def cache_dir() -> Path:
@@ -216,7 +249,8 @@ def _cache_file(directory: Path, host: str) -> Path:
     return directory / f"device-{re.sub(r'[^A-Za-z0-9_.-]', '_', host)}.json"
 
 
-def measure_device(*, probe: Callable[[], dict], refresh: bool = False, directory: str | Path | None = None,
+def measure_device(*, probe: Callable[[], dict], refresh: bool = False,
+                   directory: str | Path | None = None,
                    host: str | None = None) -> DeviceMeasurement:
     """This node's GPU link and matmul rate, from the cache when present (one JSON file per
     node under ``~/.cache/megatron-offload``), else measured and cached.

@@ -40,11 +40,14 @@ class Recompute:
 
     def __post_init__(self) -> None:
         if self.granularity not in ("none", "selective", "full"):
-            raise ValueError(f"--recompute-granularity {self.granularity!r}: choose full or selective")
+            raise ValueError(f"--recompute-granularity {self.granularity!r}: "
+                             "choose full or selective")
         if self.granularity == "selective":
-            unknown = sorted(set(self.modules) - set(RECOMPUTE_MODULES) - {"moe", "moe_act", "shared_experts", "mla_up_proj"})
+            unknown = sorted(set(self.modules) - set(RECOMPUTE_MODULES)
+                             - {"moe", "moe_act", "shared_experts", "mla_up_proj"})
             if unknown:
-                raise ValueError(f"--recompute-modules {' '.join(unknown)}: not a Megatron module; choose from {' '.join(RECOMPUTE_MODULES)}")
+                raise ValueError(f"--recompute-modules {' '.join(unknown)}: not a Megatron module; "
+                                 f"choose from {' '.join(RECOMPUTE_MODULES)}")
         if self.granularity == "full":
             if self.method not in ("uniform", "block"):
                 raise ValueError(f"--recompute-method {self.method!r}: choose uniform or block")
@@ -68,7 +71,8 @@ class Recompute:
             return []
         if self.granularity == "selective":
             return ["--recompute-granularity", "selective", "--recompute-modules", *self.modules]
-        return ["--recompute-granularity", "full", "--recompute-method", self.method, "--recompute-num-layers", str(self.num_layers)]
+        return ["--recompute-granularity", "full", "--recompute-method", self.method,
+                "--recompute-num-layers", str(self.num_layers)]
 
 
 NO_RECOMPUTE = Recompute()
@@ -90,7 +94,8 @@ class JobSpec:
     ffn_hidden_size: int | None = None
     """None: Megatron-LM's default, 4h, or int(8h/3 / 64) * 64 with --swiglu."""
     num_query_groups: int | None = None
-    """GQA key/value groups (``--num-query-groups`` with ``--group-query-attention``); None = heads."""
+    """GQA key/value groups (``--num-query-groups`` with ``--group-query-attention``);
+    None = heads."""
     kv_channels: int | None = None
     """Head dimension; None = hidden / heads."""
     micro_batch_size: int = 1
@@ -151,53 +156,76 @@ class JobSpec:
         for flag, value in (
             ("--num-layers", self.num_layers), ("--hidden-size", self.hidden_size),
             ("--num-attention-heads", self.num_attention_heads), ("--seq-length", self.seq_length),
-            ("--micro-batch-size", self.micro_batch_size), ("--tensor-model-parallel-size", self.tensor_model_parallel_size),
+            ("--micro-batch-size", self.micro_batch_size),
+            ("--tensor-model-parallel-size", self.tensor_model_parallel_size),
             ("--pipeline-model-parallel-size", self.pipeline_model_parallel_size),
             ("--num-virtual-stages-per-pipeline-rank", self.virtual_stages),
-            ("--context-parallel-size", self.context_parallel_size), ("--data-parallel-size", self.data_parallel_size),
+            ("--context-parallel-size", self.context_parallel_size),
+            ("--data-parallel-size", self.data_parallel_size),
             ("--vocab-size", self.vocab_size),
         ):
             positive(flag, value)
-        for flag, value in (("--ffn-hidden-size", self.ffn_hidden_size), ("--num-query-groups", self.num_query_groups),
-                            ("--kv-channels", self.kv_channels), ("--global-batch-size", self.global_batch_size),
+        for flag, value in (("--ffn-hidden-size", self.ffn_hidden_size),
+                            ("--num-query-groups", self.num_query_groups),
+                            ("--kv-channels", self.kv_channels),
+                            ("--global-batch-size", self.global_batch_size),
                             ("--padded-vocab-size", self.padded_vocab_size),
-                            ("--microbatch-group-size-per-virtual-pipeline-stage", self.microbatch_group_size_per_vp_stage)):
+                            ("--microbatch-group-size-per-virtual-pipeline-stage",
+                             self.microbatch_group_size_per_vp_stage)):
             if value is not None:
                 positive(flag, value)
-        t, p, v = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.virtual_stages
+        t, p, v = (self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
+                   self.virtual_stages)
         if self.num_layers % (p * v):
-            raise ValueError(f"--num-layers {self.num_layers} must divide by --pipeline-model-parallel-size x virtual stages = {p} x {v}; "
-                             f"e.g. --num-layers {p * v * max(1, round(self.num_layers / (p * v)))}")
+            raise ValueError(f"--num-layers {self.num_layers} must divide by "
+                             f"--pipeline-model-parallel-size x virtual stages = {p} x {v}; e.g. "
+                             f"--num-layers {p * v * max(1, round(self.num_layers / (p * v)))}")
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"--hidden-size {self.hidden_size} must divide by --num-attention-heads {self.num_attention_heads} (or give --kv-channels)")
+            raise ValueError(f"--hidden-size {self.hidden_size} must divide by "
+                             f"--num-attention-heads {self.num_attention_heads} (or "
+                             "give --kv-channels)")
         if self.num_attention_heads % self.query_groups:
-            raise ValueError(f"--num-attention-heads {self.num_attention_heads} must divide by --num-query-groups {self.query_groups}")
+            raise ValueError(f"--num-attention-heads {self.num_attention_heads} must divide by "
+                             f"--num-query-groups {self.query_groups}")
         if self.num_attention_heads % t or self.query_groups % t:
-            raise ValueError(f"--num-attention-heads {self.num_attention_heads} and --num-query-groups {self.query_groups} must divide by "
+            raise ValueError(f"--num-attention-heads {self.num_attention_heads} and "
+                             f"--num-query-groups {self.query_groups} must divide by "
                              f"--tensor-model-parallel-size {t}")
         if self.ffn % t:
-            raise ValueError(f"--ffn-hidden-size {self.ffn} must divide by --tensor-model-parallel-size {t}")
+            raise ValueError(f"--ffn-hidden-size {self.ffn} must divide by "
+                             f"--tensor-model-parallel-size {t}")
         if self.seq_length % (self.context_parallel_size * (t if self.sequence_parallel else 1)):
-            raise ValueError(f"--seq-length {self.seq_length} must divide by --context-parallel-size x (tensor-parallel size with "
-                             f"--sequence-parallel) = {self.context_parallel_size * (t if self.sequence_parallel else 1)}")
-        if self.global_batch_size is not None and self.global_batch_size % (self.micro_batch_size * self.data_parallel_size):
-            raise ValueError(f"--global-batch-size {self.global_batch_size} must divide by --micro-batch-size x data-parallel size = "
-                             f"{self.micro_batch_size} x {self.data_parallel_size}")
+            raise ValueError(f"--seq-length {self.seq_length} must divide by "
+                             "--context-parallel-size x (tensor-parallel "
+                             "size with --sequence-parallel) = "
+                             f"{self.context_parallel_size * (t if self.sequence_parallel else 1)}")
+        if (self.global_batch_size is not None
+                and self.global_batch_size % (self.micro_batch_size * self.data_parallel_size)):
+            raise ValueError(f"--global-batch-size {self.global_batch_size} must divide by "
+                             f"--micro-batch-size x data-parallel size = {self.micro_batch_size} x "
+                             f"{self.data_parallel_size}")
         if not 0 <= self.hidden_dropout < 1 or not 0 <= self.attention_dropout < 1:
-            raise ValueError(f"--hidden-dropout {self.hidden_dropout} and --attention-dropout {self.attention_dropout} must lie in [0, 1)")
+            raise ValueError(f"--hidden-dropout {self.hidden_dropout} and --attention-dropout "
+                             f"{self.attention_dropout} must lie in [0, 1)")
         if self.dtype not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"dtype {self.dtype!r}: use --bf16, --fp16 or neither (fp32)")
         if self.normalization not in ("LayerNorm", "RMSNorm"):
             raise ValueError(f"--normalization {self.normalization!r}: choose LayerNorm or RMSNorm")
         if self.position_embedding_type not in ("learned_absolute", "rope", "none"):
-            raise ValueError(f"--position-embedding-type {self.position_embedding_type!r}: choose learned_absolute, rope or none")
+            raise ValueError(f"--position-embedding-type {self.position_embedding_type!r}: "
+                             "choose learned_absolute, rope or none")
         if self.transformer_impl not in ("transformer_engine", "local"):
-            raise ValueError(f"--transformer-impl {self.transformer_impl!r}: choose transformer_engine or local")
+            raise ValueError(f"--transformer-impl {self.transformer_impl!r}: "
+                             "choose transformer_engine or local")
         if self.context_parallel_size > 1 and not self.uses_flash:
-            raise ValueError("--context-parallel-size > 1 needs Transformer Engine's fused attention; drop --attention-backend unfused / --transformer-impl local")
-        if self.recompute.granularity == "full" and self.recompute.method == "uniform" and self.layers_per_chunk % self.recompute.num_layers:
-            raise ValueError(f"--recompute-num-layers {self.recompute.num_layers} must divide the layers per model chunk ({self.layers_per_chunk}) "
-                             "with --recompute-method uniform")
+            raise ValueError("--context-parallel-size > 1 needs Transformer Engine's "
+                             "fused attention; drop --attention-backend unfused / "
+                             "--transformer-impl local")
+        if (self.recompute.granularity == "full" and self.recompute.method == "uniform"
+                and self.layers_per_chunk % self.recompute.num_layers):
+            raise ValueError(f"--recompute-num-layers {self.recompute.num_layers} must divide "
+                             f"the layers per model chunk ({self.layers_per_chunk}) with "
+                             "--recompute-method uniform")
 
     # ---- derived sizes ------------------------------------------------------------------
 
@@ -257,7 +285,8 @@ class JobSpec:
 
     @property
     def world_size(self) -> int:
-        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size * self.data_parallel_size
+        return (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+                * self.context_parallel_size * self.data_parallel_size)
 
     @property
     def tokens(self) -> int:
@@ -277,18 +306,24 @@ class JobSpec:
     def from_megatron_args(cls, args, **overrides) -> "JobSpec":
         """From Megatron-LM's parsed arguments (``megatron.training.get_args()`` or the
         planner's own parse of the same flags): attribute names are Megatron-LM's dests."""
-        get = lambda name, default=None: getattr(args, name, default) if getattr(args, name, None) is not None else default  # noqa: E731
+        get = lambda name, default=None: (  # noqa: E731
+            getattr(args, name, default) if getattr(args, name, None) is not None else default)
         layers, pp = get("num_layers"), get("pipeline_model_parallel_size", 1)
-        vpp = get("num_virtual_stages_per_pipeline_rank") or get("virtual_pipeline_model_parallel_size")
+        vpp = (get("num_virtual_stages_per_pipeline_rank")
+               or get("virtual_pipeline_model_parallel_size"))
         per_stage = get("num_layers_per_virtual_pipeline_stage")
         if vpp is None and per_stage:
             if layers % (pp * per_stage):
-                raise ValueError(f"--num-layers {layers} must divide by --pipeline-model-parallel-size x --num-layers-per-virtual-pipeline-stage = {pp} x {per_stage}")
+                raise ValueError(f"--num-layers {layers} must divide by "
+                                 "--pipeline-model-parallel-size x "
+                                 f"--num-layers-per-virtual-pipeline-stage = {pp} x {per_stage}")
             vpp = layers // (pp * per_stage)
         dtype = "bf16" if get("bf16", False) else "fp16" if get("fp16", False) else "fp32"
-        granularity = get("recompute_granularity") or ("selective" if get("recompute_activations", False) else "none")
+        granularity = get("recompute_granularity") or (
+            "selective" if get("recompute_activations", False) else "none")
         modules = get("recompute_modules") or ["core_attn"]
-        recompute = Recompute(granularity=granularity, modules=tuple(modules), method=get("recompute_method") or "uniform",
+        recompute = Recompute(granularity=granularity, modules=tuple(modules),
+                              method=get("recompute_method") or "uniform",
                               num_layers=get("recompute_num_layers") or 1)
         impl = get("transformer_impl", "transformer_engine")
         backend = str(get("attention_backend", "auto")).split(".")[-1].lower()
@@ -296,25 +331,34 @@ class JobSpec:
         groups = get("num_query_groups") if get("group_query_attention", False) else None
         swiglu = bool(get("swiglu", False))
         fields_ = dict(
-            num_layers=layers, hidden_size=get("hidden_size"), num_attention_heads=get("num_attention_heads"),
-            seq_length=get("seq_length"), ffn_hidden_size=get("ffn_hidden_size"), num_query_groups=groups,
-            kv_channels=get("kv_channels"), micro_batch_size=get("micro_batch_size", 1), global_batch_size=get("global_batch_size"),
+            num_layers=layers, hidden_size=get("hidden_size"),
+            num_attention_heads=get("num_attention_heads"), seq_length=get("seq_length"),
+            ffn_hidden_size=get("ffn_hidden_size"), num_query_groups=groups,
+            kv_channels=get("kv_channels"), micro_batch_size=get("micro_batch_size", 1),
+            global_batch_size=get("global_batch_size"),
             vocab_size=get("vocab_size", 50257), padded_vocab_size=get("padded_vocab_size"),
             make_vocab_size_divisible_by=get("make_vocab_size_divisible_by", 128),
             max_position_embeddings=get("max_position_embeddings"),
-            tensor_model_parallel_size=get("tensor_model_parallel_size", 1), pipeline_model_parallel_size=pp,
-            virtual_stages=vpp or 1, context_parallel_size=get("context_parallel_size", 1),
-            data_parallel_size=get("data_parallel_size", 1), sequence_parallel=bool(get("sequence_parallel", False)),
+            tensor_model_parallel_size=get("tensor_model_parallel_size", 1),
+            pipeline_model_parallel_size=pp, virtual_stages=vpp or 1,
+            context_parallel_size=get("context_parallel_size", 1),
+            data_parallel_size=get("data_parallel_size", 1),
+            sequence_parallel=bool(get("sequence_parallel", False)),
             swiglu=swiglu, normalization=get("normalization", "LayerNorm"),
             add_bias_linear=bool(get("add_bias_linear", True)),
             position_embedding_type=get("position_embedding_type", "learned_absolute"),
-            untie_embeddings_and_output_weights=bool(get("untie_embeddings_and_output_weights", False)),
-            hidden_dropout=float(get("hidden_dropout", 0.1)), attention_dropout=float(get("attention_dropout", 0.1)),
+            untie_embeddings_and_output_weights=bool(
+                get("untie_embeddings_and_output_weights", False)),
+            hidden_dropout=float(get("hidden_dropout", 0.1)),
+            attention_dropout=float(get("attention_dropout", 0.1)),
             attention_softmax_in_fp32=bool(get("attention_softmax_in_fp32", False)), dtype=dtype,
-            transformer_impl=impl, flash_attention=impl == "transformer_engine" and backend not in ("unfused", "local"),
-            bias_activation_fusion=bool(get("bias_swiglu_fusion" if swiglu else "bias_gelu_fusion", True)),
-            rope_fusion=bool(get("apply_rope_fusion", True)), masked_softmax_fusion=bool(get("masked_softmax_fusion", True)),
-            recompute=recompute, distribute_saved_activations=bool(get("distribute_saved_activations", False)),
+            transformer_impl=impl,
+            flash_attention=impl == "transformer_engine" and backend not in ("unfused", "local"),
+            bias_activation_fusion=bool(
+                get("bias_swiglu_fusion" if swiglu else "bias_gelu_fusion", True)),
+            rope_fusion=bool(get("apply_rope_fusion", True)),
+            masked_softmax_fusion=bool(get("masked_softmax_fusion", True)), recompute=recompute,
+            distribute_saved_activations=bool(get("distribute_saved_activations", False)),
             use_distributed_optimizer=bool(get("use_distributed_optimizer", False)),
             accumulate_allreduce_grads_in_fp32=get("accumulate_allreduce_grads_in_fp32"),
             optimizer=get("optimizer", "adam"),

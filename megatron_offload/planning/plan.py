@@ -89,7 +89,8 @@ class Plan:
     def offload_chunks(self) -> int:
         if self.chosen is None:
             return 0
-        return self.chosen.layer.chunks if self.granularity == "layer" else self.chosen.offload_chunks
+        return (self.chosen.layer.chunks if self.granularity == "layer"
+                else self.chosen.offload_chunks)
 
     @property
     def layer(self) -> LayerScore | None:
@@ -100,7 +101,8 @@ class Plan:
     def activation_bytes(self) -> list[float]:
         """Per rank, the predicted peak of saved activations at the chosen granularity."""
         chosen = self.chosen or self.baseline
-        return chosen.layer.activation_bytes if self.granularity == "layer" else chosen.activation_bytes
+        return (chosen.layer.activation_bytes if self.granularity == "layer"
+                else chosen.activation_bytes)
 
     @property
     def memory_bytes(self) -> list[float]:
@@ -116,7 +118,8 @@ class Plan:
     @property
     def host_bytes_per_node(self) -> float:
         chosen = self.chosen or self.baseline
-        return chosen.layer.host_bytes_per_node if self.granularity == "layer" else chosen.host_bytes_per_node
+        return (chosen.layer.host_bytes_per_node if self.granularity == "layer"
+                else chosen.host_bytes_per_node)
 
     def granularity_peaks(self) -> dict[str, list[float] | None]:
         """Per rank peak activation bytes at each granularity: ``unit`` always; ``layer`` when
@@ -151,7 +154,8 @@ class Plan:
         if self.granularity != "layer":
             return chosen.label()
         shape = chosen.label().rsplit(", ", 1)[0]
-        return f"{shape}, stream the layers of chunks<{chosen.layer.chunks} ({sum(chosen.layer.streamed_units)} units)"
+        return (f"{shape}, stream the layers of chunks<{chosen.layer.chunks} "
+                f"({sum(chosen.layer.streamed_units)} units)")
 
     def offload_policy(self) -> tuple[str, int | None]:
         """The runtime's coarse equivalent: ("none", None), ("chunks", K) or ("full", None).
@@ -182,11 +186,14 @@ class Plan:
         gib = lambda values: [round(x / GiB, 3) for x in values]  # noqa: E731
         peaks = self.granularity_peaks()
         layer = chosen.layer
-        slowdown = lambda makespan: round(makespan / self.baseline_iteration_time_s - 1.0, 5)  # noqa: E731
+        slowdown = lambda makespan: (  # noqa: E731
+            round(makespan / self.baseline_iteration_time_s - 1.0, 5))
         # At layer granularity: the layer score; when nothing streams (peaks["layer"] is the
         # unit's), the unit plan's; when not scored, None.
-        layer_memory = layer.memory_bytes if layer is not None else None if peaks["layer"] is None else chosen.memory_bytes
-        layer_time = layer.makespan if layer is not None else None if peaks["layer"] is None else chosen.makespan
+        layer_memory = (layer.memory_bytes if layer is not None
+                        else None if peaks["layer"] is None else chosen.memory_bytes)
+        layer_time = (layer.makespan if layer is not None
+                      else None if peaks["layer"] is None else chosen.makespan)
         return {
             "fits": self.fits,
             "k": round(chosen.setting.k, 4),
@@ -201,15 +208,18 @@ class Plan:
             "granularity": self.granularity,
             "granularity_reason": self.granularity_reason,
             "predicted_peak_activation_gib_unit": gib(peaks["unit"]),
-            "predicted_peak_activation_gib_layer": None if peaks["layer"] is None else gib(peaks["layer"]),
+            "predicted_peak_activation_gib_layer": (None if peaks["layer"] is None
+                                                    else gib(peaks["layer"])),
             "predicted_peak_memory_gib_unit": gib(chosen.memory_bytes),
             "predicted_peak_memory_gib_layer": None if layer_memory is None else gib(layer_memory),
             "predicted_slowdown_unit": slowdown(chosen.makespan),
             "predicted_slowdown_layer": None if layer_time is None else slowdown(layer_time),
             "layer_streaming": None if layer is None else {
                 "chunks": layer.chunks, "streamed_units_per_rank": layer.streamed_units,
-                "offloaded_units_per_rank": layer.offloaded_units, "copies_per_rank_simulated": layer.copies,
-                "stall_s_per_rank": [round(x, 6) for x in layer.stall_s], "slowdown_vs_no_copies": round(layer.slowdown, 5),
+                "offloaded_units_per_rank": layer.offloaded_units,
+                "copies_per_rank_simulated": layer.copies,
+                "stall_s_per_rank": [round(x, 6) for x in layer.stall_s],
+                "slowdown_vs_no_copies": round(layer.slowdown, 5),
                 "host_memory_gib_per_node": round(layer.host_bytes_per_node / GiB, 3),
                 "simulated_microbatches": layer.simulated_microbatches, "fits": layer.fits,
             },
@@ -238,15 +248,19 @@ class Plan:
             "floor_gib": gib(self.floor_bytes),
             "missing_host_gib_per_node": round(self.missing_host_bytes_per_node / GiB, 3),
             "remedy": None if self.remedy is None else {
-                "change": self.remedy.change, "flags": self.remedy.flags, "extra_gpus": self.remedy.extra_gpus,
-                "schedule": self.remedy.plan.schedule_kind, "group_size": self.remedy.plan.group_size,
-                "offload_chunks": self.remedy.plan.offload_chunks, "recompute": self.remedy.plan.recompute.label,
+                "change": self.remedy.change, "flags": self.remedy.flags,
+                "extra_gpus": self.remedy.extra_gpus, "schedule": self.remedy.plan.schedule_kind,
+                "group_size": self.remedy.plan.group_size,
+                "offload_chunks": self.remedy.plan.offload_chunks,
+                "recompute": self.remedy.plan.recompute.label,
                 "iteration_time_s": round(self.remedy.plan.iteration_time_s, 6),
-                "predicted_peak_memory_gib": gib((self.remedy.plan.chosen or self.remedy.plan.baseline).memory_bytes),
+                "predicted_peak_memory_gib": gib(
+                    (self.remedy.plan.chosen or self.remedy.plan.baseline).memory_bytes),
             },
             "remedies_tried": self.remedies_tried,
-            "pp": self.job.pp, "vpp": self.job.vpp, "tp": self.job.tp, "cp": self.job.context_parallel_size,
-            "dp": self.job.data_parallel_size, "microbatches": self.job.microbatches,
+            "pp": self.job.pp, "vpp": self.job.vpp, "tp": self.job.tp,
+            "cp": self.job.context_parallel_size, "dp": self.job.data_parallel_size,
+            "microbatches": self.job.microbatches,
             "hardware": self.hardware.name,
             "reasons": self.reasons,
             "notes": self.notes,

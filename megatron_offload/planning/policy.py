@@ -37,14 +37,16 @@ def runtime_schedule(compute: Schedule, config: OffloadConfig) -> Schedule:
     return Schedule(ranks, compute.vpp, compute.microbatches, compute.kind, compute.group_size)
 
 
-def streamed_units(order: Sequence[Op], config: OffloadConfig, offload: set[UnitKey]) -> set[UnitKey]:
+def streamed_units(order: Sequence[Op], config: OffloadConfig,
+                   offload: set[UnitKey]) -> set[UnitKey]:
     """At layer granularity, the units whose layers stream: ``offload`` (units that leave
     entirely) plus, for ``full`` and ``chunks``, the policy's units without a lifespan, which
     still stream within their own forward and backward."""
     if config.granularity != "layer":
         return set()
     if config.policy in ("full", "chunks"):
-        rule = {op.unit for op in order if op.kind is OpKind.FORWARD and config.offloads_chunk(op.chunk)}
+        rule = {op.unit for op in order
+                if op.kind is OpKind.FORWARD and config.offloads_chunk(op.chunk)}
         return rule | set(offload)
     return set(offload)
 

@@ -17,8 +17,8 @@ def remedy_jobs(job: JobSpec, allow_recompute: bool) -> list[tuple[str, dict, in
     out = []
     if not allow_recompute and job.recompute.granularity != "full":
         full = Recompute(granularity="full", method="uniform", num_layers=1)
-        out.append(("full recompute: " + " ".join(full.megatron_flags()), {"--recompute-granularity": "full"}, 0,
-                    job.with_changes(recompute=full)))
+        out.append(("full recompute: " + " ".join(full.megatron_flags()),
+                    {"--recompute-granularity": "full"}, 0, job.with_changes(recompute=full)))
     gbs = job.global_batch_size or job.micro_batch_size * job.data_parallel_size
     mbs = job.micro_batch_size // 2
     while mbs >= 1:
@@ -43,9 +43,12 @@ def remedy_jobs(job: JobSpec, allow_recompute: bool) -> list[tuple[str, dict, in
         if v != job.vpp:
             flags["--num-virtual-stages-per-pipeline-rank"] = v
         where = "same GPUs, data-parallel size " + str(dp) if extra == 0 else f"{extra} more GPUs"
-        change = f"--pipeline-model-parallel-size {p}" + (f" with {v} virtual stages per rank" if v != job.vpp else "") + f" ({where})"
+        change = (f"--pipeline-model-parallel-size {p}"
+                  + (f" with {v} virtual stages per rank" if v != job.vpp else "")
+                  + f" ({where})")
         try:
-            changed = job.with_changes(pipeline_model_parallel_size=p, virtual_stages=v, data_parallel_size=dp, global_batch_size=gbs,
+            changed = job.with_changes(pipeline_model_parallel_size=p, virtual_stages=v,
+                                       data_parallel_size=dp, global_batch_size=gbs,
                                        microbatch_group_size_per_vp_stage=None)
         except ValueError:
             continue
@@ -53,13 +56,15 @@ def remedy_jobs(job: JobSpec, allow_recompute: bool) -> list[tuple[str, dict, in
     return out
 
 
-def find_remedy(job: JobSpec, hardware: Hardware, plan_job: Callable[..., Plan], **kwargs) -> tuple[Remedy | None, list[str]]:
+def find_remedy(job: JobSpec, hardware: Hardware, plan_job: Callable[..., Plan],
+                **kwargs) -> tuple[Remedy | None, list[str]]:
     """The cheapest change of :func:`remedy_jobs` that fits, and what each change gave. Each
     changed job is planned with ``plan_job(changed, hardware, remedies=False, **kwargs)``: the
     planner (:func:`megatron_offload.planning.search.plan_job` passes itself)."""
     best: Remedy | None = None
     tried = []
-    for change, flags, extra, changed in sorted(remedy_jobs(job, kwargs["allow_recompute"]), key=lambda item: item[2]):
+    for change, flags, extra, changed in sorted(remedy_jobs(job, kwargs["allow_recompute"]),
+                                                key=lambda item: item[2]):
         if best is not None and extra > best.extra_gpus:
             tried.append(f"{change}: not tried (needs more GPUs than a change that fits)")
             continue
@@ -69,12 +74,15 @@ def find_remedy(job: JobSpec, hardware: Hardware, plan_job: Callable[..., Plan],
             tried.append(f"{change}: cannot plan ({error})")
             continue
         if not plan.fits:
-            tried.append(f"{change}: still {plan.missing_bytes / GiB:.2f} GiB short on the worst rank")
+            tried.append(f"{change}: still {plan.missing_bytes / GiB:.2f} GiB short on the "
+                         "worst rank")
             continue
         # Cost: GPUs first, then time for the same global batch.
-        tried.append(f"{change}: fits, {plan.iteration_time_s:.3f} s per iteration ({plan.schedule_kind}, "
-                     f"recompute {plan.recompute.label}, offload K={plan.offload_chunks})")
+        tried.append(f"{change}: fits, {plan.iteration_time_s:.3f} s per iteration "
+                     f"({plan.schedule_kind}, recompute {plan.recompute.label}, "
+                     f"offload K={plan.offload_chunks})")
         remedy = Remedy(change=change, flags=flags, extra_gpus=extra, plan=plan)
-        if best is None or (extra, plan.iteration_time_s) < (best.extra_gpus, best.plan.iteration_time_s):
+        if best is None or ((extra, plan.iteration_time_s)
+                            < (best.extra_gpus, best.plan.iteration_time_s)):
             best = remedy
     return best, tried

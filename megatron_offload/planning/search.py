@@ -1,7 +1,7 @@
 """Memory budget -> Plan: schedule, group size, what to offload, recompute fallback, predictions.
 
-:func:`plan_job` searches, for one job (:class:`~megatron_offload.planning.job.JobSpec`) on one kind of
-hardware (:class:`~megatron_offload.planning.hardware.Hardware`):
+:func:`plan_job` searches, for one job (:class:`~megatron_offload.planning.job.JobSpec`) on one kind
+of hardware (:class:`~megatron_offload.planning.hardware.Hardware`):
 
 - the schedule: Megatron's own (1F1B, or interleaved with its group size, default g = p) and
   generalized interleaving (GIS) with g in {ceil(p/2), ceil(2p/3), p} (v > 1 only: with one chunk
@@ -45,9 +45,24 @@ import time
 from collections.abc import Sequence
 
 from megatron_offload.planning.auto import AutoOffloadPlan, plan_auto_offload
-from megatron_offload.planning.candidates import FAMILIES, GRANULARITIES, Setting, recompute_ladder, schedule_shapes
-from megatron_offload.planning.costmodel import DEFAULT_MIN_OFFLOAD_BYTES, GiB, overhead_bytes, unit_bytes
-from megatron_offload.planning.granularity import DEFAULT_LAYER_SLOWDOWN_TOLERANCE, LayerSearch, layer_floor
+from megatron_offload.planning.candidates import (
+    FAMILIES,
+    GRANULARITIES,
+    Setting,
+    recompute_ladder,
+    schedule_shapes,
+)
+from megatron_offload.planning.costmodel import (
+    DEFAULT_MIN_OFFLOAD_BYTES,
+    GiB,
+    overhead_bytes,
+    unit_bytes,
+)
+from megatron_offload.planning.granularity import (
+    DEFAULT_LAYER_SLOWDOWN_TOLERANCE,
+    LayerSearch,
+    layer_floor,
+)
 from megatron_offload.planning.hardware import Hardware, host_memory_from_proc
 from megatron_offload.planning.job import JobSpec
 from megatron_offload.planning.plan import Plan
@@ -103,11 +118,11 @@ def plan_job(
     - ``layer_refine``: score the fitting unit plan at layer granularity too (else only look
       for faster combinations that fit only with layer streaming).
 
-    **Granularity** (``--offload-granularity``). The search above runs at unit granularity.
-    Then, with ``layer`` allowed (at most :data:`.granularity.LAYER_SCORES_PER_PLAN` layer simulations,
-    each :meth:`LayerSearch.layer_score`: the cost model's bytes per layer, per-layer times from
-    the FLOPs, the host link's GB/s, reloads as late as the link allows and copies it cannot
-    hide dropped):
+    **Granularity** (``--offload-granularity``). The search above runs at unit granularity. Then,
+    with ``layer`` allowed (at most :data:`.granularity.LAYER_SCORES_PER_PLAN` layer simulations,
+    each :meth:`LayerSearch.layer_score`: the cost model's bytes per layer, per-layer times from the
+    FLOPs, the host link's GB/s, reloads as late as the link allows and copies it cannot hide
+    dropped):
 
     1. a fitting plan that offloads (K chunks) is scored at layer granularity with the same K;
        it becomes a ``layer`` plan when that fits, lowers the worst rank's predicted memory
@@ -135,19 +150,24 @@ def plan_job(
     families = tuple(families)
     unknown = set(families) - set(FAMILIES)
     if unknown or not families:
-        raise ValueError(f"--offload-schedule {','.join(sorted(unknown)) or '(none)'}: choose from {', '.join(FAMILIES)}")
+        raise ValueError(f"--offload-schedule {','.join(sorted(unknown)) or '(none)'}: "
+                         f"choose from {', '.join(FAMILIES)}")
     budget, reserve_bytes = _gpu_budget(hardware, memory_budget_gib, reserve_gib)
     host_gib, host_source = _host_memory(hardware, host_memory_gib)
     host_budget = host_gib * GiB * host_memory_fraction
-    calibration = None if measured_unit_bytes is None else _calibration(job, measured_unit_bytes, min_offload_bytes)
+    calibration = (None if measured_unit_bytes is None
+                   else _calibration(job, measured_unit_bytes, min_offload_bytes))
 
     granularities = tuple(granularities)
     if "unit" not in granularities or set(granularities) - set(GRANULARITIES):
-        raise ValueError(f"--offload-granularity {','.join(granularities)}: plan with unit, or unit and layer")
-    search = LayerSearch(job, hardware, budget, host_budget, min_offload_bytes, calibration, layer_tolerance=layer_slowdown_tolerance)
+        raise ValueError(f"--offload-granularity {','.join(granularities)}: plan with unit, "
+                         "or unit and layer")
+    search = LayerSearch(job, hardware, budget, host_budget, min_offload_bytes, calibration,
+                         layer_tolerance=layer_slowdown_tolerance)
     shapes, notes = schedule_shapes(job, families)
     if not shapes:
-        raise ValueError("no schedule can run this job: " + "; ".join(notes) + " (allow --offload-schedule gis, or change "
+        raise ValueError("no schedule can run this job: " + "; ".join(notes)
+                         + " (allow --offload-schedule gis, or change "
                          "--global-batch-size / --micro-batch-size)")
     ladder = recompute_ladder(job) if allow_recompute else [job.recompute]
     # The job as given, for "without the plan" and the slowdown.
@@ -155,7 +175,8 @@ def plan_job(
     own_kind, own_group = own_shapes[0] if own_shapes else shapes[0]
     own_setting = search.setting(job.recompute, 0)
     own_sim = simulate(search.schedule(own_kind, own_group), own_setting.costs)
-    baseline = search.score(own_kind, own_group, own_setting, own_sim, 0, [[] for _ in range(job.pp)])
+    baseline = search.score(own_kind, own_group, own_setting, own_sim, 0,
+                            [[] for _ in range(job.pp)])
     search.scored.clear()
 
     # Recompute levels whose floor (static + working + one unit) is over budget on some rank
@@ -166,24 +187,29 @@ def plan_job(
     granularity, granularity_reason = "unit", "unit: --offload-granularity unit"
     if "layer" in granularities:
         # With layer streaming a rank can hold less than a whole unit: static + working + one layer.
-        layer_viable = [setting for setting in settings if max(layer_floor(job, setting, min_offload_bytes)) <= budget]
-        best, granularity, granularity_reason = search.choose_granularity(best, shapes, layer_viable, refine=layer_refine)
+        layer_viable = [setting for setting in settings
+                        if max(layer_floor(job, setting, min_offload_bytes)) <= budget]
+        best, granularity, granularity_reason = search.choose_granularity(
+            best, shapes, layer_viable, refine=layer_refine)
     scored = sorted(search.scored, key=lambda c: (not c.fits, c.makespan, c.sort_key()))
-    plan = Plan(job=job, hardware=hardware, fits=best is not None, chosen=best, baseline=baseline, budget_bytes=budget,
-                reserve_bytes=reserve_bytes, host_budget_bytes_per_node=host_budget, host_memory_source=host_source,
-                missing_bytes=0.0, missing_host_bytes_per_node=0.0, remedy=None, remedies_tried=[], reasons=[],
-                alternatives=[c for c in scored if c is not best][:8], notes=notes + [n for n in own_notes if n not in notes],
+    plan = Plan(job=job, hardware=hardware, fits=best is not None, chosen=best, baseline=baseline,
+                budget_bytes=budget, reserve_bytes=reserve_bytes,
+                host_budget_bytes_per_node=host_budget, host_memory_source=host_source,
+                missing_bytes=0.0, missing_host_bytes_per_node=0.0, remedy=None, remedies_tried=[],
+                reasons=[], alternatives=[c for c in scored if c is not best][:8],
+                notes=notes + [n for n in own_notes if n not in notes],
                 granularity=granularity, granularity_reason=granularity_reason)
     lowest = min(settings, key=lambda setting: max(setting.floor))
     plan.floor_bytes = lowest.floor
     if best is None:
         _closest(plan, search, lowest)
         if remedies:
-            plan.remedy, plan.remedies_tried = find_remedy(job, hardware, plan_job, memory_budget_gib=memory_budget_gib,
-                                                           reserve_gib=reserve_gib, host_memory_gib=host_gib,
-                                                           host_memory_fraction=host_memory_fraction, families=families,
-                                                           allow_recompute=allow_recompute, min_offload_bytes=min_offload_bytes,
-                                                           granularities=("unit",))
+            plan.remedy, plan.remedies_tried = find_remedy(
+                job, hardware, plan_job, memory_budget_gib=memory_budget_gib,
+                reserve_gib=reserve_gib, host_memory_gib=host_gib,
+                host_memory_fraction=host_memory_fraction, families=families,
+                allow_recompute=allow_recompute, min_offload_bytes=min_offload_bytes,
+                granularities=("unit",))
     plan.evaluated = len(search.scored)
     plan.layer_scores = search.layer_runs
     plan.reasons = plan_reasons(plan, combos)
@@ -191,7 +217,8 @@ def plan_job(
     return plan
 
 
-def _gpu_budget(hardware: Hardware, memory_budget_gib: float | None, reserve_gib: float | None) -> tuple[float, float]:
+def _gpu_budget(hardware: Hardware, memory_budget_gib: float | None,
+                reserve_gib: float | None) -> tuple[float, float]:
     """(GPU budget, reserve) in bytes: ``memory_budget_gib`` when given (the reserve is what it
     leaves of the GPU's memory), else GPU memory minus ``reserve_gib`` (default
     :func:`default_reserve_gib`)."""
@@ -202,7 +229,8 @@ def _gpu_budget(hardware: Hardware, memory_budget_gib: float | None, reserve_gib
         budget = memory_budget_gib * GiB
         return budget, max(0.0, hardware.gpu_memory_gib * GiB - budget)
     if not 0 <= reserve < hardware.gpu_memory_gib:
-        raise ValueError(f"--memory-reserve-gib {reserve} must lie in [0, GPU memory {hardware.gpu_memory_gib:g} GiB)")
+        raise ValueError(f"--memory-reserve-gib {reserve} must lie in [0, GPU memory "
+                         f"{hardware.gpu_memory_gib:g} GiB)")
     return (hardware.gpu_memory_gib - reserve) * GiB, reserve * GiB
 
 
@@ -219,7 +247,8 @@ def _host_memory(hardware: Hardware, host_memory_gib: float | None) -> tuple[flo
     return host_gib, "/proc/meminfo of this machine"
 
 
-def _calibration(job: JobSpec, measured_unit_bytes: Sequence[Sequence[float]], min_offload_bytes: int) -> list[list[float]]:
+def _calibration(job: JobSpec, measured_unit_bytes: Sequence[Sequence[float]],
+                 min_offload_bytes: int) -> list[list[float]]:
     """Per rank, per chunk: measured / predicted bytes of one unit at the job's own
     recomputation (1 where the cost model predicts nothing)."""
     calibration = []
@@ -239,10 +268,13 @@ def _closest(plan: Plan, search: LayerSearch, lowest: Setting) -> None:
     bound."""
     budget, host_budget = plan.budget_bytes, plan.host_budget_bytes_per_node
     if search.scored:
-        closest = min(search.scored, key=lambda c: (max(0.0, c.excess(budget)), max(0.0, c.host_bytes_per_node - host_budget), c.makespan))
+        closest = min(search.scored,
+                      key=lambda c: (max(0.0, c.excess(budget)),
+                                     max(0.0, c.host_bytes_per_node - host_budget), c.makespan))
         plan.chosen = closest
         if closest.layer is None:  # scored at layer granularity too (no new simulation)
-            closest.layer = search.layer_scores.get((closest.kind, closest.group_size, closest.setting.recompute,
+            closest.layer = search.layer_scores.get((closest.kind, closest.group_size,
+                                                     closest.setting.recompute,
                                                      closest.offload_chunks))
         plan.missing_bytes = max(0.0, closest.excess(budget))
         plan.missing_host_bytes_per_node = max(0.0, closest.host_bytes_per_node - host_budget)
@@ -276,13 +308,17 @@ def auto_for_plan(plan: Plan, *, memory_budget_gib: float | None = None, scope: 
     setting = base.setting
     static = [s.total for s in setting.static]
     if memory_budget_gib is None:
-        budget: float | list[float] = min(plan.budget_bytes - s - w for s, w in zip(static, setting.working))
-        note = (f"--offload-memory-budget-gib {max(budget, 0) / GiB:.2f}: the GPU budget {plan.budget_bytes / GiB:.2f} GiB "
-                "minus static and working memory on the tightest rank")
+        budget: float | list[float] = min(plan.budget_bytes - s - w
+                                          for s, w in zip(static, setting.working))
+        note = (f"--offload-memory-budget-gib {max(budget, 0) / GiB:.2f}: "
+                f"the GPU budget {plan.budget_bytes / GiB:.2f} GiB minus static and working "
+                "memory on the tightest rank")
     elif scope == "device":
-        budget = [memory_budget_gib * GiB - s - w - reserve_gib * GiB for s, w in zip(static, setting.working)]
-        note = (f"--offload-memory-budget-scope device --offload-memory-budget-gib {memory_budget_gib:g}: per rank minus "
-                f"static and working memory and a {reserve_gib:g} GiB reserve")
+        budget = [memory_budget_gib * GiB - s - w - reserve_gib * GiB
+                  for s, w in zip(static, setting.working)]
+        note = ("--offload-memory-budget-scope device --offload-memory-budget-gib "
+                f"{memory_budget_gib:g}: per rank minus static and working memory and a "
+                f"{reserve_gib:g} GiB reserve")
     elif scope == "activations":
         budget = memory_budget_gib * GiB
         note = f"--offload-memory-budget-gib {memory_budget_gib:g} (resident activations per rank)"
@@ -291,7 +327,8 @@ def auto_for_plan(plan: Plan, *, memory_budget_gib: float | None = None, scope: 
     if isinstance(budget, float) and budget <= 0:
         budget = 0.0
     auto = plan_auto_offload(job, base.schedule.ranks, budget, prefetch_distance=prefetch_distance,
-                             min_offload_bytes=min_offload_bytes, overhead_bytes=[overhead_bytes(job, r) for r in range(job.pp)],
+                             min_offload_bytes=min_offload_bytes,
+                             overhead_bytes=[overhead_bytes(job, r) for r in range(job.pp)],
                              units=setting.units)
     auto.notes.append(note)
     return auto

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import math
 
-from megatron_offload.planning.candidates import TOLERANCE, Candidate, Setting, better, build_setting
+from megatron_offload.planning.candidates import (
+    TOLERANCE,
+    Candidate,
+    Setting,
+    better,
+    build_setting,
+)
 from megatron_offload.planning.job import Recompute
 from megatron_offload.schedule.catalog import make_schedule
 from megatron_offload.schedule.ir import Schedule
@@ -24,7 +30,8 @@ class UnitSearch:
     rank) and ``host_budget_node`` (pinned host bytes per node); caches schedules, settings and
     the combinations without offload. :attr:`scored` lists every candidate scored."""
 
-    def __init__(self, job, hardware, budget_bytes, host_budget_node, min_offload_bytes, calibration):
+    def __init__(self, job, hardware, budget_bytes, host_budget_node, min_offload_bytes,
+                 calibration):
         self.job, self.hardware = job, hardware
         self.budget, self.host_budget = budget_bytes, host_budget_node
         self.min_offload_bytes, self.calibration = min_offload_bytes, calibration
@@ -36,24 +43,28 @@ class UnitSearch:
 
     def setting(self, recompute: Recompute, level: int) -> Setting:
         if recompute not in self.settings:
-            self.settings[recompute] = build_setting(self.job, self.hardware, recompute, level, self.min_offload_bytes, self.calibration)
+            self.settings[recompute] = build_setting(self.job, self.hardware, recompute, level,
+                                                     self.min_offload_bytes, self.calibration)
         return self.settings[recompute]
 
     def schedule(self, kind: str, group: int | None) -> Schedule:
         key = (kind, group)
         if key not in self.schedules:
             job = self.job
-            self.schedules[key] = make_schedule(kind, job.pp, job.vpp, job.microbatches, group if kind != "1f1b" else None)
+            self.schedules[key] = make_schedule(kind, job.pp, job.vpp, job.microbatches,
+                                                group if kind != "1f1b" else None)
         return self.schedules[key]
 
-    def score(self, kind, group, setting: Setting, sim: Simulation, chunks: int, offloaded) -> Candidate:
+    def score(self, kind, group, setting: Setting, sim: Simulation, chunks: int,
+              offloaded) -> Candidate:
         totals = [[u.total for u in row] for row in setting.units]
         moved = [[u.offloadable for u in row] for row in setting.units]
         device, host = byte_peaks(sim, totals, moved)
         memory = [s.total + w + a for s, w, a in zip(setting.static, setting.working, device)]
         host_node = max(host) * self.hardware.gpus_per_node if host else 0.0
-        candidate = Candidate(kind=kind, group_size=group, setting=setting, offload_chunks=chunks, schedule=sim.schedule,
-                              simulation=sim, offloaded=offloaded, activation_bytes=device, memory_bytes=memory, host_bytes=host,
+        candidate = Candidate(kind=kind, group_size=group, setting=setting, offload_chunks=chunks,
+                              schedule=sim.schedule, simulation=sim, offloaded=offloaded,
+                              activation_bytes=device, memory_bytes=memory, host_bytes=host,
                               host_bytes_per_node=host_node, gpu_fits=max(memory) <= self.budget,
                               host_fits=host_node <= self.host_budget)
         self.scored.append(candidate)
@@ -62,13 +73,15 @@ class UnitSearch:
     def target_units(self, setting: Setting, baseline: Candidate) -> list[int]:
         """Per rank, the resident units that fit the budget: what is left after static and
         working memory, the rank's largest stage extra (embedding / loss tensors of its first or
-        last chunk) and the small tensors offloaded units leave behind, over a middle unit's bytes."""
+        last chunk) and the small tensors offloaded units leave behind, over a middle unit's
+        bytes."""
         unit = max(setting.typical.total, 1)
         targets = []
         for rank, (static, working) in enumerate(zip(setting.static, setting.working)):
             extra = max(0, max(u.total for u in setting.units[rank]) - setting.typical.total)
             kept = setting.typical.kept * baseline.simulation.peak_units[rank]
-            targets.append(max(0, int((self.budget - static.total - working - extra - kept) // unit)))
+            targets.append(
+                max(0, int((self.budget - static.total - working - extra - kept) // unit)))
         return targets
 
     def run(self, shapes, settings: list[Setting]) -> tuple[Candidate | None, list[tuple]]:
@@ -82,23 +95,27 @@ class UnitSearch:
         for setting in settings:
             level = []
             for kind, group in shapes:
-                if best is not None and floor.get((kind, group), 0.0) >= best.makespan * (1 - TOLERANCE):
+                if (best is not None
+                        and floor.get((kind, group), 0.0) >= best.makespan * (1 - TOLERANCE)):
                     continue
                 base = simulate(self.schedule(kind, group), setting.costs)
                 floor[(kind, group)] = base.makespan
-                level.append((base.makespan, 0 if kind != "gis" else 1, -(group or 0), kind, group, setting, base))
+                level.append((base.makespan, 0 if kind != "gis" else 1, -(group or 0), kind, group,
+                              setting, base))
             level.sort(key=lambda c: c[:3])
             combos += level
             for makespan, _, _, kind, group, setting, base in level:
                 if best is not None and makespan > best.makespan * (1 + TOLERANCE):
                     break
-                candidate = self.score(kind, group, setting, base, 0, [[] for _ in range(self.job.pp)])
+                candidate = self.score(kind, group, setting, base, 0,
+                                       [[] for _ in range(self.job.pp)])
                 self.bases[(kind, group, setting.recompute)] = candidate
                 if candidate.fits:
                     if better(candidate, best):
                         best = candidate
                     continue
-                if best is not None and math.isclose(makespan, best.makespan, rel_tol=TOLERANCE) and best.offloaded_count == 0:
+                if (best is not None and math.isclose(makespan, best.makespan, rel_tol=TOLERANCE)
+                        and best.offloaded_count == 0):
                     continue  # an equally fast plan without offload exists
                 candidate = self._offload_search(kind, group, setting, candidate)
                 if candidate is not None and better(candidate, best):
@@ -110,7 +127,8 @@ class UnitSearch:
         key = (kind, group, setting.recompute)
         if key not in self.bases:
             sim = simulate(self.schedule(kind, group), setting.costs)
-            self.bases[key] = self.score(kind, group, setting, sim, 0, [[] for _ in range(self.job.pp)])
+            self.bases[key] = self.score(kind, group, setting, sim, 0,
+                                         [[] for _ in range(self.job.pp)])
         return self.bases[key]
 
     def unit_at(self, kind, group, setting: Setting, chunks: int) -> Candidate:
@@ -121,7 +139,8 @@ class UnitSearch:
             return base
         return self._pass(kind, group, setting, base, chunks, None)
 
-    def _offload_search(self, kind, group, setting: Setting, baseline: Candidate) -> Candidate | None:
+    def _offload_search(self, kind, group, setting: Setting,
+                        baseline: Candidate) -> Candidate | None:
         """The fitting candidate with the fewest offload chunks K for one combination, or None.
 
         First the most this combination can shed (every chunk a candidate, no memory target):
@@ -133,7 +152,8 @@ class UnitSearch:
         if not most.gpu_fits:
             return None
         fitting = most if most.fits else None
-        low, high = 1, v  # invariant: K = high fits (with or without target), every K < low does not
+        # invariant: K = high fits (with or without target), every K < low does not
+        low, high = 1, v
         aimed: dict[int, Candidate] = {}
         while low <= high:
             chunks = (low + high) // 2
@@ -144,21 +164,28 @@ class UnitSearch:
                 low = chunks + 1
         return fitting
 
-    def _aimed(self, kind, group, setting: Setting, baseline: Candidate, chunks: int, target: list[int]) -> Candidate | None:
+    def _aimed(self, kind, group, setting: Setting, baseline: Candidate, chunks: int,
+               target: list[int]) -> Candidate | None:
         """Offload candidates of chunks < K only until each rank is down to ``target`` units; if
         the pass meets its target but the bytes (first / last stage extras) still exceed the
         budget, aim once more, lower by the excess."""
         candidate = self._pass(kind, group, setting, baseline, chunks, target)
-        if candidate.fits or any(p > t for p, t in zip(candidate.simulation.peak_units, target)) or not candidate.host_fits:
+        if (candidate.fits or any(p > t for p, t in zip(candidate.simulation.peak_units, target))
+                or not candidate.host_fits):
             return candidate
-        excess_units = math.ceil(candidate.excess(self.budget) / max(setting.typical.offloadable, 1))
-        lower = self._pass(kind, group, setting, baseline, chunks, [max(0, t - max(1, excess_units)) for t in target])
+        excess_units = math.ceil(candidate.excess(self.budget)
+                                 / max(setting.typical.offloadable, 1))
+        lower = self._pass(kind, group, setting, baseline, chunks,
+                           [max(0, t - max(1, excess_units)) for t in target])
         if lower.fits or not lower.host_fits:
             return lower
-        return self._pass(kind, group, setting, baseline, chunks, None)  # every candidate of chunks < K
+        # every candidate of chunks < K
+        return self._pass(kind, group, setting, baseline, chunks, None)
 
-    def _pass(self, kind, group, setting: Setting, baseline: Candidate, chunks: int, target: list[int] | None) -> Candidate:
+    def _pass(self, kind, group, setting: Setting, baseline: Candidate, chunks: int,
+              target: list[int] | None) -> Candidate:
         base = baseline.simulation
-        plan = plan_offload(base.schedule, setting.costs, chunks=chunks, memory_target=target, baseline=base)
+        plan = plan_offload(base.schedule, setting.costs, chunks=chunks, memory_target=target,
+                            baseline=base)
         sim = simulate(plan.schedule, setting.costs, no_offload_makespan=base.makespan)
         return self.score(kind, group, setting, sim, chunks, plan.offloaded)

@@ -21,7 +21,11 @@ import torch.distributed as dist
 
 import megatron_offload.testing.gpt as gpt
 from megatron_offload.testing.gpt import TinyGPTCase, build_model, synthetic_batch
-from megatron_offload.testing.reference import ensure_cpu_shims, init_parallel_state, release_parallel_state
+from megatron_offload.testing.reference import (
+    ensure_cpu_shims,
+    init_parallel_state,
+    release_parallel_state,
+)
 
 _OVERRIDES: dict = {}
 _build_config = gpt.transformer_config
@@ -71,8 +75,10 @@ def main(cases: list[dict]) -> None:
         kwargs = dict(kwargs)
         _OVERRIDES.clear()
         _OVERRIDES.update(kwargs.pop("cfg", {}))
-        one, two = (saved_bytes(TinyGPTCase(pp=1, num_layers=n, microbatches=1, **kwargs)) for n in (1, 2))
-        print(json.dumps({"case": kwargs, "cfg": dict(_OVERRIDES), "per_layer": two - one, "rest": 2 * one - two}))
+        one, two = (saved_bytes(TinyGPTCase(pp=1, num_layers=n, microbatches=1, **kwargs))
+                    for n in (1, 2))
+        print(json.dumps({"case": kwargs, "cfg": dict(_OVERRIDES), "per_layer": two - one,
+                          "rest": 2 * one - two}))
     dist.destroy_process_group()
 
 

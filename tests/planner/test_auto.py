@@ -1,4 +1,5 @@
-"""Policy auto's selection (planning.auto.choose_offload_units), its config, and what the plan CLI shows.
+"""Policy auto's selection (planning.auto.choose_offload_units), its config, and what the plan CLI
+shows.
 
 Pure Python: the runtime's use of the same function on megatron-core is in
 tests/integration/test_auto_policy.py.
@@ -20,8 +21,8 @@ from megatron_offload.planning.auto import (
 from megatron_offload.planning.costmodel import GiB, UnitBytes
 from megatron_offload.planning.job import JobSpec
 from megatron_offload.planning.policy import unit_lifespans, units_to_offload
-from megatron_offload.schedule.layers import runtime_rank_ops
 from megatron_offload.schedule.ir import Op, OpKind
+from megatron_offload.schedule.layers import runtime_rank_ops
 from megatron_offload.schedule.megatron import megatron_schedule
 
 EQUAL = [UnitBytes(total=100, offloadable=90)] * 2  # per chunk
@@ -87,8 +88,10 @@ def test_unequal_bytes_still_fit_and_peak_is_the_ir_walk():
         ops = runtime_rank_ops(schedule.ranks[0], set(choice.offload), 1)
         assert choice.peak_bytes == max(_levels(ops, units))
         every = units_to_offload(schedule.ranks[0], OffloadConfig(policy="full"))
-        assert choice.floor_bytes == max(_levels(runtime_rank_ops(schedule.ranks[0], every, 1), units))
-        assert choice.peak_without_bytes == max(_levels(runtime_rank_ops(schedule.ranks[0], set(), 1), units))
+        assert choice.floor_bytes == max(
+            _levels(runtime_rank_ops(schedule.ranks[0], every, 1), units))
+        assert choice.peak_without_bytes == max(
+            _levels(runtime_rank_ops(schedule.ranks[0], set(), 1), units))
         assert choice.fits == (choice.peak_bytes <= budget)
         assert choice.fits or choice.peak_bytes == choice.floor_bytes
 
@@ -117,7 +120,8 @@ def test_generous_budget_offloads_nothing_and_tiny_budget_does_not_fit():
     for rank, order in enumerate(schedule.ranks):
         free = choose_offload_units(order, EQUAL, 10_000, overhead_bytes=50)
         assert not free.offload and free.fits and free.peak_bytes == free.peak_without_bytes
-        assert free.peak_without_bytes == max(_levels(runtime_rank_ops(order, set(), 1), EQUAL)) + 50
+        assert free.peak_without_bytes == max(
+            _levels(runtime_rank_ops(order, set(), 1), EQUAL)) + 50
         tiny = choose_offload_units(order, EQUAL, 150)
         assert not tiny.fits and tiny.missing_bytes == tiny.floor_bytes - 150 > 0
 
@@ -131,11 +135,13 @@ def test_the_set_is_a_runtime_offload_set():
         assert choice.offload <= units_to_offload(order, OffloadConfig(policy="full"))
         ops = runtime_rank_ops(order, set(choice.offload), 1)
         assert [op for op in ops if op.kind is OpKind.OFFLOAD] == [
-            Op(OpKind.OFFLOAD, *op.unit) for op in order if op.kind is OpKind.FORWARD and op.unit in choice.offload]
+            Op(OpKind.OFFLOAD, *op.unit) for op in order
+            if op.kind is OpKind.FORWARD and op.unit in choice.offload]
 
 
-JOB = JobSpec(num_layers=16, hidden_size=2048, num_attention_heads=16, seq_length=4096, dtype="bf16", hidden_dropout=0.0,
-              attention_dropout=0.0, vocab_size=32000, micro_batch_size=2, global_batch_size=32, pipeline_model_parallel_size=4,
+JOB = JobSpec(num_layers=16, hidden_size=2048, num_attention_heads=16, seq_length=4096,
+              dtype="bf16", hidden_dropout=0.0, attention_dropout=0.0, vocab_size=32000,
+              micro_batch_size=2, global_batch_size=32, pipeline_model_parallel_size=4,
               virtual_stages=2)
 
 
@@ -144,7 +150,8 @@ def test_plan_for_every_rank_and_the_error_names_the_flag_and_a_remedy():
     plan = plan_auto_offload(JOB, orders, 100 * GiB)
     assert plan.fits and all(not c.offload for c in plan.ranks)
     lines = plan.log_lines()
-    assert len(lines) == 4 and lines[0].startswith("> megatron-offload auto plan: rank 0 offloads 0 of 32 units")
+    assert len(lines) == 4 and lines[0].startswith(
+        "> megatron-offload auto plan: rank 0 offloads 0 of 32 units")
     tight = plan_auto_offload(JOB, orders, 0.2 * GiB)
     assert not tight.fits
     message = tight.does_not_fit_message()
@@ -152,7 +159,8 @@ def test_plan_for_every_rank_and_the_error_names_the_flag_and_a_remedy():
     assert "--micro-batch-size 1" in message and "--recompute-granularity full" in message
     # the least budget it names is enough
     assert plan_auto_offload(JOB, orders, tight.least_budget_bytes).fits
-    mid = plan_auto_offload(JOB, orders, (plan.ranks[0].peak_without_bytes + tight.least_budget_bytes) / 2)
+    mid = plan_auto_offload(JOB, orders,
+                            (plan.ranks[0].peak_without_bytes + tight.least_budget_bytes) / 2)
     assert mid.fits and 0 < len(mid.ranks[0].offload) < mid.ranks[0].candidates
     assert "(chunk 0: " in mid.log_lines()[0]
 
@@ -165,8 +173,10 @@ def test_plan_for_every_rank_and_the_error_names_the_flag_and_a_remedy():
     ({"policy": "auto", "memory_budget_gib": True}, "--offload-memory-budget-gib"),
     ({"policy": "auto", "memory_budget_gib": float("nan")}, "--offload-memory-budget-gib"),
     ({"policy": "full", "memory_budget_gib": 20.0}, "--offload-memory-budget-gib"),
-    ({"policy": "auto", "memory_budget_gib": 20.0, "memory_budget_scope": "host"}, "--offload-memory-budget-scope"),
-    ({"policy": "auto", "memory_budget_gib": 20.0, "memory_reserve_gib": -1}, "--offload-memory-reserve-gib"),
+    ({"policy": "auto", "memory_budget_gib": 20.0, "memory_budget_scope": "host"},
+     "--offload-memory-budget-scope"),
+    ({"policy": "auto", "memory_budget_gib": 20.0, "memory_reserve_gib": -1},
+     "--offload-memory-reserve-gib"),
 ])
 def test_auto_config_errors_name_the_flag(kwargs, flag):
     with pytest.raises(ValueError, match=flag):
@@ -175,15 +185,18 @@ def test_auto_config_errors_name_the_flag(kwargs, flag):
 
 def test_auto_config_accepts_a_budget_and_has_no_fixed_rule():
     config = OffloadConfig(policy="auto", memory_budget_gib=3.5)
-    assert config.memory_budget_bytes == int(3.5 * GiB) and config.memory_budget_scope == "activations"
+    assert (config.memory_budget_bytes == int(3.5 * GiB)
+            and config.memory_budget_scope == "activations")
     with pytest.raises(ValueError, match="planner"):
         units_to_offload(megatron_schedule("1f1b", 2, 1, 2).ranks[0], config)
 
 
-SMALL = ["--num-layers", "16", "--hidden-size", "2048", "--num-attention-heads", "16", "--seq-length", "4096", "--bf16",
-         "--hidden-dropout", "0", "--attention-dropout", "0", "--vocab-size", "32000", "--micro-batch-size", "2",
-         "--global-batch-size", "32", "--pipeline-model-parallel-size", "4", "--num-layers-per-virtual-pipeline-stage", "2"]
-HW = ["--gpu-memory-gib", "80", "--gpu-tflops", "200", "--host-link-gbps", "30", "--host-memory-gib", "1024"]
+SMALL = ["--num-layers", "16", "--hidden-size", "2048", "--num-attention-heads", "16",
+         "--seq-length", "4096", "--bf16", "--hidden-dropout", "0", "--attention-dropout", "0",
+         "--vocab-size", "32000", "--micro-batch-size", "2", "--global-batch-size", "32",
+         "--pipeline-model-parallel-size", "4", "--num-layers-per-virtual-pipeline-stage", "2"]
+HW = ["--gpu-memory-gib", "80", "--gpu-tflops", "200", "--host-link-gbps", "30",
+      "--host-memory-gib", "1024"]
 
 
 def test_plan_cli_shows_what_policy_auto_chooses(capsys):
@@ -195,9 +208,11 @@ def test_plan_cli_shows_what_policy_auto_chooses(capsys):
     orders = megatron_schedule("interleaved", 4, 2, 16).ranks
     from megatron_offload.planning.costmodel import overhead_bytes
 
-    direct = plan_auto_offload(JOB, orders, budget * GiB, overhead_bytes=[overhead_bytes(JOB, r) for r in range(4)])
+    direct = plan_auto_offload(JOB, orders, budget * GiB,
+                               overhead_bytes=[overhead_bytes(JOB, r) for r in range(4)])
     assert auto["offloaded_units_per_rank"] == [len(c.offload) for c in direct.ranks]
-    assert auto["predicted_peak_activation_gib"] == [round(c.peak_bytes / GiB, 4) for c in direct.ranks]
+    assert auto["predicted_peak_activation_gib"] == [round(c.peak_bytes / GiB, 4)
+                                                     for c in direct.ranks]
     assert auto["fits"] and code == 0 and 0 < auto["offloaded_units_per_rank"][0] < 32
     assert all(p <= budget for p in auto["predicted_peak_activation_gib"])
     cli.main(["plan", *SMALL, *HW, "--offload-memory-budget-gib", str(budget)])
@@ -208,4 +223,5 @@ def test_plan_cli_shows_what_policy_auto_chooses(capsys):
 def test_plan_cli_auto_refusal_exits_1(capsys):
     code = cli.main(["plan", *SMALL, *HW, "--offload-memory-budget-gib", "0.1"])
     text = capsys.readouterr().out
-    assert code == 1 and "policy auto would refuse to start" in text and "--offload-memory-budget-gib" in text
+    assert (code == 1 and "policy auto would refuse to start" in text
+            and "--offload-memory-budget-gib" in text)

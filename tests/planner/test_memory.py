@@ -10,7 +10,8 @@ from megatron_offload.schedule.offload import plan_offload
 from megatron_offload.schedule.simulate import simulate
 
 
-@pytest.mark.parametrize("kind, pp, vpp, m, g", [("1f1b", 4, 1, 8, None), ("interleaved", 4, 2, 8, 4), ("gis", 8, 2, 16, 4)])
+@pytest.mark.parametrize("kind, pp, vpp, m, g", [("1f1b", 4, 1, 8, None),
+                                                 ("interleaved", 4, 2, 8, 4), ("gis", 8, 2, 16, 4)])
 @pytest.mark.parametrize("k", [None, 0.5, 1.5])
 def test_uniform_bytes_equal_units(kind, pp, vpp, m, g, k):
     costs = CostModel(forward_time=1.0, backward_time=2.0, offload_ratio=k or 1.0)
@@ -25,7 +26,8 @@ def test_uniform_bytes_equal_units(kind, pp, vpp, m, g, k):
     if k is None:
         assert host == [0.0] * pp
     else:
-        assert all(h >= 1 for h, units in zip(host, [len(sim.schedule.offloaded_units(r)) for r in range(pp)]) if units)
+        assert all(h >= 1 for h, units in zip(host, [len(sim.schedule.offloaded_units(r))
+                                                     for r in range(pp)]) if units)
 
 
 def test_weights_per_rank_and_chunk_and_what_stays_behind():
@@ -39,7 +41,8 @@ def test_weights_per_rank_and_chunk_and_what_stays_behind():
     moved_all, _ = byte_peaks(sim, twice)
     moved_half, host_half = byte_peaks(sim, twice, [[1.0, 1.0] for _ in range(4)])
     moved_none, host_none = byte_peaks(sim, twice, [[0.0, 0.0] for _ in range(4)])
-    assert moved_none == byte_peaks(base, twice)[0] and host_none == [0.0] * 4  # nothing moves: as without offload
+    # nothing moves: as without offload
+    assert moved_none == byte_peaks(base, twice)[0] and host_none == [0.0] * 4
     for a, b, c in zip(moved_all, moved_half, moved_none):
         assert a <= b <= c
     assert max(host_half) > 0

@@ -129,7 +129,7 @@ SlurmdParameters=config_overrides
 GresTypes=gpu
 NodeName=localhost NodeAddr=127.0.0.1 Port={_free_port()} CPUs={self.cpus} RealMemory=4000{gres_node} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-""")
+""")  # noqa: E501 (slurm.conf lines do not wrap)
         if self.gpus:
             (self.scratch / "gres.conf").write_text(
                 f"Name=gpu File={fake}/nvidia[0-{self.gpus - 1}]\n")
