@@ -54,6 +54,8 @@ class RefusedMode:
     detect: Callable | None = None
     """Instead of ``fields``: ``detect(config, facts, schedule_kwargs)`` returns the values for
     ``problem``'s placeholders (a dict) when the mode is on, None when it is off."""
+    call_args: tuple[str, ...] = ()
+    """Keyword arguments of the schedule call that ``detect`` reads (for the documents)."""
     problem: str = ""
     """The schedule check's words (joined after "--pipeline-offload cannot run with: ")."""
     args: tuple[str, ...] = ()
@@ -175,11 +177,13 @@ REFUSED_MODES: tuple[RefusedMode, ...] = (
     ),
     RefusedMode(
         key="whole_iteration_cuda_graph", kind="steps",
-        flags=("--cuda-graph-scope full_iteration (0.16, 0.17, with --cuda-graph-impl local)",
-               "--cuda-graph-impl full_iteration (0.18+)"),
+        flags=("--cuda-graph-scope full_iteration", "--cuda-graph-impl full_iteration"),
         reason="a whole-iteration CUDA graph replays the schedule without running "
-               "forward_step/backward_step, and " + _CAPTURED,
+               "forward_step/backward_step, and " + _CAPTURED + " (0.16 and 0.17 build one for "
+               "--cuda-graph-scope full_iteration with --cuda-graph-impl local, 0.18+ for "
+               "--cuda-graph-impl full_iteration: Release.full_iteration_graph_field)",
         fix="--cuda-graph-impl none",
+        fields=("cuda_graph_impl", "cuda_graph_scope"),
         detect=_whole_iteration_graph,
         problem="{flag} (a whole-iteration CUDA graph replays the schedule without running "
                 "forward_step/backward_step, and a captured graph cannot release and refill "
@@ -187,8 +191,8 @@ REFUSED_MODES: tuple[RefusedMode, ...] = (
     ),
     RefusedMode(
         key="cuda_graphs", kind="steps",
-        flags=("--cuda-graph-impl local|transformer_engine", "--enable-cuda-graph",
-               "--external-cuda-graph"),
+        flags=("--cuda-graph-impl local", "--cuda-graph-impl transformer_engine",
+               "--enable-cuda-graph", "--external-cuda-graph"),
         reason=_CAPTURED,
         fix="--cuda-graph-impl none; drop --enable-cuda-graph / --external-cuda-graph",
         fields=("enable_cuda_graph", "external_cuda_graph", "cuda_graph_impl"),
@@ -200,8 +204,10 @@ REFUSED_MODES: tuple[RefusedMode, ...] = (
     ),
     RefusedMode(
         key="cpu_offloading", kind="hooks",
-        flags=("--cpu-offloading-num-layers N", "--cpu-offloading (a fork's flag)"),
-        reason="Megatron's layer-wise activation offloading: " + _ONE_OWNER,
+        flags=("--cpu-offloading-num-layers N", "--cpu-offloading"),
+        reason="Megatron's layer-wise activation offloading: " + _ONE_OWNER + " (Megatron-LM "
+               "sets cpu_offloading for --cpu-offloading-num-layers N > 0; --cpu-offloading "
+               "is a fork's flag)",
         fix="drop --cpu-offloading-num-layers / --cpu-offloading, or drop " + ENABLE_FLAG,
         fields=("cpu_offloading",),
         problem="--cpu-offloading (Megatron's layer-wise offload): only one offloading "
@@ -249,14 +255,16 @@ REFUSED_MODES: tuple[RefusedMode, ...] = (
     ),
     RefusedMode(
         key="multimodule_pipeline", kind="steps",
-        flags=("pg_collection=MultiModuleProcessGroupCollection (0.17+)",
-               "p2p_communicator=MultiModulePipelineCommunicator (0.17+)",
-               "a p2p_communicator without a pp_group"),
+        flags=("pg_collection=MultiModuleProcessGroupCollection",
+               "p2p_communicator=MultiModulePipelineCommunicator",
+               "p2p_communicator without a pp_group"),
         reason="a multi-module pipeline (e.g. a MIMO model with separate encoder and "
-               "language-model grids) runs its backward through backward_step_multimodule, "
-               "which the plugin does not patch",
+               "language-model grids; 0.17+: Release.multimodule_pipelines) runs its backward "
+               "through backward_step_multimodule, which the plugin does not patch; a "
+               "p2p_communicator without a pp_group is taken for one, on any release",
         fix="run it without " + ENABLE_FLAG,
         detect=_multimodule_pipeline,
+        call_args=("pg_collection", "p2p_communicator"),
         problem="a multi-module pipeline ({argument} passed to the schedule, e.g. a MIMO model "
                 "with separate encoder and language-model grids: its backward runs "
                 "backward_step_multimodule, which the plugin does not patch): run it without "
@@ -264,8 +272,9 @@ REFUSED_MODES: tuple[RefusedMode, ...] = (
     ),
     RefusedMode(
         key="gis_variable_seq_lengths", kind="gis",
-        flags=("TransformerConfig.variable_seq_lengths (set by the data path)",),
-        reason="the executor sends fixed [seq, micro-batch, hidden] tensors",
+        flags=("TransformerConfig.variable_seq_lengths",),
+        reason="the executor sends fixed [seq, micro-batch, hidden] tensors (the field is set "
+               "by the data path, not by a flag)",
         fix=_USE_MEGATRON,
         fields=("variable_seq_lengths",),
         problem="variable_seq_lengths (the executor sends fixed [seq, micro-batch, hidden] "
@@ -288,10 +297,11 @@ REFUSED_MODES: tuple[RefusedMode, ...] = (
     ),
     RefusedMode(
         key="gis_adjust_tensor_shapes", kind="gis",
-        flags=("adjust_tensor_shapes_fn (a schedule argument)",),
+        flags=("adjust_tensor_shapes_fn",),
         reason="the executor sends fixed [seq, micro-batch, hidden] tensors",
         fix=_USE_MEGATRON,
         detect=_adjusted_tensor_shapes,
+        call_args=("adjust_tensor_shapes_fn",),
         problem="adjust_tensor_shapes_fn: " + _USE_MEGATRON,
     ),
 )
