@@ -111,76 +111,99 @@ def gis_schedule_function(runtime: OffloadRuntime, name: str, original):
     def schedule_function(**kwargs):
         if runtime.active:
             raise RuntimeError("megatron-offload: a pipeline schedule was called from inside another one")
-        from megatron.core.utils import get_model_config, get_model_type
+        from megatron.core.utils import get_model_config
 
-        schedules = schedules_module()
         chunks = model_chunks(kwargs["model"])
         config = get_model_config(chunks[0])
-        forward_only = bool(kwargs.get("forward_only", False))
         refuse_unsupported(config, runtime.release, schedule_kwargs=kwargs)
         refuse_for_gis(config, runtime.release, kwargs)
-        offload_config: OffloadConfig = runtime.config
-        offload_config.check_against_model(len(chunks))
+        runtime.config.check_against_model(len(chunks))
         group = pipeline_group(kwargs)
-        pp, rank = group.size(), group.rank()
-        if pp == 1:
+        if group.size() == 1:
             return original(**kwargs)
-        m = kwargs["num_microbatches"]
-        g = min(offload_config.group_size or pp, m)
-        if settings.order == "megatron":
-            g = config.microbatch_group_size_per_vp_stage or pp
-        backend = offload_config.backend
-        if backend == "auto":
-            backend = "cuda" if compute_device(chunks).type == "cuda" else "cpu"
-        schedule, plan, forward_plan = planned_schedule(
-            pp, len(chunks), m, g, offload_config.policy, offload_config.offload_chunks, backend,
-            settings.order)
-        pg_collection = kwargs.get("pg_collection") or _default_pg_collection(schedules)
-        cp = pg_collection.cp.size() if getattr(pg_collection, "cp", None) is not None else 1
-        shape = [kwargs["seq_length"], kwargs["micro_batch_size"], config.hidden_size]
-        shape[0] //= cp
-        if getattr(config, "sequence_parallel", False):
-            shape[0] //= pg_collection.tp.size()
-
-        def finalize(tokens):
-            if config.finalize_model_grads_func is not None:
-                config.finalize_model_grads_func(
-                    chunks, tokens if config.calculate_per_token_loss else None,
-                    pg_collection=pg_collection, force_all_reduce=kwargs.get("force_all_reduce", False))
-
-        common = dict(
-            schedule=schedule, rank=rank, forward_step_func=kwargs["forward_step_func"],
-            data_iterator=kwargs["data_iterator"], model=chunks, num_microbatches=m, config=config,
-            pp_group=group, tensor_shape=shape, forward_step=runtime.original("forward_step"),
-            backward_step=runtime.original("backward_step"), call_by_name=call_by_name,
-            cp_group_size=cp, collect_non_loss_data=kwargs.get("collect_non_loss_data", False),
-            first_val_step=kwargs.get("first_val_step"), model_type=get_model_type(chunks[0]),
-            timeout_s=settings.timeout_s,
-        )
+        schedule, plan, forward_plan = _planned_for_call(runtime.config, kwargs, chunks, config,
+                                                         group.size())
+        common, finalize = _executor_arguments(runtime, kwargs, chunks, config, schedule, group)
         timers = getattr(config, "timers", None)
         if timers is not None:
             timers("forward-backward", log_level=1).start(barrier=config.barrier_with_L1_time)
         try:
-            if forward_only:
+            if kwargs.get("forward_only", False):
                 return run_rank(plan=forward_plan, forward_only=True, **common)
-            offloader = offloader_for(runtime, chunks, rank)
-            row = schedule.ranks[rank]
-            order = [op for op in row if op.kind in (OpKind.FORWARD, OpKind.BACKWARD)]
-            units = {op.unit for op in row if op.kind is OpKind.OFFLOAD}
-            if offload_config.granularity == "unit":
-                entries = list(row)  # the offload pass's copies, where it put them
-            else:
-                entries = runtime_plan_for(runtime, offloader, chunks, config,
-                                           RankOrder(rank=rank, ops=order), units)
-            runtime.active = True
-            try:
-                with iteration(offloader, order, units, plan=entries):
-                    return run_rank(plan=plan, offloader=offloader, finalize=finalize, **common)
-            finally:
-                runtime.active = False
+            return _training_call(runtime, chunks, config, schedule, plan, finalize, common)
         finally:
             if timers is not None:
                 timers("forward-backward").stop()
 
     schedule_function.__name__ = name
     return schedule_function
+
+
+def _planned_for_call(offload_config: OffloadConfig, kwargs, chunks, config, pp: int):
+    """:func:`planned_schedule` for this call's shape: g = --offload-group-size (default p,
+    capped at m; Megatron's own with ``settings.order == "megatron"``), the backend resolved
+    from the parameters' device for ``auto``."""
+    m = kwargs["num_microbatches"]
+    g = min(offload_config.group_size or pp, m)
+    if settings.order == "megatron":
+        g = config.microbatch_group_size_per_vp_stage or pp
+    backend = offload_config.backend
+    if backend == "auto":
+        backend = "cuda" if compute_device(chunks).type == "cuda" else "cpu"
+    return planned_schedule(pp, len(chunks), m, g, offload_config.policy,
+                            offload_config.offload_chunks, backend, settings.order)
+
+
+def _executor_arguments(runtime: OffloadRuntime, kwargs, chunks, config, schedule: Schedule, group):
+    """(the keyword arguments of ``run_rank`` common to both passes, the finalize callback):
+    Megatron's own steps, the tensor shape sent between stages ([seq / CP (/ TP with sequence
+    parallelism), micro-batch, hidden]) and the process groups of this call."""
+    from megatron.core.utils import get_model_type
+
+    pg_collection = kwargs.get("pg_collection") or _default_pg_collection(schedules_module())
+    cp = pg_collection.cp.size() if getattr(pg_collection, "cp", None) is not None else 1
+    shape = [kwargs["seq_length"], kwargs["micro_batch_size"], config.hidden_size]
+    shape[0] //= cp
+    if getattr(config, "sequence_parallel", False):
+        shape[0] //= pg_collection.tp.size()
+
+    def finalize(tokens):
+        if config.finalize_model_grads_func is not None:
+            config.finalize_model_grads_func(
+                chunks, tokens if config.calculate_per_token_loss else None,
+                pg_collection=pg_collection, force_all_reduce=kwargs.get("force_all_reduce", False))
+
+    common = dict(
+        schedule=schedule, rank=group.rank(), forward_step_func=kwargs["forward_step_func"],
+        data_iterator=kwargs["data_iterator"], model=chunks,
+        num_microbatches=kwargs["num_microbatches"], config=config, pp_group=group,
+        tensor_shape=shape, forward_step=runtime.original("forward_step"),
+        backward_step=runtime.original("backward_step"), call_by_name=call_by_name,
+        cp_group_size=cp, collect_non_loss_data=kwargs.get("collect_non_loss_data", False),
+        first_val_step=kwargs.get("first_val_step"), model_type=get_model_type(chunks[0]),
+        timeout_s=settings.timeout_s,
+    )
+    return common, finalize
+
+
+def _training_call(runtime: OffloadRuntime, chunks, config, schedule: Schedule, plan: P2PPlan,
+                   finalize, common: dict):
+    """A training pass: this rank's row under the offload runtime (``--offload-granularity
+    unit``: the offload pass's copies where it put them; ``layer``: the layer-level expansion
+    of the row's order with the units it offloads)."""
+    rank = common["rank"]
+    offloader = offloader_for(runtime, chunks, rank)
+    row = schedule.ranks[rank]
+    order = [op for op in row if op.kind in (OpKind.FORWARD, OpKind.BACKWARD)]
+    units = {op.unit for op in row if op.kind is OpKind.OFFLOAD}
+    if runtime.config.granularity == "unit":
+        entries = list(row)  # the offload pass's copies, where it put them
+    else:
+        entries = runtime_plan_for(runtime, offloader, chunks, config,
+                                   RankOrder(rank=rank, ops=order), units)
+    runtime.active = True
+    try:
+        with iteration(offloader, order, units, plan=entries):
+            return run_rank(plan=plan, offloader=offloader, finalize=finalize, **common)
+    finally:
+        runtime.active = False
