@@ -121,9 +121,10 @@ def _cuda_graphs(config, facts: Release, schedule_kwargs=None) -> dict | None:
 
 def _multimodule_pipeline(config, facts: Release, schedule_kwargs=None) -> dict | None:
     """The schedule argument that makes the call a multi-module pipeline."""
-    kwargs = schedule_kwargs or {}
-    communicator = kwargs.get("p2p_communicator")
-    collection = kwargs.get("pg_collection")
+    if not schedule_kwargs:  # a config alone (no schedule call) is never one
+        return None
+    communicator = schedule_kwargs.get("p2p_communicator")
+    collection = schedule_kwargs.get("pg_collection")
     if facts.multimodule_pipelines:
         from megatron.core.pipeline_parallel.multimodule_communicator import (
             MultiModulePipelineCommunicator,
