@@ -19,7 +19,7 @@ from megatron_offload.integration.patching import PatchSet
 from megatron_offload.planning.policy import runtime_plan
 from megatron_offload.releases import Release
 from megatron_offload.runtime.accounting import IterationStats
-from megatron_offload.runtime.host_pool import host_pool_for
+from megatron_offload.runtime.host_pool import HostBufferPool
 from megatron_offload.runtime.offloader import ActivationOffloader
 from megatron_offload.runtime.transfer import make_backend
 
@@ -66,7 +66,8 @@ def offloader_for(runtime: OffloadRuntime, chunks, rank: int) -> ActivationOfflo
     if runtime.offloader is None:
         device = compute_device(chunks)
         backend = make_backend(runtime.config.backend, device)
-        pool = host_pool_for(pin=backend.pin_memory, budget_bytes=runtime.config.host_budget_bytes)
+        pool = HostBufferPool.for_offload(pin=backend.pin_memory,
+                                          budget_bytes=runtime.config.host_budget_bytes)
         runtime.offloader = ActivationOffloader(
             runtime.config, backend, device_type=device.type, rank_label=f"[pp rank {rank}] ",
             pool=pool,

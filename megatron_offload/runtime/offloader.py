@@ -45,7 +45,7 @@ from megatron_offload.runtime.store import (
     UnitState,
     preserve_saved_parameters,
 )
-from megatron_offload.runtime.host_pool import HostBufferPool, host_pool_for
+from megatron_offload.runtime.host_pool import HostBufferPool
 from megatron_offload.runtime.transfer import TransferBackend
 from megatron_offload.schedule.ir import Op, OpKind
 from megatron_offload.schedule.layers import LayerOp, runtime_rank_ops, streamed_sub_units
@@ -77,7 +77,7 @@ class ActivationOffloader:
         pool: HostBufferPool | None = None,
     ) -> None:
         """``backend`` moves the bytes; ``pool`` holds them on the host (None: the pool the
-        backend needs within ``config.host_budget_bytes``, ``host_pool.host_pool_for``)."""
+        backend needs within ``config.host_budget_bytes``, ``HostBufferPool.for_offload``)."""
         self.config = config
         self.backend = backend
         self.rank_label = rank_label
@@ -88,7 +88,7 @@ class ActivationOffloader:
             device_type=device_type,
             tracker=self.tracker,
         )
-        self.pool = pool if pool is not None else host_pool_for(
+        self.pool = pool if pool is not None else HostBufferPool.for_offload(
             pin=backend.pin_memory, budget_bytes=config.host_budget_bytes)
         # The most recent iterations only: a long run must not grow host memory with stats.
         self.iteration_stats: deque[IterationStats] = deque(maxlen=STATS_HISTORY)
