@@ -97,7 +97,8 @@ def render() -> str:
         "`megatron_offload/integration/refusals.py`; do not edit by hand "
         "(`tests/integration/test_compatibility.py` fails when this file is stale). -->",
         "",
-        f"Supported: {SUPPORTED_TEXT}; install with `pip install 'megatron-core{SUPPORTED_RANGE}'`. "
+        f"Supported: {SUPPORTED_TEXT}; install with "
+        f"`pip install 'megatron-core{SUPPORTED_RANGE}'`. "
         f"`install()` and the launcher check the installed release once and refuse any other "
         "with an error naming this range.",
         "",

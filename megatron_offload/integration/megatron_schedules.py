@@ -64,7 +64,8 @@ def predict_rank_order(name: str, kwargs, config, num_chunks: int) -> RankOrder:
     schedules = schedules_module()
     m = kwargs["num_microbatches"]
     if name == NO_PIPELINING:
-        ops = [op for mb in range(m) for op in (Op(OpKind.FORWARD, 0, mb), Op(OpKind.BACKWARD, 0, mb))]
+        ops = [op for mb in range(m)
+               for op in (Op(OpKind.FORWARD, 0, mb), Op(OpKind.BACKWARD, 0, mb))]
         return RankOrder(rank=0, ops=ops)
     group = pipeline_group(kwargs)
     p, r = group.size(), group.rank()

@@ -228,7 +228,8 @@ class PatchSet:
         """The original behind this set's replacement of ``owner.attribute`` (KeyError if this
         set did not replace it)."""
         for entry in self._entries:
-            if isinstance(entry, _Replaced) and entry.owner is owner and entry.attribute == attribute:
+            if (isinstance(entry, _Replaced) and entry.owner is owner
+                    and entry.attribute == attribute):
                 return entry.original
         raise KeyError(dotted(owner, attribute))
 
@@ -272,7 +273,8 @@ class PatchSet:
         original = unwrapped(found, self.marker)
         replacement = self._marked(patch, original)
         _write(patch.owner, patch.attribute, replacement)
-        self._entries.append(_Replaced(patch.owner, patch.attribute, found, own, original, patch.symbol))
+        self._entries.append(
+            _Replaced(patch.owner, patch.attribute, found, own, original, patch.symbol))
         log.log(self.log_level, "megatron-offload: patched %s", patch.symbol)
 
     def _marked(self, patch: Patch, original: Any) -> Any:

@@ -318,7 +318,8 @@ def _check_table() -> None:
         raise AssertionError("refusals: a mode key or a Megatron-LM argument appears twice")
     for mode in REFUSED_MODES:
         if mode.kind not in ("hooks", "steps", "gis") or not (mode.fields or mode.detect):
-            raise AssertionError(f"refusals: row {mode.key} has no kind or no check")  # pragma: no cover
+            raise AssertionError(  # pragma: no cover
+                f"refusals: row {mode.key} has no kind or no check")
         if mode.args and not mode.launch_why:  # pragma: no cover
             raise AssertionError(f"refusals: row {mode.key} reads arguments but has no words")
 
@@ -327,7 +328,8 @@ _check_table()
 
 
 # ----------------------------------------------------------------------------- the checks
-def problems(config, facts: Release, *, schedule_kwargs=None, kinds=("steps", "hooks")) -> list[str]:
+def problems(config, facts: Release, *, schedule_kwargs=None,
+             kinds=("steps", "hooks")) -> list[str]:
     """The problem text of every mode of ``kinds`` that ``config`` / the call switch on."""
     found = (mode.problem_for(config, facts, schedule_kwargs)
              for mode in REFUSED_MODES if mode.kind in kinds)

@@ -144,7 +144,8 @@ def test_hooks_and_contexts_are_undone_by_the_same_restore_last_first():
             events.append(("exit", len(layer._forward_hooks)))
 
     patches = PatchSet("demo", marker=MARKER)
-    patches.hook(layer, pre=lambda m, a: calls.append("pre"), post=lambda m, a, o: calls.append("post"))
+    patches.hook(layer, pre=lambda m, a: calls.append("pre"),
+                 post=lambda m, a, o: calls.append("post"))
     patches.enter(Context(), "demo context")
     layer(torch.zeros(1, 2))
     assert calls == ["pre", "post"] and events == ["enter"]
@@ -245,5 +246,6 @@ def test_layer_hooks_are_one_patch_set():
     first.remove()
     assert all(not layer._forward_hooks and not layer._forward_pre_hooks
                for layer in chunk.decoder.layers)
-    full = attach_layer_hooks(offloader, [chunk], types.SimpleNamespace(recompute_granularity="full"))
+    full = attach_layer_hooks(offloader, [chunk],
+                              types.SimpleNamespace(recompute_granularity="full"))
     assert full.layers_per_chunk == [0] and not full.patches.installed
