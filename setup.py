@@ -1,5 +1,21 @@
 """megatron-offload: PipeOffload for Megatron-Core / Megatron-LM as a plugin."""
+import ast
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+
+def supported_range() -> str:
+    """``SUPPORTED_RANGE`` of megatron_offload/releases.py, read without importing the package
+    (the module is a leaf: the constant is a plain string literal)."""
+    source = Path(__file__).resolve().parent / "megatron_offload" / "releases.py"
+    for node in ast.parse(source.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(
+                isinstance(target, ast.Name) and target.id == "SUPPORTED_RANGE"
+                for target in node.targets):
+            return ast.literal_eval(node.value)
+    raise RuntimeError(f"no SUPPORTED_RANGE in {source}")
+
 
 setup(
     name="megatron-offload",
@@ -13,9 +29,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_offload", "megatron_offload.*"]),
     # torch is deliberately not pinned here: GPU clusters bring their own CUDA build.
-    # The CPU bootstrap (scripts/bootstrap.sh) pins torch==2.13.0. megatron-core 0.16.x to
-    # 0.19.x are supported (integration/megatron_core.py checks it); 0.17+ need Python 3.12.
-    install_requires=["torch>=2.4", "megatron-core>=0.16,<0.20", "numpy"],
+    # The CPU bootstrap (scripts/bootstrap.sh) pins torch==2.13.0. The supported megatron-core
+    # releases are megatron_offload/releases.py's (checked again at install()); 0.17+ need
+    # Python 3.12.
+    install_requires=["torch>=2.4", f"megatron-core{supported_range()}", "numpy"],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
         # NVIDIA apex is not on PyPI (the PyPI "apex" is an unrelated project): build it from

@@ -1,10 +1,10 @@
 """``--offload-schedule gis``: Megatron's pipelined schedule functions run the executor.
 
-With ``OffloadConfig(schedule="gis")``, :func:`megatron_core.install` replaces
-``forward_backward_pipelining_without_interleaving`` and
-``forward_backward_pipelining_with_interleaving`` in ``megatron.core.pipeline_parallel.
-schedules`` by :func:`gis_schedule_function` (same keyword arguments, same return value), so
-every caller of ``get_forward_backward_func()`` (Megatron-LM's ``train()`` and ``evaluate()``
+With ``OffloadConfig(schedule="gis")``, the ``megatron-core schedules`` patch set of
+:func:`megatron_core.install` replaces
+``megatron.core.pipeline_parallel.schedules.forward_backward_pipelining_without_interleaving``
+and ``megatron.core.pipeline_parallel.schedules.forward_backward_pipelining_with_interleaving``
+by :func:`gis_schedule_function` (same keyword arguments, same return value), so every caller of ``get_forward_backward_func()`` (Megatron-LM's ``train()`` and ``evaluate()``
 included) runs PipeOffload's generalized interleaving. Per call:
 
 1. the schedule IR: ``schedule.gis.gis_schedule(p, v, m, g)`` with g = --offload-group-size
@@ -20,7 +20,8 @@ included) runs PipeOffload's generalized interleaving. Per call:
    (``policy.runtime_plan``) with the units the offload pass chose.
 
 Forward-only calls run the same schedule's forwards, without hooks. The no-pipelining function
-(PP = 1) stays Megatron's.
+(PP = 1) stays Megatron's. What the executor cannot run is refused before the first step
+(the ``gis`` rows of :mod:`.refusals`).
 """
 from __future__ import annotations
 
@@ -28,6 +29,15 @@ import functools
 from dataclasses import dataclass
 
 from megatron_offload.config import OffloadConfig
+from megatron_offload.integration.megatron_schedules import (
+    RankOrder, model_chunks, pipeline_group, schedules_module,
+)
+from megatron_offload.integration.offload_runtime import (
+    OffloadRuntime, compute_device, offloader_for, runtime_plan_for,
+)
+from megatron_offload.integration.refusals import refuse_for_gis, refuse_unsupported
+from megatron_offload.releases import call_by_name
+from megatron_offload.runtime.executor import run_rank
 from megatron_offload.runtime.offloader import iteration
 from megatron_offload.schedule.costs import CostModel
 from megatron_offload.schedule.gis import gis_schedule
@@ -49,11 +59,6 @@ class ExecutorSettings:
 
 
 settings = ExecutorSettings()
-
-PIPELINED = (
-    "forward_backward_pipelining_without_interleaving",
-    "forward_backward_pipelining_with_interleaving",
-)
 
 
 def costs_for(backend: str) -> CostModel:
@@ -84,22 +89,6 @@ def planned_schedule(pp: int, vpp: int, microbatches: int, group_size: int, poli
     return schedule, build_plan(schedule), build_plan(schedule, forward_only=True)
 
 
-def _refuse_for_gis(config, kwargs) -> None:
-    problems = []
-    if getattr(config, "variable_seq_lengths", False):
-        problems.append("variable_seq_lengths (the executor sends fixed [seq, micro-batch, hidden] "
-                        "tensors): use --offload-schedule megatron")
-    if getattr(config, "num_microbatches_with_partial_activation_checkpoints", None) is not None:
-        problems.append("--num-microbatches-with-partial-activation-checkpoints: use "
-                        "--offload-schedule megatron")
-    if getattr(config, "defer_embedding_wgrad_compute", False):
-        problems.append("--defer-embedding-wgrad-compute: use --offload-schedule megatron")
-    if kwargs.get("adjust_tensor_shapes_fn") is not None:
-        problems.append("adjust_tensor_shapes_fn: use --offload-schedule megatron")
-    if problems:
-        raise ValueError("--offload-schedule gis cannot run with: " + "; ".join(problems))
-
-
 def _default_pg_collection(schedules):
     build = getattr(schedules, "_build_default_pg_collection", None)
     if build is not None:  # 0.19
@@ -117,83 +106,32 @@ def _default_pg_collection(schedules):
     return pgs
 
 
-def gis_schedule_function(runtime, name: str, original):
+def gis_schedule_function(runtime: OffloadRuntime, name: str, original):
     """The replacement of Megatron's pipelined schedule function ``name``."""
-    from megatron_offload.integration import megatron_core as mc
-    from megatron_offload.runtime.executor import run_rank
 
     def schedule_function(**kwargs):
         if runtime.active:
             raise RuntimeError("megatron-offload: a pipeline schedule was called from inside another one")
-        from megatron.core.utils import get_model_config, get_model_type
+        from megatron.core.utils import get_model_config
 
-        schedules = mc._schedules_module()
-        model = kwargs["model"]
-        chunks = model if isinstance(model, list) else [model]
+        chunks = model_chunks(kwargs["model"])
         config = get_model_config(chunks[0])
-        forward_only = bool(kwargs.get("forward_only", False))
-        mc.refuse_unsupported(config, runtime.release, schedule_kwargs=kwargs)
-        _refuse_for_gis(config, kwargs)
-        offload_config: OffloadConfig = runtime.config
-        offload_config.check_against_model(len(chunks))
-        group = mc._pipeline_group(kwargs)
-        pp, rank = group.size(), group.rank()
-        if pp == 1:
+        refuse_unsupported(config, runtime.release, schedule_kwargs=kwargs)
+        refuse_for_gis(config, runtime.release, kwargs)
+        runtime.config.check_against_model(len(chunks))
+        group = pipeline_group(kwargs)
+        if group.size() == 1:
             return original(**kwargs)
-        m = kwargs["num_microbatches"]
-        g = min(offload_config.group_size or pp, m)
-        if settings.order == "megatron":
-            g = config.microbatch_group_size_per_vp_stage or pp
-        backend = offload_config.backend
-        if backend == "auto":
-            param = next(chunks[0].parameters(), None)
-            backend = "cuda" if param is not None and param.device.type == "cuda" else "cpu"
-        schedule, plan, forward_plan = planned_schedule(
-            pp, len(chunks), m, g, offload_config.policy, offload_config.offload_chunks, backend,
-            settings.order)
-        pg_collection = kwargs.get("pg_collection") or _default_pg_collection(schedules)
-        cp = pg_collection.cp.size() if getattr(pg_collection, "cp", None) is not None else 1
-        shape = [kwargs["seq_length"], kwargs["micro_batch_size"], config.hidden_size]
-        shape[0] //= cp
-        if getattr(config, "sequence_parallel", False):
-            shape[0] //= pg_collection.tp.size()
-
-        def finalize(tokens):
-            if config.finalize_model_grads_func is not None:
-                config.finalize_model_grads_func(
-                    chunks, tokens if config.calculate_per_token_loss else None,
-                    pg_collection=pg_collection, force_all_reduce=kwargs.get("force_all_reduce", False))
-
-        common = dict(
-            schedule=schedule, rank=rank, forward_step_func=kwargs["forward_step_func"],
-            data_iterator=kwargs["data_iterator"], model=chunks, num_microbatches=m, config=config,
-            pp_group=group, tensor_shape=shape, forward_step=runtime.originals["forward_step"],
-            backward_step=runtime.originals["backward_step"], call_by_name=mc.call_by_name,
-            cp_group_size=cp, collect_non_loss_data=kwargs.get("collect_non_loss_data", False),
-            first_val_step=kwargs.get("first_val_step"), model_type=get_model_type(chunks[0]),
-            timeout_s=settings.timeout_s,
-        )
+        schedule, plan, forward_plan = _planned_for_call(runtime.config, kwargs, chunks, config,
+                                                         group.size())
+        common, finalize = _executor_arguments(runtime, kwargs, chunks, config, schedule, group)
         timers = getattr(config, "timers", None)
         if timers is not None:
             timers("forward-backward", log_level=1).start(barrier=config.barrier_with_L1_time)
         try:
-            if forward_only:
+            if kwargs.get("forward_only", False):
                 return run_rank(plan=forward_plan, forward_only=True, **common)
-            offloader = mc._offloader_for(runtime, chunks, rank)
-            row = schedule.ranks[rank]
-            order = [op for op in row if op.kind in (OpKind.FORWARD, OpKind.BACKWARD)]
-            units = {op.unit for op in row if op.kind is OpKind.OFFLOAD}
-            if offload_config.granularity == "unit":
-                entries = list(row)  # the offload pass's copies, where it put them
-            else:
-                entries = mc._runtime_plan(runtime, offloader, chunks, config,
-                                           mc.RankOrder(rank=rank, ops=order), units)
-            runtime.active = True
-            try:
-                with iteration(offloader, order, units, plan=entries):
-                    return run_rank(plan=plan, offloader=offloader, finalize=finalize, **common)
-            finally:
-                runtime.active = False
+            return _training_call(runtime, chunks, config, schedule, plan, finalize, common)
         finally:
             if timers is not None:
                 timers("forward-backward").stop()
@@ -202,9 +140,71 @@ def gis_schedule_function(runtime, name: str, original):
     return schedule_function
 
 
-def patch_gis(runtime) -> dict:
-    """{name: replacement} for Megatron's two pipelined schedule functions."""
-    from megatron_offload.integration.megatron_core import _mark
+def _planned_for_call(offload_config: OffloadConfig, kwargs, chunks, config, pp: int):
+    """:func:`planned_schedule` for this call's shape: g = --offload-group-size (default p,
+    capped at m; Megatron's own with ``settings.order == "megatron"``), the backend resolved
+    from the parameters' device for ``auto``."""
+    m = kwargs["num_microbatches"]
+    g = min(offload_config.group_size or pp, m)
+    if settings.order == "megatron":
+        g = config.microbatch_group_size_per_vp_stage or pp
+    backend = offload_config.backend
+    if backend == "auto":
+        backend = "cuda" if compute_device(chunks).type == "cuda" else "cpu"
+    return planned_schedule(pp, len(chunks), m, g, offload_config.policy,
+                            offload_config.offload_chunks, backend, settings.order)
 
-    return {name: _mark(gis_schedule_function(runtime, name, runtime.originals[name]), runtime.originals[name])
-            for name in PIPELINED}
+
+def _executor_arguments(runtime: OffloadRuntime, kwargs, chunks, config, schedule: Schedule, group):
+    """(the keyword arguments of ``run_rank`` common to both passes, the finalize callback):
+    Megatron's own steps, the tensor shape sent between stages ([seq / CP (/ TP with sequence
+    parallelism), micro-batch, hidden]) and the process groups of this call."""
+    from megatron.core.utils import get_model_type
+
+    pg_collection = kwargs.get("pg_collection") or _default_pg_collection(schedules_module())
+    cp = pg_collection.cp.size() if getattr(pg_collection, "cp", None) is not None else 1
+    shape = [kwargs["seq_length"], kwargs["micro_batch_size"], config.hidden_size]
+    shape[0] //= cp
+    if getattr(config, "sequence_parallel", False):
+        shape[0] //= pg_collection.tp.size()
+
+    def finalize(tokens):
+        if config.finalize_model_grads_func is not None:
+            config.finalize_model_grads_func(
+                chunks, tokens if config.calculate_per_token_loss else None,
+                pg_collection=pg_collection, force_all_reduce=kwargs.get("force_all_reduce", False))
+
+    common = dict(
+        schedule=schedule, rank=group.rank(), forward_step_func=kwargs["forward_step_func"],
+        data_iterator=kwargs["data_iterator"], model=chunks,
+        num_microbatches=kwargs["num_microbatches"], config=config, pp_group=group,
+        tensor_shape=shape, forward_step=runtime.original("forward_step"),
+        backward_step=runtime.original("backward_step"), call_by_name=call_by_name,
+        cp_group_size=cp, collect_non_loss_data=kwargs.get("collect_non_loss_data", False),
+        first_val_step=kwargs.get("first_val_step"), model_type=get_model_type(chunks[0]),
+        timeout_s=settings.timeout_s,
+    )
+    return common, finalize
+
+
+def _training_call(runtime: OffloadRuntime, chunks, config, schedule: Schedule, plan: P2PPlan,
+                   finalize, common: dict):
+    """A training pass: this rank's row under the offload runtime (``--offload-granularity
+    unit``: the offload pass's copies where it put them; ``layer``: the layer-level expansion
+    of the row's order with the units it offloads)."""
+    rank = common["rank"]
+    offloader = offloader_for(runtime, chunks, rank)
+    row = schedule.ranks[rank]
+    order = [op for op in row if op.kind in (OpKind.FORWARD, OpKind.BACKWARD)]
+    units = {op.unit for op in row if op.kind is OpKind.OFFLOAD}
+    if runtime.config.granularity == "unit":
+        entries = list(row)  # the offload pass's copies, where it put them
+    else:
+        entries = runtime_plan_for(runtime, offloader, chunks, config,
+                                   RankOrder(rank=rank, ops=order), units)
+    runtime.active = True
+    try:
+        with iteration(offloader, order, units, plan=entries):
+            return run_rank(plan=plan, offloader=offloader, finalize=finalize, **common)
+    finally:
+        runtime.active = False

@@ -9,17 +9,24 @@ gradient of its output is complete), so the layer's activations come back just b
 needs them. Everything outside the layers (embedding, final norm, output layer, loss) is the
 unit's rest, moved with the unit.
 
-Hooks are per instance and removed by :func:`detach_layer_hooks` (at uninstall). Layers that
+Patch set ``layer hooks`` (:class:`~.patching.PatchSet`): a forward pre-hook and a forward
+hook on each hooked ``megatron.core.transformer.transformer_layer.TransformerLayer`` instance
+(or, for :func:`hook_layers`, any module given), their handles kept on the instance; removed
+by :meth:`LayerHooks.remove` (the patch set's restore: before the layers are hooked again and
+at uninstall). Hooking a layer again drops its old hooks first. Layers that
 run under full recompute (``--recompute-granularity full``) save only their inputs through
 the checkpoint: such chunks get no hooks and stream nothing (the unit moves as a whole).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-_HANDLES_ATTR = "_megatron_offload_layer_hooks"
+from megatron_offload.integration.patching import PatchSet
+
+HOOKS_MARKER = "_megatron_offload_layer_hooks"
+"""The instance attribute that holds a hooked layer's two handles."""
 
 
 def transformer_layers(chunk: torch.nn.Module) -> list[torch.nn.Module]:
@@ -38,52 +45,39 @@ def streams_layers(model_config) -> bool:
     return getattr(model_config, "recompute_granularity", None) != "full"
 
 
+def layer_hook_set() -> PatchSet:
+    """An empty ``layer hooks`` patch set."""
+    return PatchSet("layer hooks", marker=HOOKS_MARKER)
+
+
 @dataclass
 class LayerHooks:
     layers_per_chunk: list[int]
-    handles: list = field(default_factory=list)
+    patches: PatchSet
 
     def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+        self.patches.restore()
 
 
 def attach_layer_hooks(offloader, chunks, model_config) -> LayerHooks:
     """Hook every streamable layer of ``chunks`` to ``offloader`` (idempotent per layer)."""
-    hooks = LayerHooks(layers_per_chunk=[])
+    hooks = LayerHooks(layers_per_chunk=[], patches=layer_hook_set())
     stream = streams_layers(model_config)
     for chunk in chunks:
         layers = transformer_layers(chunk) if stream else []
         hooks.layers_per_chunk.append(len(layers))
-        hooks.handles.extend(hook_layers(offloader, layers))
+        hook_layers(offloader, layers, hooks.patches)
     return hooks
 
 
-def hook_layers(offloader, layers) -> list:
+def hook_layers(offloader, layers, patches: PatchSet | None = None) -> PatchSet:
     """Tell ``offloader`` where each module of ``layers`` (one chunk's layers, in call order)
-    starts and ends its forward; returns the hook handles. A layer hooked before loses its
-    old hooks first."""
-    handles = []
+    starts and ends its forward; the hooks join ``patches`` (default: a new ``layer hooks``
+    set), which is returned. A layer hooked before loses its old hooks first."""
+    patches = layer_hook_set() if patches is None else patches
     for index, layer in enumerate(layers):
-        for handle in getattr(layer, _HANDLES_ATTR, None) or ():
-            handle.remove()
-        pair = (
-            layer.register_forward_pre_hook(_pre_hook(offloader, index)),
-            layer.register_forward_hook(_post_hook(offloader, index)),
-        )
-        setattr(layer, _HANDLES_ATTR, pair)
-        handles.extend(pair)
-    return handles
-
-
-def detach_layer_hooks(chunks) -> None:
-    for chunk in chunks:
-        for layer in transformer_layers(chunk):
-            for handle in getattr(layer, _HANDLES_ATTR, ()) or ():
-                handle.remove()
-            if hasattr(layer, _HANDLES_ATTR):
-                delattr(layer, _HANDLES_ATTR)
+        patches.hook(layer, pre=_pre_hook(offloader, index), post=_post_hook(offloader, index))
+    return patches
 
 
 def _pre_hook(offloader, index: int):

@@ -7,12 +7,14 @@ and of the patched ``pretrain_gpt.py`` of ``patches/``.
 the Megatron-LM checkout next to the script) plus the offload flags, and raises
 :class:`LaunchError` (naming the flag and the fix) for: a script that does not exist or never
 calls ``pretrain``; offload flags without ``--pipeline-offload``; ``--pipeline-offload`` with
-Megatron's own activation offloading or another mode whose steps bypass the patches; an
-unsupported megatron-core release; invalid offload values; on a machine without a GPU, a
+Megatron's own activation offloading or another mode whose steps bypass the patches (the
+rows of :mod:`.refusals` that name a Megatron-LM argument); an
+unsupported megatron-core release (``releases.SUPPORTED_TEXT``); invalid offload values; on a machine without a GPU, a
 distributed backend other than gloo. Every rank runs it on the same arguments, so every rank
 fails alike, before ``torch.distributed`` is initialized.
 
-:func:`apply` then replaces, lazily imported and each restorable by :func:`remove`:
+:func:`apply` then installs patch set ``megatron-lm`` (the :class:`~.patching.PatchSet`
+registry; lazily imported, all restored by :func:`remove`), which replaces:
 
 - ``megatron.training.arguments.add_megatron_arguments``: the offload flags join Megatron's
   parser (``--help`` lists them; Megatron still rejects unknown flags). ``parse_args`` looks
@@ -22,8 +24,9 @@ fails alike, before ``torch.distributed`` is initialized.
   ModelOpt and which stays untouched), the script's ``parse_and_validate_args`` (0.18+, before
   it builds the config container), and the early ``parse_args(ignore_unknown_args=True)`` of
   ``ft_integration`` / ``inprocess_restart`` (0.17: the parse that answers ``--help``);
-- ``megatron.training.pretrain`` (the package's and the submodule's binding, replaced before
-  the script imports it): notes that it ran and writes the run record;
+- ``megatron.training.training.pretrain`` and ``megatron.training.pretrain`` (the
+  submodule's and the package's binding, replaced before the script imports it): notes that
+  it ran and writes the run record;
 - ``megatron.training.training.train``: logs the offload plan (every rank's units, offloaded
   units, predicted peak) through ``print_rank_0`` before the first iteration;
 - ``megatron.training.training.training_log``: at Megatron's ``--log-interval``, one line per
@@ -40,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import functools
 import inspect
 import json
 import logging
@@ -54,6 +56,8 @@ from typing import Any, Callable
 from megatron_offload.config import (
     ENABLE_FLAG, OffloadConfig, add_offload_arguments, offload_config_from_args,
 )
+from megatron_offload.integration.patching import Patch, PatchSet, unwrapped
+from megatron_offload.integration.refusals import MODES, launch_problem
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,7 @@ RECORD_ENV = "MEGATRON_OFFLOAD_RECORD"
 ``pretrain`` (losses, grad norms, iteration times, per-rank offload figures)."""
 
 _MARKER = "_megatron_offload_lm_patch"
+PATCH_SET = "megatron-lm"
 
 
 class LaunchError(Exception):
@@ -143,46 +148,12 @@ def megatron_parser() -> argparse.ArgumentParser:
     return add_offload_arguments(parser)
 
 
-_MEGATRON_OFFLOADING = (
-    ("cpu_offloading", "--cpu-offloading",
-     "Megatron's layer-wise activation offloading"),
-    ("cpu_offloading_num_layers", "--cpu-offloading-num-layers",
-     "Megatron's layer-wise activation offloading"),
-    ("fine_grained_activation_offloading", "--fine-grained-activation-offloading",
-     "Megatron's fine-grained activation offloading"),
-    ("moe_paged_stash", "--moe-paged-stash",
-     "MoE paged stash, which installs its own saved-tensor hooks"),
-)
-_BYPASSING_MODES = (
-    ("overlap_moe_expert_parallel_comm", "--overlap-moe-expert-parallel-comm",
-     "MoE A2A-overlap combined 1F1B runs its own forward/backward, never the patched steps"),
-    ("enable_cuda_graph", "--enable-cuda-graph",
-     "a captured CUDA graph cannot release and refill activation memory"),
-    ("external_cuda_graph", "--external-cuda-graph",
-     "a captured CUDA graph cannot release and refill activation memory"),
-    ("hybrid_context_parallel", "--hybrid-context-parallel",
-     "hybrid context parallel runs the steps in an order per sample group that is not predicted"),
-)
-
-
 def check_offload_against_megatron(args: argparse.Namespace, config: OffloadConfig) -> None:
-    """Megatron flags that cannot run with ``--pipeline-offload``; raises LaunchError."""
-    for dest, flag, what in _MEGATRON_OFFLOADING:
-        value = getattr(args, dest, None)
-        if value and not (isinstance(value, int) and not isinstance(value, bool) and value <= 0):
-            raise LaunchError(
-                f"{ENABLE_FLAG} cannot run with {flag} ({what}): only one mechanism can own "
-                f"the saved-tensor hooks; drop {flag} or drop {ENABLE_FLAG}"
-            )
-    for dest, flag, why in _BYPASSING_MODES:
-        if getattr(args, dest, False):
-            raise LaunchError(f"{ENABLE_FLAG} cannot run with {flag} ({why}); drop {flag}")
-    impl = getattr(args, "cuda_graph_impl", None)
-    if impl not in (None, "none"):
-        raise LaunchError(
-            f"{ENABLE_FLAG} cannot run with --cuda-graph-impl {impl} (a captured CUDA graph "
-            "cannot release and refill activation memory); use --cuda-graph-impl none"
-        )
+    """Megatron flags that cannot run with ``--pipeline-offload`` (the refusal table,
+    ``refusals.launch_problem``) and the offload values against the model; raises LaunchError."""
+    problem = launch_problem(args)
+    if problem:
+        raise LaunchError(problem)
     chunks = virtual_stages(args)
     try:
         config.check_against_model(chunks)
@@ -252,11 +223,7 @@ def preflight(script: str | os.PathLike | None, argv: list[str]) -> Launch:
         if "--cpu-offloading" in unknown:
             # Megatron-LM 0.16-0.19 enable it with --cpu-offloading-num-layers N only; a fork may
             # still have the flag. Either way it cannot run with ours.
-            raise LaunchError(
-                f"{ENABLE_FLAG} cannot run with --cpu-offloading (Megatron's layer-wise "
-                "activation offloading): only one mechanism can own the saved-tensor hooks; "
-                f"drop --cpu-offloading or drop {ENABLE_FLAG}"
-            )
+            raise LaunchError(MODES["cpu_offloading"].launch_message("cpu_offloading", True))
         check_offload_against_megatron(args, launch.config)
     check_environment(args)
     if cpu:
@@ -269,20 +236,14 @@ def preflight(script: str | os.PathLike | None, argv: list[str]) -> Launch:
 
 
 # -------------------------------------------------------------------------- the patches
-@dataclass(slots=True)
-class _Patched:
-    owner: Any
-    name: str
-    original: Any
-
-
 @dataclass(slots=True, eq=False)
 class LaunchState:
     """What :func:`apply` set up in this process."""
 
     launch: Launch
     runtime: Any = None
-    patched: list = field(default_factory=list)
+    patches: PatchSet = field(
+        default_factory=lambda: PatchSet(PATCH_SET, marker=_MARKER, log_level=logging.DEBUG))
     pretrain_calls: int = 0
     records: list = field(default_factory=list)
     last_log_time: float | None = None
@@ -298,23 +259,7 @@ def state() -> LaunchState | None:
 
 
 def _unwrapped(fn):
-    while getattr(fn, _MARKER, False):
-        fn = fn.__wrapped__
-    return fn
-
-
-def _mark(wrapper, original):
-    functools.update_wrapper(wrapper, original)
-    wrapper.__wrapped__ = original
-    setattr(wrapper, _MARKER, True)
-    return wrapper
-
-
-def _replace(st: LaunchState, owner, name: str, make: Callable[[Any], Any]) -> None:
-    original = getattr(owner, name)
-    st.patched.append(_Patched(owner, name, original))
-    setattr(owner, name, _mark(make(_unwrapped(original)), _unwrapped(original)))
-    log.debug("megatron-offload: patched %s.%s", owner.__name__, name)
+    return unwrapped(fn, _MARKER)
 
 
 def with_offload_arguments(extra_args_provider: Callable | None = None) -> Callable:
@@ -433,14 +378,7 @@ def apply(launch: Launch) -> LaunchState:
         from megatron_offload.integration import cpu as cpu_support
 
         st.cpu_applied = cpu_support.apply_cpu_support()
-    _replace(st, arguments, "add_megatron_arguments", _add_megatron_arguments)
-    _replace(st, training, "pretrain", _pretrain(st))
-    if getattr(package, "pretrain", None) is not None:
-        st.patched.append(_Patched(package, "pretrain", package.pretrain))
-        package.pretrain = training.pretrain
-    _replace(st, training, "train", _train(st))
-    _replace(st, training, "training_log", _training_log(st))
-    _replace(st, dataset_utils, "compile_helpers", _compile_helpers)
+    st.patches.install(launch_patches(st, package, arguments, training, dataset_utils))
     if launch.config is not None:
         from megatron_offload.integration import megatron_core
 
@@ -449,15 +387,28 @@ def apply(launch: Launch) -> LaunchState:
     return st
 
 
+def launch_patches(st: LaunchState, package, arguments, training, dataset_utils) -> list[Patch]:
+    """The rows of patch set ``megatron-lm`` (see the module docstring), in order."""
+    patches = [
+        Patch.function(arguments, "add_megatron_arguments", _add_megatron_arguments),
+        Patch.function(training, "pretrain", _pretrain(st)),
+    ]
+    if getattr(package, "pretrain", None) is not None:  # the package's binding: the same object
+        patches.append(Patch(package, "pretrain", lambda original: training.pretrain, "value"))
+    return patches + [
+        Patch.function(training, "train", _train(st)),
+        Patch.function(training, "training_log", _training_log(st)),
+        Patch.function(dataset_utils, "compile_helpers", _compile_helpers),
+    ]
+
+
 def remove() -> None:
     """Undo :func:`apply`: Megatron's functions, the offload patches, the CPU support."""
     global _state
     st, _state = _state, None
     if st is None:
         return
-    while st.patched:
-        p = st.patched.pop()
-        setattr(p.owner, p.name, p.original)
+    st.patches.restore()
     if st.runtime is not None:
         from megatron_offload.integration import megatron_core
 

@@ -138,6 +138,17 @@ class HostBufferPool:
         self.allocations = 0
         self.evictions = 0
 
+    @classmethod
+    def for_offload(cls, *, pin: bool, budget_bytes: int | None = None) -> "HostBufferPool":
+        """The pool of one offloader: pinned with ``cudaHostRegister`` when its backend copies
+        from page-locked memory (``pin``: ``TransferBackend.pin_memory``), growing to at most
+        ``budget_bytes`` (None: :func:`default_host_budget_bytes`, this rank's share of the
+        node)."""
+        return cls(
+            pinner=CudaHostRegisterPinner() if pin else None,
+            budget_bytes=default_host_budget_bytes() if budget_bytes is None else budget_bytes,
+        )
+
     # ------------------------------------------------------------------------------ loans
     def acquire(self, nbytes: int) -> torch.Tensor:
         """A uint8 host tensor of exactly ``nbytes``: a view into the front of a pooled buffer."""

@@ -44,11 +44,7 @@ from megatron_offload.runtime.store import (
     UnitState,
     preserve_saved_parameters,
 )
-from megatron_offload.runtime.host_pool import (
-    CudaHostRegisterPinner,
-    HostBufferPool,
-    default_host_budget_bytes,
-)
+from megatron_offload.runtime.host_pool import HostBufferPool
 from megatron_offload.runtime.transfer import TransferBackend
 from megatron_offload.schedule.ir import LayerKey, Op, OpKind, UnitKey
 from megatron_offload.schedule.kinds import COMPUTE_KINDS
@@ -78,7 +74,10 @@ class ActivationOffloader:
         *,
         device_type: str,
         rank_label: str = "",
+        pool: HostBufferPool | None = None,
     ) -> None:
+        """``backend`` moves the bytes; ``pool`` holds them on the host (None: the pool the
+        backend needs within ``config.host_budget_bytes``, ``HostBufferPool.for_offload``)."""
         self.config = config
         self.backend = backend
         self.rank_label = rank_label
@@ -89,11 +88,8 @@ class ActivationOffloader:
             device_type=device_type,
             tracker=self.tracker,
         )
-        budget = config.host_budget_bytes
-        self.pool = HostBufferPool(
-            pinner=CudaHostRegisterPinner() if backend.pin_memory else None,
-            budget_bytes=default_host_budget_bytes() if budget is None else budget,
-        )
+        self.pool = pool if pool is not None else HostBufferPool.for_offload(
+            pin=backend.pin_memory, budget_bytes=config.host_budget_bytes)
         # The most recent iterations only: a long run must not grow host memory with stats.
         self.iteration_stats: deque[IterationStats] = deque(maxlen=STATS_HISTORY)
         self.iterations_done = 0

@@ -9,7 +9,7 @@ import argparse
 
 import pytest
 
-from megatron_offload import launch
+from megatron_offload.cli import launch
 from megatron_offload.config import ENABLE_FLAG, add_offload_arguments, offload_flags
 from megatron_offload.integration import megatron_lm
 from megatron_offload.integration.megatron_lm import LaunchError, preflight

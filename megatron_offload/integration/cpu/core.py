@@ -1,15 +1,17 @@
-"""Reversible shims that let megatron-core 0.16.x to 0.19.x train on a CPU-only machine (gloo).
+"""Reversible shims that let the supported megatron-core releases (``releases.SUPPORTED_TEXT``)
+train on a CPU-only machine (gloo).
 
 Only for tests, the demo and CPU runs: ``apply_cpu_shims()`` does nothing when
-``torch.cuda.is_available()`` is True. Every patch is one attribute replaced on one owner;
-the original is kept (as the replacement's ``__wrapped__`` and in a private registry) and
+``torch.cuda.is_available()`` is True. Every patch is one attribute replaced on one owner,
+in patch set ``cpu_shims`` (the :class:`~megatron_offload.integration.patching.PatchSet`
+registry): the original is kept (as the replacement's ``__wrapped__`` and in the set) and
 ``remove_cpu_shims()`` puts every original back, exactly (same object identity).
 
 One code path for every supported release; where releases differ, the switch is a fact of
 ``megatron_offload.releases.RELEASES`` (the one place that knows Megatron's
 versions), named below. Line references are to 0.16.1 unless said otherwise.
 
-Patches, in the order they are applied (see ``_targets``):
+Patches, in the order they are applied (see ``_patches``):
 
 ``torch.cuda.current_device`` -> ``torch.device("cpu")``
     megatron-core allocates with ``device=torch.cuda.current_device()`` all over: the global
@@ -23,7 +25,7 @@ Patches, in the order they are applied (see ``_targets``):
     ``model_parallel_cuda_manual_seed`` call these to create the named RNG states
     ("model-parallel-rng", ...). They now act on one private CPU ``torch.Generator`` that
     nothing else uses (the global CPU generator is left alone).
-``megatron.core.tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state``
+``megatron.core.tensor_parallel.random.{_get_cuda_rng_state,_set_cuda_rng_state}``
     Used by ``CudaRNGStatesTracker.fork`` (every forward that forks the tracker) and by
     ``CheckpointFunction`` (full recompute) through ``_get_all_rng_states`` /
     ``_set_all_rng_states``; looked up as module globals at call time, so replacing the
@@ -66,7 +68,9 @@ Patches, in the order they are applied (see ``_targets``):
     Without apex/TE it is ``megatron.core.utils.local_multi_tensor_l2_norm``, which ends in
     ``torch.tensor([...], device="cuda")``; the replacement computes the same norms and
     returns the result on CPU.
-``fused_weight_gradient_mlp_cuda`` (apex's CUDA extension) -> a CPU stand-in
+``sys.modules['fused_weight_gradient_mlp_cuda']`` and
+``megatron.core.tensor_parallel.layers.{fused_weight_gradient_mlp_cuda,_grad_accum_fusion_available}``
+    -> a CPU stand-in of apex's CUDA extension ``fused_weight_gradient_mlp_cuda``
     ``gradient_accumulation_fusion=True`` makes ``ColumnParallelLinear`` /
     ``RowParallelLinear`` refuse to build unless
     ``megatron.core.tensor_parallel.layers._grad_accum_fusion_available`` is True, and
@@ -113,8 +117,9 @@ Patches, in the order they are applied (see ``_targets``):
     grad_sync_reads_current_stream``): ``_ParamAndGradBucketGroup.start_grad_sync`` waits on
     CUDA-graph wgrad events of the current stream on every grad sync.
 
-Not applied globally, but available as a context manager: ``cuda_tensor_type_names()``
-makes ``Tensor.type()`` (no arguments) of a CPU tensor answer ``torch.cuda.<T>Tensor``.
+Not applied globally, but available as a context manager (patch set ``cuda tensor type
+names``): ``cuda_tensor_type_names()`` replaces ``torch.Tensor.type`` so that ``type()`` (no
+arguments) of a CPU tensor answers ``torch.cuda.<T>Tensor``.
 megatron-core's mixed-precision and distributed optimizers sort parameters by comparing
 ``param.type()`` with ``'torch.cuda.BFloat16Tensor'`` etc. (``optimizer.py``
 ``Float16OptimizerWithFloat16Params.__init__``, ``distrib_optimizer.py``
@@ -127,33 +132,21 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import sys
 import threading
 import types
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
+from megatron_offload.integration.patching import Item, Patch, PatchSet
+from megatron_offload.releases import SUPPORTED_TEXT, release
 
 _MARKER = "_megatron_offload_cpu_shim"
 
-
-@dataclass(slots=True)
-class _Applied:
-    owner: Any
-    name: str
-    original: Any
-    replacement: Any
-    own: bool
-    """Whether the owner held the attribute itself (else it was inherited: delete on remove)."""
-
-
 _LOCK = threading.Lock()
-_APPLIED: list[_Applied] = []
+_SHIMS = PatchSet("cpu_shims", marker=_MARKER)
 _OPTIONS: dict[str, bool] = {}
 
 # The private generator behind the model-parallel RNG tracker on CPU. Nothing draws from it
@@ -389,38 +382,7 @@ def _make_fused_wgrad_module() -> types.ModuleType:
     return module
 
 
-class _Absent:
-    """Marks an attribute or mapping key that did not exist before a shim added it."""
-
-    def __repr__(self) -> str:
-        return "<absent>"
-
-
-ABSENT = _Absent()
-
-
-class _Value:
-    """A replacement that is a plain value (no wrapper, no marker): ``True`` for a flag."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value):
-        self.value = value
-
-
-class _Item:
-    """Owner for a mapping entry (``sys.modules[name]``) instead of an attribute."""
-
-    __slots__ = ("mapping", "label")
-
-    def __init__(self, mapping: dict, label: str):
-        self.mapping, self.label = mapping, label
-
-    def __repr__(self) -> str:
-        return self.label
-
-
-_SYS_MODULES = _Item(sys.modules, "sys.modules")
+_SYS_MODULES = Item(sys.modules, "sys.modules")
 
 
 class _KeepAliveWork:
@@ -473,14 +435,9 @@ def _make_keepalive_p2p_ops(original: Callable) -> Callable:
 
 # --- the patch table ----------------------------------------------------------------------
 
-def _targets(keep_async_send_storage: bool) -> list[tuple[Any, str, Callable[[Any], Any]]]:
-    """(owner, attribute, make_replacement(original)) for every shim, imported lazily.
-
-    An owner may be an ``_Item`` (a mapping entry); ``make`` may return a ``_Value`` (set
-    as is, unmarked). ``original`` is ``ABSENT`` when the owner lacks the name.
-    """
-    from megatron_offload.releases import release
-
+def _patches(keep_async_send_storage: bool) -> list[Patch]:
+    """The rows of patch set ``cpu_shims``, megatron-core imported lazily. An owner may be
+    an ``Item`` (a mapping entry)."""
     facts = release()  # which megatron-core release: its version switches below
     try:
         from megatron.core.distributed import param_and_grad_buffer
@@ -494,42 +451,27 @@ def _targets(keep_async_send_storage: bool) -> list[tuple[Any, str, Callable[[An
         raise ImportError(
             "megatron_offload.integration.cpu.core needs megatron.core.pipeline_parallel."
             "schedules, .p2p_communication, megatron.core.tensor_parallel.random / .layers "
-            "and megatron.core.optimizer (written against megatron-core 0.16.x to 0.19.x; the "
+            f"and megatron.core.optimizer (written against {SUPPORTED_TEXT}; the "
             f"installed version may differ): {exc}"
         ) from exc
-    expected = [(mcore_random, "_get_cuda_rng_state"), (mcore_random, "_set_cuda_rng_state"),
-                (p2p_communication, "_p2p_ops"), (schedules, "torch"),
-                (mcore_layers, "_grad_accum_fusion_available"), (clip_grads, "l2_norm_impl"),
-                (mcore_optimizer, "torch"), (clip_grads, "torch"), (distrib_optimizer, "torch"),
-                (grad_scaler, "torch")]
-    if facts.checkpoint_without_output_shares_storage:
-        expected.append((mcore_random, "_get_share_storage"))
-    if facts.grad_sync_reads_current_stream:
-        expected.append((param_and_grad_buffer, "torch"))
-    for owner, name in expected:
-        if not hasattr(owner, name):
-            raise ImportError(
-                f"{owner.__name__}.{name} not found: cpu_shims targets megatron-core 0.16.x to "
-                f"0.19.x (this is 0.{facts.minor}); the installed build may differ"
-            )
     fused = _make_fused_wgrad_module()
-    targets = [
-        (torch.cuda, "current_device", lambda orig: _current_device),
-        (torch.cuda, "get_rng_state", lambda orig: _cuda_get_rng_state),
-        (torch.cuda, "manual_seed", lambda orig: _cuda_manual_seed),
-        (mcore_random, "_get_cuda_rng_state", lambda orig: _mcore_get_cuda_rng_state),
-        (mcore_random, "_set_cuda_rng_state", lambda orig: _mcore_set_cuda_rng_state),
-        (schedules, "torch", lambda orig: _TorchWithCpuZeros(orig)),
-        (torch.cuda, "synchronize", lambda orig: _synchronize),
-        (torch.Tensor, "cuda", lambda orig: _tensor_cuda),
-        (mcore_optimizer, "torch", lambda orig: _TorchWithCpuZeros(orig)),
-        (clip_grads, "torch", lambda orig: _TorchWithCpuZeros(orig)),
-        (distrib_optimizer, "torch", lambda orig: _TorchWithCpuZeros(orig)),
-        (grad_scaler, "torch", lambda orig: _TorchWithCpuZeros(orig)),
-        (clip_grads, "l2_norm_impl", lambda orig: _local_multi_tensor_l2_norm),
-        (_SYS_MODULES, FUSED_WGRAD_MODULE, lambda orig: _Value(fused)),
-        (mcore_layers, FUSED_WGRAD_MODULE, lambda orig: _Value(fused)),
-        (mcore_layers, "_grad_accum_fusion_available", lambda orig: _Value(True)),
+    patches = [
+        Patch.stand_in(torch.cuda, "current_device", _current_device),
+        Patch.stand_in(torch.cuda, "get_rng_state", _cuda_get_rng_state),
+        Patch.stand_in(torch.cuda, "manual_seed", _cuda_manual_seed),
+        Patch.stand_in(mcore_random, "_get_cuda_rng_state", _mcore_get_cuda_rng_state),
+        Patch.stand_in(mcore_random, "_set_cuda_rng_state", _mcore_set_cuda_rng_state),
+        Patch.proxy(schedules, "torch", _TorchWithCpuZeros),
+        Patch.stand_in(torch.cuda, "synchronize", _synchronize),
+        Patch.stand_in(torch.Tensor, "cuda", _tensor_cuda),
+        Patch.proxy(mcore_optimizer, "torch", _TorchWithCpuZeros),
+        Patch.proxy(clip_grads, "torch", _TorchWithCpuZeros),
+        Patch.proxy(distrib_optimizer, "torch", _TorchWithCpuZeros),
+        Patch.proxy(grad_scaler, "torch", _TorchWithCpuZeros),
+        Patch.stand_in(clip_grads, "l2_norm_impl", _local_multi_tensor_l2_norm),
+        Patch.value(_SYS_MODULES, FUSED_WGRAD_MODULE, fused, missing="create"),
+        Patch.value(mcore_layers, FUSED_WGRAD_MODULE, fused, missing="create"),
+        Patch.value(mcore_layers, "_grad_accum_fusion_available", True),
     ]
     te_stand_ins = {
         "FP8GlobalStateManager": FP8GlobalStateManagerStandIn,
@@ -538,63 +480,22 @@ def _targets(keep_async_send_storage: bool) -> list[tuple[Any, str, Callable[[An
     }
     for name, stand_in in te_stand_ins.items():
         if not hasattr(mcore_random, name):  # TE absent: megatron-core never imported it
-            targets.append((mcore_random, name, lambda orig, v=stand_in: _Value(v)))
+            patches.append(Patch.value(mcore_random, name, stand_in, missing="create"))
     if not hasattr(moe_utils, "te_general_gemm"):
-        targets.append((moe_utils, "te_general_gemm", lambda orig: _Value(None)))
+        patches.append(Patch.value(moe_utils, "te_general_gemm", None, missing="create"))
     if keep_async_send_storage and not facts.interleaved_waits_on_sends:
-        targets.append((p2p_communication, "_p2p_ops", _make_keepalive_p2p_ops))
+        patches.append(Patch.function(p2p_communication, "_p2p_ops", _make_keepalive_p2p_ops))
     if facts.checkpoint_without_output_shares_storage:
-        targets.append((mcore_random, "_get_share_storage",
-                        lambda orig: _get_share_storage_stand_in))
+        patches.append(Patch.stand_in(mcore_random, "_get_share_storage",
+                                      _get_share_storage_stand_in))
     if facts.grad_sync_reads_current_stream:
-        targets.append((param_and_grad_buffer, "torch", lambda orig: _TorchWithCpuStreams(orig)))
-    return targets
-
-
-def _mark(replacement: Any, original: Any) -> Any:
-    # Plain functions get a fresh wrapper per application so that ``__wrapped__`` names the
-    # exact original; the proxy object carries the marker itself; values go in unmarked.
-    if isinstance(replacement, _Value):
-        return replacement.value
-    if isinstance(replacement, _TorchWithCpuZeros):
-        object.__setattr__(replacement, _MARKER, True)
-        object.__setattr__(replacement, "__wrapped__", original)
-        return replacement
-
-    @functools.wraps(replacement)
-    def shim(*args, **kwargs):
-        return replacement(*args, **kwargs)
-
-    shim.__wrapped__ = original
-    setattr(shim, _MARKER, True)
-    return shim
-
-
-def _read(owner: Any, name: str) -> tuple[bool, Any]:
-    """(whether the owner holds ``name`` itself, the value seen now or ABSENT)."""
-    if isinstance(owner, _Item):
-        return name in owner.mapping, owner.mapping.get(name, ABSENT)
-    own = name in vars(owner)
-    return own, (vars(owner)[name] if own else getattr(owner, name, ABSENT))
-
-
-def _write(owner: Any, name: str, value: Any) -> None:
-    if isinstance(owner, _Item):
-        owner.mapping[name] = value
-    else:
-        setattr(owner, name, value)
-
-
-def _delete(owner: Any, name: str) -> None:
-    if isinstance(owner, _Item):
-        owner.mapping.pop(name, None)
-    else:
-        delattr(owner, name)
+        patches.append(Patch.proxy(param_and_grad_buffer, "torch", _TorchWithCpuStreams))
+    return patches
 
 
 def cpu_shims_applied() -> bool:
     """Whether ``apply_cpu_shims`` is in effect in this process."""
-    return bool(_APPLIED)
+    return _SHIMS.installed
 
 
 def applied_options() -> dict[str, bool]:
@@ -603,24 +504,21 @@ def applied_options() -> dict[str, bool]:
 
 
 def apply_cpu_shims(*, keep_async_send_storage: bool = True) -> bool:
-    """Patch torch and megatron-core so that megatron-core 0.16.x runs without CUDA.
+    """Patch torch and megatron-core so that the supported megatron-core releases run
+    without CUDA.
 
     Does nothing and returns False when a GPU is present or the shims are already applied
     (idempotent). Returns True when it patched. ``keep_async_send_storage=False`` leaves out
     the Trap 2 fix (only to demonstrate that the fix is needed). See the module docstring
-    for each replaced symbol and the callers it reaches.
+    for each replaced symbol and the callers it reaches. A target the installed megatron-core
+    lacks is refused (ImportError naming it) before anything is replaced.
     """
     if torch.cuda.is_available():
         return False
     with _LOCK:
-        if _APPLIED:
+        if _SHIMS.installed:
             return False
-        for owner, name, make in _targets(keep_async_send_storage):
-            own, original = _read(owner, name)
-            replacement = _mark(make(original), original)
-            _write(owner, name, replacement)
-            _APPLIED.append(_Applied(owner, name, original, replacement, own))
-            log.debug("cpu shim: %s.%s replaced", getattr(owner, "__name__", owner), name)
+        _SHIMS.install(_patches(keep_async_send_storage))
         _OPTIONS["keep_async_send_storage"] = keep_async_send_storage
         return True
 
@@ -628,14 +526,8 @@ def apply_cpu_shims(*, keep_async_send_storage: bool = True) -> bool:
 def remove_cpu_shims() -> bool:
     """Restore every attribute ``apply_cpu_shims`` replaced. Returns whether it restored."""
     with _LOCK:
-        if not _APPLIED:
+        if not _SHIMS.restore():
             return False
-        while _APPLIED:
-            applied = _APPLIED.pop()
-            if applied.own:
-                _write(applied.owner, applied.name, applied.original)
-            else:
-                _delete(applied.owner, applied.name)
         _OPTIONS.clear()
         return True
 
@@ -651,48 +543,51 @@ def cpu_shims(*, keep_async_send_storage: bool = True) -> Iterator[bool]:
             remove_cpu_shims()
 
 
+def _owner(patch: Patch) -> Any:
+    return patch.owner.mapping if isinstance(patch.owner, Item) else patch.owner
+
+
 def shim_targets() -> list[tuple[Any, str]]:
     """(owner, attribute) of every shim, for tests and diagnostics. An owner that is a
     mapping entry (``sys.modules``) is given as the mapping itself (a ``dict``)."""
-    return [(owner.mapping if isinstance(owner, _Item) else owner, name)
-            for owner, name, _ in _targets(True)]
+    return [(_owner(patch), patch.attribute) for patch in _patches(True)]
 
 
 def value_shim_targets() -> list[tuple[Any, str]]:
     """The subset of ``shim_targets()`` whose replacement is a plain value (not marked)."""
-    return [(owner.mapping if isinstance(owner, _Item) else owner, name)
-            for owner, name, make in _targets(True) if isinstance(make(ABSENT), _Value)]
+    return [(_owner(patch), patch.attribute) for patch in _patches(True) if patch.kind == "value"]
 
 
 _TYPE_LOCK = threading.Lock()
 _TYPE_DEPTH = 0
-_TYPE_ORIGINAL: Any = None
-_TYPE_OWN = False
+_TYPE_NAMES = PatchSet("cuda tensor type names", marker=_MARKER)
+"""Patch set of :func:`cuda_tensor_type_names`: ``torch.Tensor.type``."""
 
 
-def _cuda_type_name(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False,
-                    **kwargs: Any):
-    if dtype is None and not kwargs and self.device.type == "cpu":
-        name = _TYPE_ORIGINAL(self)  # e.g. "torch.BFloat16Tensor"
-        if name.startswith("torch.") and not name.startswith("torch.cuda."):
-            return "torch.cuda." + name[len("torch."):]
-        return name
-    return _TYPE_ORIGINAL(self, dtype, non_blocking, **kwargs)
+def _cuda_type_names(original):
+    def type(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            name = original(self)  # e.g. "torch.BFloat16Tensor"
+            if name.startswith("torch.") and not name.startswith("torch.cuda."):
+                return "torch.cuda." + name[len("torch."):]
+            return name
+        return original(self, dtype, non_blocking, **kwargs)
+
+    return type
 
 
 @contextlib.contextmanager
 def cuda_tensor_type_names() -> Iterator[bool]:
     """While inside: ``t.type()`` of a CPU tensor says ``torch.cuda.<T>Tensor`` (see the
     module docstring). Reentrant; does nothing when a GPU is present (yields False)."""
-    global _TYPE_DEPTH, _TYPE_ORIGINAL, _TYPE_OWN
+    global _TYPE_DEPTH
     if torch.cuda.is_available():
         yield False
         return
     with _TYPE_LOCK:
         if _TYPE_DEPTH == 0:
-            # ``type`` is inherited from torch._C.TensorBase: restore by deleting ours
-            _TYPE_OWN, _TYPE_ORIGINAL = _read(torch.Tensor, "type")
-            torch.Tensor.type = _cuda_type_name
+            # ``type`` is inherited from torch._C.TensorBase: restored by deleting ours
+            _TYPE_NAMES.install([Patch.function(torch.Tensor, "type", _cuda_type_names)])
         _TYPE_DEPTH += 1
     try:
         yield True
@@ -700,11 +595,7 @@ def cuda_tensor_type_names() -> Iterator[bool]:
         with _TYPE_LOCK:
             _TYPE_DEPTH -= 1
             if _TYPE_DEPTH == 0:
-                if _TYPE_OWN:
-                    torch.Tensor.type = _TYPE_ORIGINAL
-                else:
-                    del torch.Tensor.type
-                _TYPE_ORIGINAL = None
+                _TYPE_NAMES.restore()
 
 
 __all__ = [

@@ -2,9 +2,12 @@
 CPU-only machine, on top of the megatron-core shims of :mod:`megatron_offload.integration.cpu.core`.
 
 ``apply_training_shims()`` does nothing when ``torch.cuda.is_available()``; every patch is one
-attribute on one owner, kept in a registry, and ``remove_training_shims()`` restores the
-originals (same objects). Patches, in the order the obstacles appear in ``pretrain()``
-(megatron-core 0.17.1 to 0.19.2; a target a release lacks is skipped):
+attribute on one owner, in patch set ``training_shims`` (the
+:class:`~megatron_offload.integration.patching.PatchSet` registry, which also holds the
+entered function mode), and ``remove_training_shims()`` restores the originals (same
+objects). Patches, in the order the obstacles appear in ``pretrain()`` (the releases that
+ship ``megatron/training``: ``Release.ships_megatron_training``; a target a release lacks is
+skipped):
 
 ``megatron.training.training.initialize_megatron`` -> called with ``allow_no_cuda=True``
     ``pretrain`` calls it without the argument and it asserts ``torch.cuda.is_available()``.
@@ -21,7 +24,7 @@ a ``TorchFunctionMode`` (pushed while applied): a CUDA ``device=`` becomes CPU,
     ``training.py`` creates its bookkeeping tensors (start times, loss sums, eval counts,
     train/valid/test flags) with ``device='cuda'`` in a dozen places and moves models with
     ``model.cuda(...)``; one mode covers them all. It maps nothing that is not CUDA.
-``torch.cuda.Stream`` / ``current_stream`` / ``stream`` -> CPU stand-ins
+``torch.cuda.{Stream,current_stream,stream}`` -> CPU stand-ins
     ``get_model`` (and ``training/models/dist_utils.py``) wraps the DDP set-up in a
     dedicated CUDA stream; on CPU there is one stream of work, so waits are no-ops and the
     context manager does nothing.
@@ -43,15 +46,17 @@ import contextlib
 import functools
 import logging
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 from megatron_offload.integration.cpu import core
+from megatron_offload.integration.patching import Patch, PatchSet
 
 log = logging.getLogger(__name__)
+
+_MARKER = "_megatron_offload_training_shim"
 
 
 # ------------------------------------------------------------------------ CUDA -> CPU mode
@@ -182,37 +187,29 @@ def _optimizer_with_cuda_type_names(original):
     return get_megatron_optimizer
 
 
-def _targets() -> list[tuple[Any, str, Any]]:
-    """(owner, attribute, make_replacement(original)); owners a release lacks are skipped."""
+def _patches() -> list[Patch]:
+    """The rows of patch set ``training_shims``; targets a release lacks are skipped."""
     from megatron.training import initialize, training
 
-    targets = [
-        (training, "initialize_megatron", _initialize_megatron),
-        (initialize, "torch", lambda original: _TorchView()),
-        (initialize, "_warmup_jit_function", _no_jit_warmup),
-        (training, "get_megatron_optimizer", _optimizer_with_cuda_type_names),
-        (torch.cuda, "set_rng_state", lambda original: _cuda_set_rng_state),
-        (torch.cuda, "Stream", lambda original: CpuStream),
-        (torch.cuda, "current_stream", lambda original: _current_stream),
-        (torch.cuda, "stream", lambda original: _stream),
+    return [
+        Patch.function(training, "initialize_megatron", _initialize_megatron, missing="skip"),
+        Patch.proxy(initialize, "torch", lambda original: _TorchView(), missing="skip"),
+        Patch.function(initialize, "_warmup_jit_function", _no_jit_warmup, missing="skip"),
+        Patch.function(training, "get_megatron_optimizer", _optimizer_with_cuda_type_names,
+                       missing="skip"),
+        Patch.stand_in(torch.cuda, "set_rng_state", _cuda_set_rng_state, missing="skip"),
+        Patch.value(torch.cuda, "Stream", CpuStream, missing="skip"),
+        Patch.stand_in(torch.cuda, "current_stream", _current_stream, missing="skip"),
+        Patch.stand_in(torch.cuda, "stream", _stream, missing="skip"),
     ]
-    return [(owner, name, make) for owner, name, make in targets if hasattr(owner, name)]
-
-
-@dataclass(slots=True)
-class _Applied:
-    owner: Any
-    name: str
-    original: Any
 
 
 _LOCK = threading.Lock()
-_APPLIED: list[_Applied] = []
-_MODE: list[CudaToCpuMode] = []
+_SHIMS = PatchSet("training_shims", marker=_MARKER)
 
 
 def training_shims_applied() -> bool:
-    return bool(_APPLIED)
+    return _SHIMS.installed
 
 
 def apply_training_shims() -> bool:
@@ -222,30 +219,19 @@ def apply_training_shims() -> bool:
     if torch.cuda.is_available():
         return False
     with _LOCK:
-        if _APPLIED:
+        if _SHIMS.installed:
             return False
         core.apply_cpu_shims()
-        for owner, name, make in _targets():
-            original = getattr(owner, name)
-            _APPLIED.append(_Applied(owner, name, original))
-            setattr(owner, name, make(original))
-            log.debug("megatron_offload.integration.cpu: %s.%s replaced", owner.__name__, name)
-        mode = CudaToCpuMode()
-        mode.__enter__()
-        _MODE.append(mode)
+        _SHIMS.install(_patches())
+        _SHIMS.enter(CudaToCpuMode(), "torch function mode CudaToCpuMode")
         return True
 
 
 def remove_training_shims() -> bool:
     """Undo :func:`apply_training_shims` (and the megatron-core shims it applied)."""
     with _LOCK:
-        if not _APPLIED:
+        if not _SHIMS.restore():  # the function mode first, then the attributes, last first
             return False
-        while _MODE:
-            _MODE.pop().__exit__(None, None, None)
-        while _APPLIED:
-            applied = _APPLIED.pop()
-            setattr(applied.owner, applied.name, applied.original)
         core.remove_cpu_shims()
         return True
 
