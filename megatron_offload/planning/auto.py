@@ -20,7 +20,7 @@ from megatron_offload.planning.costmodel import (
     unit_bytes,
 )
 from megatron_offload.planning.job import JobSpec, Recompute
-from megatron_offload.schedule.ir import OpKind, UnitKey
+from megatron_offload.schedule.kinds import OpKind
 from megatron_offload.schedule.layers import runtime_rank_ops
 
 
