@@ -204,7 +204,7 @@ class Plan:
             "predicted_peak_memory_gib": gib(self.memory_bytes),
             "predicted_slowdown": round(self.slowdown, 5),
             "host_memory_gib_per_node": round(self.host_bytes_per_node / GiB, 3),
-            # beyond the keys the CLI contract names (docs/architecture.md)
+            # beyond the keys promised to users (README, "Planning a job")
             "granularity": self.granularity,
             "granularity_reason": self.granularity_reason,
             "predicted_peak_activation_gib_unit": gib(peaks["unit"]),
