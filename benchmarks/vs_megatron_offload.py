@@ -202,8 +202,8 @@ def main(argv=None) -> int:
 
 def _predict(case, base, profile_runs, layer_runs) -> list[dict]:
     """Per rank: the simulator's peak for (e)'s runtime list, from the measured profile."""
-    from megatron_offload.schedule.layer_sim import simulate_layers
     from megatron_offload.schedule.ir import Op
+    from megatron_offload.schedule.layer_sim import simulate_layers
     from megatron_offload.testing.layer_profile import measured_profile, per_chunk_profile
 
     vpp = case.vpp or 1

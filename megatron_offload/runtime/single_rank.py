@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 
 from megatron_offload.runtime.offloader import ActivationOffloader, iteration
-from megatron_offload.schedule.ir import Op, OpKind
+from megatron_offload.schedule.ir import Op
+from megatron_offload.schedule.kinds import OpKind
 
 
 def drive(

@@ -33,7 +33,15 @@ from dataclasses import dataclass, field
 
 from .ir import Op, producer
 from .kinds import Flow, Lane, OpKind
-from .layers import EPILOGUE, LayerProfile, LayerSchedule, LinkModel, forward_ends, check_rank, memory_effect
+from .layers import (
+    EPILOGUE,
+    LayerProfile,
+    LayerSchedule,
+    LinkModel,
+    check_rank,
+    forward_ends,
+    memory_effect,
+)
 from .simulate import _COMPUTE_RESIDENT, _D2H, _ROLE, _SharedLane, gc_paused
 
 _DELTA, _START, _END, _MARK = 0, 1, 2, 3

@@ -15,7 +15,9 @@ from megatron_offload.config import OffloadConfig
 from megatron_offload.integration.layers import hook_layers
 from megatron_offload.planning.policy import runtime_plan, units_to_offload
 from megatron_offload.runtime.offloader import (
-    ActivationOffloader, ScheduleMismatchError, iteration,
+    ActivationOffloader,
+    ScheduleMismatchError,
+    iteration,
 )
 from megatron_offload.runtime.store import UnitState
 from megatron_offload.runtime.transfer import CpuTransferBackend

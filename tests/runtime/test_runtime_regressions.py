@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from megatron_offload.config import OffloadConfig
-from megatron_offload.releases import call_by_name
 from megatron_offload.planning.policy import units_to_offload
-from megatron_offload.schedule.layers import runtime_rank_ops
+from megatron_offload.releases import call_by_name
 from megatron_offload.runtime.offloader import ActivationOffloader, iteration
 from megatron_offload.runtime.transfer import CpuTransferBackend
 from megatron_offload.schedule.ir import Op
+from megatron_offload.schedule.layers import runtime_rank_ops
 
 from _async_backend import FakeAsyncBackend
 
@@ -141,6 +141,7 @@ def test_fused_wgrad_accumulation_sees_the_parameter_itself(fused_wgrad_kernel):
 # ---------------------------------------------------- a storage its owner released is not moved
 def test_checkpoint_without_output_releases_a_saved_storage(fused_wgrad_kernel):
     from megatron.core.tensor_parallel.random import CheckpointWithoutOutput
+
     from megatron_offload.testing.cpu_shims import cpu_shims
 
     norm = torch.nn.LayerNorm(HIDDEN)

@@ -38,7 +38,7 @@ from typing import Iterable
 import numpy as np
 
 from megatron_offload.schedule.costs import CostModel
-from megatron_offload.schedule.ir import B, F, O, R, Op, Schedule
+from megatron_offload.schedule.ir import B, F, O, Op, R, Schedule
 from megatron_offload.schedule.simulate import Simulation, simulate
 
 MAX_SKIPS_PER_LINK = 64

@@ -16,14 +16,16 @@ from pathlib import Path
 
 import pytest
 
-import _offload_reference as reference
-import _validate_reference
-from megatron_offload.schedule import offload, simulate as sim
+from megatron_offload.schedule import offload
+from megatron_offload.schedule import simulate as sim
 from megatron_offload.schedule.catalog import make_schedule
 from megatron_offload.schedule.costs import CostModel
 from megatron_offload.schedule.ir import Schedule
 from megatron_offload.schedule.megatron import group_table, warmup_then_alternate
 from megatron_offload.schedule.validate import find_deadlock
+
+import _offload_reference as reference
+import _validate_reference
 
 
 def _cases(seed: int, count: int):

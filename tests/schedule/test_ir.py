@@ -1,7 +1,8 @@
 import pytest
 
 from megatron_offload.schedule.catalog import make_schedule
-from megatron_offload.schedule.ir import B, F, O, Op, OpKind, R, Schedule, ScheduleError, diff_schedules
+from megatron_offload.schedule.ir import B, F, O, Op, R, Schedule, ScheduleError, diff_schedules
+from megatron_offload.schedule.kinds import OpKind
 from megatron_offload.schedule.validate import validate_schedule
 
 

@@ -6,19 +6,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from megatron_offload.schedule.catalog import make_schedule
-from megatron_offload.schedule.ir import Op, OpKind, ScheduleError
+from megatron_offload.schedule.ir import Op, ScheduleError
+from megatron_offload.schedule.kinds import OpKind
 from megatron_offload.schedule.layer_sim import simulate_layer_schedule, simulate_layers
 from megatron_offload.schedule.layers import (
+    EPILOGUE,
     LayerProfile,
     LayerSchedule,
     LinkModel,
     check_rank,
-    EPILOGUE,
-    forward_ends,
     copies_per_iteration,
     diff_rank_ops,
     expand_rank,
     expand_schedule,
+    forward_ends,
     memory_effect,
     reload_distances_for_link,
     stream_sets,
