@@ -103,7 +103,9 @@ def main(argv=None) -> int:
     rows = []
     from megatron_offload.testing.pool import DEFAULT_PRELOAD
 
-    with WorkerPool(args.pp, preload=DEFAULT_PRELOAD + ("megatron_offload.testing.vs_megatron",)) as pool:
+    with WorkerPool(
+        args.pp, preload=DEFAULT_PRELOAD + ("megatron_offload.testing.vs_megatron",)
+    ) as pool:
         for sched in args.schedules.split(","):
             case = TinyGPTCase(
                 pp=args.pp, vpp=schedules[sched], microbatches=args.microbatches,
@@ -202,8 +204,8 @@ def main(argv=None) -> int:
 
 def _predict(case, base, profile_runs, layer_runs) -> list[dict]:
     """Per rank: the simulator's peak for (e)'s runtime list, from the measured profile."""
-    from megatron_offload.schedule.layer_sim import simulate_layers
     from megatron_offload.schedule.ir import Op
+    from megatron_offload.schedule.layer_sim import simulate_layers
     from megatron_offload.testing.layer_profile import measured_profile, per_chunk_profile
 
     vpp = case.vpp or 1
@@ -233,7 +235,8 @@ def _acceptance(results) -> list[str]:
         if "layers" not in variants or "bound" not in variants:
             continue
         layers, bound = variants["layers"]["ranks"], variants["bound"]["ranks"]
-        ratios = [r["true_peak_bytes"] / max(b["true_peak_bytes"], 1) for r, b in zip(layers, bound)]
+        ratios = [r["true_peak_bytes"] / max(b["true_peak_bytes"], 1)
+                  for r, b in zip(layers, bound)]
         ok = all(x <= 2.5 for x in ratios)
         lines.append(f"{'PASS' if ok else 'FAIL'} {sched}: (e) true peak / bound per rank "
                      f"{', '.join(f'{x:.2f}' for x in ratios)} (<= 2.5)")
@@ -245,7 +248,8 @@ def _acceptance(results) -> list[str]:
                          f"per rank: {', '.join(f'{a:.0%} vs {b:.0%}' for a, b in pairs)}")
         lines.append(f"{'PASS' if variants['layers']['bitwise_equal'] else 'FAIL'} {sched}: (e) "
                      "losses and gradients bitwise equal to (a) in every iteration")
-        idle = [c for r in layers for c in (r["offload_stats"] or {}).get("copies", []) if c[2] == 0]
+        idle = [c for r in layers for c in (r["offload_stats"] or {}).get("copies", [])
+                if c[2] == 0]
         lines.append(f"{'PASS' if not idle else 'FAIL'} {sched}: (e) every copy stayed away "
                      f"while at least one compute entry ran ({len(idle)} did not)")
         sim = out.get("simulator")
@@ -277,7 +281,8 @@ def _bar_chart(results, path: str) -> None:
         for i, name in enumerate(names):
             peaks = [r["true_peak_bytes"] / 2 ** 20 for r in variants[name]["ranks"]]
             ax.bar([r + i * width for r in range(ranks)], peaks, width, label=LABELS[name])
-        ax.set_xticks([r + 0.4 - width / 2 for r in range(ranks)], [f"rank {r}" for r in range(ranks)])
+        ax.set_xticks([r + 0.4 - width / 2 for r in range(ranks)],
+                      [f"rank {r}" for r in range(ranks)])
         ax.set_ylabel("true peak of live activations (MiB)")
         ax.set_title(sched)
         ax.legend(fontsize=7)

@@ -85,9 +85,10 @@ class _Channels:
         self.sends: dict[int, _Posted] = {}  # by producing step
         # where each of this rank's sends (by producing step) and receives (by message) sits
         # in its pair's queue
-        self.send_index = {post.step: i for posts in plan.queues.values() for i, post in enumerate(posts) if post.send}
-        self.recv_index = {post.message: i for posts in plan.queues.values() for i, post in enumerate(posts)
-                           if not post.send}
+        self.send_index = {post.step: i for posts in plan.queues.values()
+                           for i, post in enumerate(posts) if post.send}
+        self.recv_index = {post.message: i for posts in plan.queues.values()
+                           for i, post in enumerate(posts) if not post.send}
 
     # ----------------------------------------------------------------------- posting
     def _post(self, peer: int, *, upto: int | None = None, window: int | None = None) -> None:
@@ -103,8 +104,8 @@ class _Channels:
                 if tensor is None:
                     if forced:
                         raise RuntimeError(
-                            f"{self.label}p2p plan inconsistent: the send of {post.message} to pp rank "
-                            f"{peer} (compute step {post.step}) precedes a message needed now"
+                            f"{self.label}p2p plan inconsistent: the send of {post.message} to pp "
+                            f"rank {peer} (compute step {post.step}) precedes a message needed now"
                         )
                     break
                 work = dist.isend(tensor, group=self.group, group_dst=peer)
@@ -125,7 +126,8 @@ class _Channels:
         """Step ``step`` made ``tensor`` for its consumer: post it (and what precedes it)."""
         peer, message = self.plan.sends[step]
         if not isinstance(tensor, torch.Tensor):
-            raise RuntimeError(f"{self.label}step {step} produced {type(tensor).__name__}, not a tensor, for pp rank {peer}")
+            raise RuntimeError(f"{self.label}step {step} produced {type(tensor).__name__}, not a "
+                               f"tensor, for pp rank {peer}")
         self.outputs[step] = tensor.contiguous() if not tensor.is_contiguous() else tensor
         self._post(peer, upto=self.send_index[step])
 
@@ -163,10 +165,12 @@ class _Channels:
     def finish(self) -> None:
         for step in list(self.sends):
             self.wait_send(step)
-        left = {peer: len(q) - self.cursor[peer] for peer, q in self.plan.queues.items() if self.cursor[peer] < len(q)}
+        left = {peer: len(q) - self.cursor[peer] for peer, q in self.plan.queues.items()
+                if self.cursor[peer] < len(q)}
         if left or self.recvs or self.outputs:
-            raise RuntimeError(f"{self.label}p2p messages left at the end of the schedule: unposted {left}, "
-                               f"unconsumed receives {sorted(self.recvs)}, unsent outputs {sorted(self.outputs)}")
+            raise RuntimeError(f"{self.label}p2p messages left at the end of the schedule: "
+                               f"unposted {left}, unconsumed receives {sorted(self.recvs)}, unsent "
+                               f"outputs {sorted(self.outputs)}")
 
     def _wait(self, work, what: str) -> None:
         started = time.monotonic()
@@ -181,10 +185,11 @@ class _Channels:
         except RuntimeError as error:
             waited = time.monotonic() - started
             if waited < 0.9 * self.timeout_s:
-                why = f"failed after {waited:.1f} s: the connection to that rank broke (did it die?)"
+                why = (f"failed after {waited:.1f} s: the connection to that rank broke "
+                       "(did it die?)")
             else:
-                why = (f"did not complete within {self.timeout_s:g} s: that rank died, hangs, or runs a "
-                       "different schedule")
+                why = (f"did not complete within {self.timeout_s:g} s: that rank died, hangs, or "
+                       "runs a different schedule")
             raise PeerTimeoutError(f"{self.label}{what} {why} ({error})") from error
 
 
@@ -234,7 +239,8 @@ def run_rank(
     chunks = list(model)
     vpp = len(chunks)
     if vpp != schedule.vpp or num_microbatches != schedule.microbatches:
-        raise ValueError(f"schedule is for vpp={schedule.vpp}, m={schedule.microbatches}; called with {vpp} chunks, m={num_microbatches}")
+        raise ValueError(f"schedule is for vpp={schedule.vpp}, m={schedule.microbatches}; called "
+                         f"with {vpp} chunks, m={num_microbatches}")
     pp = schedule.pp
     if pp_group.size() != pp or pp_group.rank() != rank:
         raise ValueError(f"schedule for {pp} ranks run as rank {rank} of a pipeline group of size "
@@ -244,8 +250,8 @@ def run_rank(
     param = next(chunks[0].parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = getattr(config, "pipeline_dtype", None) or torch.float32
-    channels = _Channels(plan.ranks[rank], pp_group, shape=tuple(tensor_shape), dtype=dtype, device=device,
-                         timeout_s=timeout_s, lookahead=lookahead, label=label)
+    channels = _Channels(plan.ranks[rank], pp_group, shape=tuple(tensor_shape), dtype=dtype,
+                         device=device, timeout_s=timeout_s, lookahead=lookahead, label=label)
     rank_plan = plan.ranks[rank]
     step_of = {op: i for i, op in enumerate(rank_plan.ops)}
     deallocate = bool(getattr(config, "deallocate_pipeline_outputs", False))
@@ -288,7 +294,11 @@ def run_rank(
         nonlocal total_tokens
         input_tensor = channels.take(step) if step in rank_plan.receives else None
         is_last = c == vpp - 1 and rank == pp - 1
-        first = mb == 0 if not (forward_only and first_val_step is not None) else (first_val_step and mb == 0)
+        first = (
+            mb == 0
+            if not (forward_only and first_val_step is not None)
+            else (first_val_step and mb == 0)
+        )
 
         def step_fn():
             return call_by_name(
@@ -329,7 +339,8 @@ def run_rank(
 
         def step_fn():
             return call_by_name(backward_step, input_tensor=input_tensor, output_tensor=output,
-                                output_tensor_grad=output_grad, model_type=model_type, config=config)
+                                output_tensor_grad=output_grad, model_type=model_type,
+                                config=config)
 
         if offloader is not None:
             input_grad = offloader.run_backward((c, mb), step_fn)
@@ -349,11 +360,13 @@ def run_rank(
         OpKind.FORWARD: run_forward,
         OpKind.BACKWARD: run_backward,
     }
-    missing = sorted({op.kind for op in rank_plan.ops} - handlers.keys(), key=lambda kind: kind.code)
+    missing = sorted({op.kind for op in rank_plan.ops} - handlers.keys(),
+                     key=lambda kind: kind.code)
     if missing:
         raise NotImplementedError(
             f"{label}the executor has no handler for op kind(s) "
-            f"{', '.join(f'{kind.name} ({kind.value!r})' for kind in missing)} of this rank's schedule")
+            f"{', '.join(f'{kind.name} ({kind.value!r})' for kind in missing)} of this rank's "
+            "schedule")
 
     if not forward_only:
         disable_grad_sync()

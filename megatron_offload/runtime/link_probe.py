@@ -46,7 +46,10 @@ def measure_link(device: torch.device, nbytes: int, repeats: int = 5) -> dict:
     d2h = timed(lambda: [backend.device_to_host([(s_src, host_out)])])
     h2d = timed(lambda: [backend.host_to_device([(s_dst, host_in)])])
     both = timed(
-        lambda: [backend.device_to_host([(s_src, host_out)]), backend.host_to_device([(s_dst, host_in)])]
+        lambda: [
+            backend.device_to_host([(s_src, host_out)]),
+            backend.host_to_device([(s_dst, host_in)]),
+        ]
     )
     ok = bool(torch.equal(host_out, source.cpu())) and bool(torch.equal(target.cpu(), host_in))
     pool.release(host_out)
@@ -62,9 +65,11 @@ def measure_link(device: torch.device, nbytes: int, repeats: int = 5) -> dict:
     }
 
 
-def cuda_device_probe(copy_bytes: int = 1 << 28, matmul_size: int = 8192, repeats: int = 10) -> dict:  # pragma: no cover - needs a GPU
+def cuda_device_probe(copy_bytes: int = 1 << 28, matmul_size: int = 8192,
+                      repeats: int = 10) -> dict:  # pragma: no cover - needs a GPU
     if not torch.cuda.is_available():
-        raise RuntimeError("measure_device needs a CUDA GPU; on this machine give --gpu PRESET or --gpu-memory-gib, --gpu-tflops, --host-link-gbps")
+        raise RuntimeError("measure_device needs a CUDA GPU; on this machine give --gpu PRESET or "
+                           "--gpu-memory-gib, --gpu-tflops, --host-link-gbps")
     device = torch.device("cuda", torch.cuda.current_device())
     link = measure_link(device, copy_bytes)
     a = torch.randn(matmul_size, matmul_size, device=device, dtype=torch.bfloat16)
@@ -80,6 +85,7 @@ def cuda_device_probe(copy_bytes: int = 1 << 28, matmul_size: int = 8192, repeat
     props = torch.cuda.get_device_properties(device)
     return {
         "gpu_name": props.name, "gpu_memory_gib": props.total_memory / 2**30,
-        "d2h_gbps": link["d2h_gbps"], "h2d_gbps": link["h2d_gbps"], "duplex_gbps_each_way": link["duplex_gbps_each_way"],
+        "d2h_gbps": link["d2h_gbps"], "h2d_gbps": link["h2d_gbps"],
+        "duplex_gbps_each_way": link["duplex_gbps_each_way"],
         "matmul_tflops": 2 * matmul_size**3 / seconds / 1e12, "copy_bytes": copy_bytes,
     }

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 
 from megatron_offload.runtime.offloader import ActivationOffloader, iteration
-from megatron_offload.schedule.ir import Op, OpKind
+from megatron_offload.schedule.ir import Op
+from megatron_offload.schedule.kinds import OpKind
 
 
 def drive(
@@ -62,7 +63,11 @@ def drive(
         for op in order:
             key = (op.chunk, op.microbatch)
             if op.kind is OpKind.FORWARD:
-                source = inputs[op.microbatch] if op.chunk == 0 else outputs[(op.chunk - 1, op.microbatch)]
+                source = (
+                    inputs[op.microbatch]
+                    if op.chunk == 0
+                    else outputs[(op.chunk - 1, op.microbatch)]
+                )
                 received[key] = source.detach().clone().requires_grad_(op.chunk > 0)
                 step = lambda c=op.chunk, m=op.microbatch: forward(c, m)  # noqa: E731
                 if offloader is None:

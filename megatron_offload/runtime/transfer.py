@@ -1,8 +1,8 @@
 """How bytes move between device and host: a reusable host buffer pool and two backends.
 
 Mechanism only: this module never decides what to offload or when (see ``policy.py`` and
-``offloader.py``); host buffers come from ``host_pool.py``. Both backends move whole storages (``torch.UntypedStorage``) so that every
-view of a storage travels once and comes back in place.
+``offloader.py``); host buffers come from ``host_pool.py``. Both backends move whole storages
+(``torch.UntypedStorage``) so that every view of a storage travels once and comes back in place.
 
 - :class:`CudaTransferBackend`: one D2H and one H2D stream (full duplex), CUDA events order
   copies against the compute stream, host buffers are pinned (``host_pool.py``), and a source
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
 
 def byte_view(storage: torch.UntypedStorage) -> torch.Tensor:
     """A flat uint8 tensor over the whole storage (no copy)."""
@@ -38,7 +39,8 @@ class TransferBackend(Protocol):
     when its call returns."""
 
     def device_to_host(self, pairs: list[tuple[torch.UntypedStorage, torch.Tensor]]) -> Transfer:
-        """Copy each device storage into its host buffer, ordered after the compute issued so far."""
+        """Copy each device storage into its host buffer, ordered after the compute issued so
+        far."""
 
     def release_sources(self, transfer: Transfer, storages: list[torch.UntypedStorage]) -> None:
         """Free the device bytes of ``storages`` now, although ``transfer`` may still read them:

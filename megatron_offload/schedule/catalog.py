@@ -11,7 +11,8 @@ ScheduleKind = Literal["1f1b", "interleaved", "gis"]
 SCHEDULE_KINDS: tuple[str, ...] = get_args(ScheduleKind)
 
 
-def check_schedule_args(kind: str, pp: int, vpp: int, microbatches: int, group_size: int | None) -> int | None:
+def check_schedule_args(kind: str, pp: int, vpp: int, microbatches: int,
+                        group_size: int | None) -> int | None:
     """Validate before any work; returns the group size in effect (None for 1f1b)."""
     if kind == "gis":
         return check_gis_args(pp, vpp, microbatches, group_size)
@@ -21,7 +22,8 @@ def check_schedule_args(kind: str, pp: int, vpp: int, microbatches: int, group_s
     raise ValueError(f"--schedule {kind!r} is unknown; choose one of {', '.join(SCHEDULE_KINDS)}")
 
 
-def make_schedule(kind: ScheduleKind, pp: int, vpp: int, microbatches: int, group_size: int | None = None) -> Schedule:
+def make_schedule(kind: ScheduleKind, pp: int, vpp: int, microbatches: int,
+                  group_size: int | None = None) -> Schedule:
     check_schedule_args(kind, pp, vpp, microbatches, group_size)
     if kind == "gis":
         return gis_schedule(pp, vpp, microbatches, group_size)

@@ -33,11 +33,13 @@ class CostModel:
             values = value if isinstance(value, tuple) else (value,)
             if not values or any(not x > 0 for x in values):
                 flag = "--" + name.replace("_", "-")
-                raise ValueError(f"{flag} {value!r} must be > 0 (one value, or one per model chunk)")
+                raise ValueError(
+                    f"{flag} {value!r} must be > 0 (one value, or one per model chunk)")
         if self.p2p_latency < 0:
             raise ValueError(f"--p2p-latency {self.p2p_latency} must be >= 0")
         if self.offload_ratio < 0:
-            raise ValueError(f"--offload-ratio {self.offload_ratio} must be >= 0 (0 = an infinitely fast host link)")
+            raise ValueError(f"--offload-ratio {self.offload_ratio} must be >= 0 (0 = an "
+                             "infinitely fast host link)")
         if not 0 <= self.offload_share <= 1:
             raise ValueError(f"{self.offload_share=} must lie in [0, 1]")
 
@@ -45,7 +47,8 @@ class CostModel:
         for name in ("forward_time", "backward_time"):
             value = getattr(self, name)
             if isinstance(value, tuple) and len(value) != vpp:
-                raise ValueError(f"--{name.replace('_', '-')} has {len(value)} per-chunk values but --vpp is {vpp}; give one value or {vpp}")
+                raise ValueError(f"--{name.replace('_', '-')} has {len(value)} per-chunk values "
+                                 f"but --vpp is {vpp}; give one value or {vpp}")
 
     def forward(self, chunk: int) -> float:
         return _per_chunk(self.forward_time, chunk)
@@ -68,7 +71,8 @@ class CostModel:
         """Duration of one unit's op of ``kind`` on model chunk ``chunk`` (a copy: on its lane)."""
         cost = _TIME_OF.get(kind)
         if cost is None:
-            raise ValueError(f"the cost model has no time for op kind {kind.name} ({kind.value!r}); add it to costs._TIME_OF")
+            raise ValueError(f"the cost model has no time for op kind {kind.name} "
+                             f"({kind.value!r}); add it to costs._TIME_OF")
         return cost(self, chunk)
 
     def link_of(self, rank: int) -> int:

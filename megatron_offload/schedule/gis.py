@@ -26,7 +26,8 @@ def check_gis_args(pp: int, vpp: int, microbatches: int, group_size: int | None)
     check_pipeline_shape(pp, vpp, microbatches)
     group = min(pp, microbatches) if group_size is None else group_size
     if not 1 <= group <= microbatches:
-        raise ValueError(f"--group-size {group} must lie in 1..--microbatches ({microbatches}) for --schedule gis; e.g. --group-size {min(pp, microbatches)}")
+        raise ValueError(f"--group-size {group} must lie in 1..--microbatches ({microbatches}) for "
+                         f"--schedule gis; e.g. --group-size {min(pp, microbatches)}")
     return group
 
 
@@ -34,7 +35,8 @@ def gis_warmup(pp: int, rank: int, vpp: int, microbatches: int, group_size: int)
     return min((vpp - 1) * group_size + (pp - 1 - rank), vpp * microbatches)
 
 
-def gis_order(pp: int, rank: int, vpp: int, microbatches: int, group_size: int | None = None) -> list[Op]:
+def gis_order(pp: int, rank: int, vpp: int, microbatches: int,
+              group_size: int | None = None) -> list[Op]:
     """The GIS op order of one rank (computed with all ranks: warm-ups depend on each other)."""
     if not 0 <= rank < pp:
         raise ValueError(f"rank {rank} is outside 0..{pp - 1}")
@@ -58,7 +60,8 @@ def gis_schedule(pp: int, vpp: int, microbatches: int, group_size: int | None = 
             return schedule
         # A rank stuck on a backward runs one more forward first; forwards only feed forward,
         # so every deadlock has such a rank and each round makes progress (warm-up <= m v).
-        waiting_on_backward = [r for r, step in stuck.items() if ranks[r][step].kind is OpKind.BACKWARD]
+        waiting_on_backward = [r for r, step in stuck.items()
+                               if ranks[r][step].kind is OpKind.BACKWARD]
         if not waiting_on_backward:  # cannot happen (see above); fail loudly rather than loop
             validate_schedule(schedule)
         for r in waiting_on_backward:

@@ -62,10 +62,11 @@ class Op:
         match = _TEXT.match(text)
         if match is None:
             raise ValueError(
-                f"{text!r} is not a unit op (e.g. '0F3': chunk, kind {'/'.join(LETTERS)}, microbatch) "
-                "and not a layer op (e.g. '0F3.2': the same, then .layer)")
+                f"{text!r} is not a unit op (e.g. '0F3': chunk, kind {'/'.join(LETTERS)}, "
+                "microbatch) and not a layer op (e.g. '0F3.2': the same, then .layer)")
         layer = match.group(4)
-        return cls(OpKind(match.group(2)), int(match.group(1)), int(match.group(3)), None if layer is None else int(layer))
+        return cls(OpKind(match.group(2)), int(match.group(1)), int(match.group(3)),
+                   None if layer is None else int(layer))
 
 
 _TEXT = re.compile(rf"^\s*(\d+)([{LETTERS}])(\d+)(?:\.(\d+))?\s*$")
@@ -119,12 +120,15 @@ class Schedule:
     costs, simulate() then only times the copies and checks they are hidden (see simulate.py)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.ranks, tuple) or not all(isinstance(ops, tuple) for ops in self.ranks):
+        if not isinstance(self.ranks, tuple) or not all(
+            isinstance(ops, tuple) for ops in self.ranks
+        ):
             object.__setattr__(self, "ranks", tuple(tuple(ops) for ops in self.ranks))
         if not self.ranks:
             raise ScheduleError("a schedule needs at least one rank")
         if self.vpp < 1 or self.microbatches < 1:
-            raise ScheduleError(f"need vpp >= 1 and microbatches >= 1, got {self.vpp=}, {self.microbatches=}")
+            raise ScheduleError(
+                f"need vpp >= 1 and microbatches >= 1, got {self.vpp=}, {self.microbatches=}")
 
     @property
     def pp(self) -> int:
@@ -148,7 +152,8 @@ class Schedule:
         return Schedule(compute, self.vpp, self.microbatches, self.kind, self.group_size)
 
     def with_program(self, program: list[list[int]]) -> "Schedule":
-        """Attach op codes a generator or pass already has (saves recomputing them); returns self."""
+        """Attach op codes a generator or pass already has (saves recomputing them); returns
+        self."""
         object.__setattr__(self, "_program", program)
         return self
 
@@ -168,7 +173,8 @@ class Schedule:
                     code = cache.get(id(op))
                     if code is None:
                         if op.layer is not None:
-                            raise ScheduleError(f"{op} is a layer-level entry; a unit-level Schedule takes unit ops only")
+                            raise ScheduleError(f"{op} is a layer-level entry; a unit-level "
+                                                "Schedule takes unit ops only")
                         code = cache[id(op)] = op.kind.code * units + op.chunk * m + op.microbatch
                     append(code)
                 program.append(codes)
@@ -190,21 +196,27 @@ class Schedule:
         lines = [line.strip() for line in text.splitlines()]
         header = next((ln for ln in lines if ln.startswith("#")), None)
         if header is None:
-            raise ScheduleError("schedule text lacks its '# megatron-offload schedule ...' header line")
+            raise ScheduleError(
+                "schedule text lacks its '# megatron-offload schedule ...' header line")
         meta = dict(item.split("=", 1) for item in header.split() if "=" in item)
         try:
             vpp, microbatches = int(meta["vpp"]), int(meta["microbatches"])
         except (KeyError, ValueError) as error:
-            raise ScheduleError(f"schedule header needs vpp= and microbatches=: {header!r}") from error
+            raise ScheduleError(
+                f"schedule header needs vpp= and microbatches=: {header!r}") from error
         group = meta.get("group_size", "None")
         rows = [ln for ln in lines if ln and not ln.startswith("#")]
         if "pp" in meta and int(meta["pp"]) != len(rows):
-            raise ScheduleError(f"header says pp={meta['pp']} but the text has {len(rows)} rank rows")
-        ranks = tuple(tuple(Op.parse(cell) for cell in row.split(",") if cell.strip()) for row in rows)
+            raise ScheduleError(
+                f"header says pp={meta['pp']} but the text has {len(rows)} rank rows")
+        ranks = tuple(tuple(Op.parse(cell) for cell in row.split(",") if cell.strip())
+                      for row in rows)
         layered = next((op for ops in ranks for op in ops if op.layer is not None), None)
         if layered is not None:
-            raise ScheduleError(f"{layered} is a layer-level entry: read layer-level orders with layers.LayerSchedule.from_text")
-        return cls(ranks, vpp, microbatches, meta.get("kind", "custom"), None if group == "None" else int(group))
+            raise ScheduleError(f"{layered} is a layer-level entry: read layer-level orders with "
+                                "layers.LayerSchedule.from_text")
+        return cls(ranks, vpp, microbatches, meta.get("kind", "custom"),
+                   None if group == "None" else int(group))
 
     def save(self, path) -> None:
         with open(path, "w", encoding="utf-8") as handle:
@@ -221,15 +233,18 @@ def diff_schedules(a: Schedule, b: Schedule, context: int = 3) -> str:
     first step where the op lists diverge, with a few ops of context on each side."""
     lines = []
     if (a.pp, a.vpp, a.microbatches) != (b.pp, b.vpp, b.microbatches):
-        lines.append(f"shape differs: pp/vpp/microbatches {a.pp}/{a.vpp}/{a.microbatches} vs {b.pp}/{b.vpp}/{b.microbatches}")
+        lines.append(f"shape differs: pp/vpp/microbatches {a.pp}/{a.vpp}/{a.microbatches} vs "
+                     f"{b.pp}/{b.vpp}/{b.microbatches}")
     for rank in range(min(a.pp, b.pp)):
         left, right = a.ranks[rank], b.ranks[rank]
         if left == right:
             continue
-        step = next((i for i, (x, y) in enumerate(zip(left, right)) if x != y), min(len(left), len(right)))
+        step = next((i for i, (x, y) in enumerate(zip(left, right)) if x != y),
+                    min(len(left), len(right)))
         lo = max(0, step - context)
         show = lambda ops: " ".join(map(str, ops[lo : step + context + 1]))  # noqa: E731
-        lines.append(f"rank {rank}: first difference at step {step} ({len(left)} vs {len(right)} ops)")
+        lines.append(
+            f"rank {rank}: first difference at step {step} ({len(left)} vs {len(right)} ops)")
         lines.append(f"  - {show(left)}")
         lines.append(f"  + {show(right)}")
     return "\n".join(lines)

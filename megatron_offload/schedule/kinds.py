@@ -122,7 +122,9 @@ COMPUTE_KINDS: tuple[OpKind, ...] = tuple(kind for kind in OpKind if kind.comput
 COPY_KINDS: tuple[OpKind, ...] = tuple(kind for kind in OpKind if not kind.compute)
 FIRST_COPY_CODE = len(COMPUTE_KINDS)
 """Op codes from ``FIRST_COPY_CODE * units`` on are copies."""
-FORWARD_PASS_KINDS: tuple[OpKind, ...] = tuple(kind for kind in OpKind if kind.sends is Flow.DOWNSTREAM)
+FORWARD_PASS_KINDS: tuple[OpKind, ...] = tuple(
+    kind for kind in OpKind if kind.sends is Flow.DOWNSTREAM
+)
 """What a forward-only call runs."""
 LETTERS = "".join(kind.value for kind in OpKind)
 
@@ -139,18 +141,24 @@ def _check_table() -> None:
     for kind in OpKind:
         if any(x not in letters for x in kind.after):
             raise AssertionError(f"{kind!r}: 'after' names an unknown kind: {kind.after}")
-        if kind.compute == (kind.nominal_time == 0.0) or (kind.sends is not None and not kind.compute):
-            raise AssertionError(f"{kind!r}: a compute op takes time, a copy neither takes time nor sends")
+        if kind.compute == (kind.nominal_time == 0.0) or (
+            kind.sends is not None and not kind.compute
+        ):
+            raise AssertionError(
+                f"{kind!r}: a compute op takes time, a copy neither takes time nor sends")
     computes = [kind.compute for kind in OpKind]
     if computes != sorted(computes, reverse=True):
-        raise AssertionError("list the compute kinds before the copies (compute ops get the low codes)")
+        raise AssertionError(
+            "list the compute kinds before the copies (compute ops get the low codes)")
     if not any(not kind.after for kind in OpKind) or not any(kind.closes for kind in OpKind):
         raise AssertionError("some kind must open a unit (after=()) and some kind close it")
     placed: set[str] = set()  # 'after' must be acyclic: then each kind runs at most once per unit
     while len(placed) < len(letters):
-        ready = {kind.value for kind in OpKind if kind.value not in placed and set(kind.after) <= placed}
+        ready = {kind.value for kind in OpKind
+                 if kind.value not in placed and set(kind.after) <= placed}
         if not ready:
-            raise AssertionError(f"the 'after' column has a cycle among {sorted(set(letters) - placed)}")
+            raise AssertionError(
+                f"the 'after' column has a cycle among {sorted(set(letters) - placed)}")
         placed |= ready
 
 
@@ -171,8 +179,8 @@ def unit_life() -> str:
 
 def kinds_table() -> str:
     """The table as markdown (``docs/schedule-ir.md`` shows it; a test keeps them equal)."""
-    header = ("| kind | letter | code | compute / copy | sends (p2p) | after | closes | allocates | frees "
-              "| needs resident | weight grads | nominal time |")
+    header = ("| kind | letter | code | compute / copy | sends (p2p) | after | closes | allocates "
+              "| frees | needs resident | weight grads | nominal time |")
     rows = [header, "|" + "---|" * 12]
     yes = lambda flag: "yes" if flag else "-"  # noqa: E731
     for kind in OpKind:
@@ -180,7 +188,7 @@ def kinds_table() -> str:
         sends = "-" if kind.sends is None else f"{kind.sends.name.lower()} ({kind.sends.payload}s)"
         after = " or ".join(kind.after) if kind.after else "(first)"
         rows.append(
-            f"| {kind.word} | `{kind.value}` | {kind.code} | {what} | {sends} | {after} | {yes(kind.closes)} "
-            f"| {yes(kind.allocates)} | {yes(kind.frees)} | {yes(kind.needs_resident)} | {yes(kind.weight_grads)} "
-            f"| {kind.nominal_time:g} |")
+            f"| {kind.word} | `{kind.value}` | {kind.code} | {what} | {sends} | {after} | "
+            f"{yes(kind.closes)} | {yes(kind.allocates)} | {yes(kind.frees)} | "
+            f"{yes(kind.needs_resident)} | {yes(kind.weight_grads)} | {kind.nominal_time:g} |")
     return "\n".join(rows)

@@ -33,7 +33,15 @@ from dataclasses import dataclass, field
 
 from .ir import Op, producer
 from .kinds import Flow, Lane, OpKind
-from .layers import EPILOGUE, LayerProfile, LayerSchedule, LinkModel, forward_ends, check_rank, memory_effect
+from .layers import (
+    EPILOGUE,
+    LayerProfile,
+    LayerSchedule,
+    LinkModel,
+    check_rank,
+    forward_ends,
+    memory_effect,
+)
 from .simulate import _COMPUTE_RESIDENT, _D2H, _ROLE, _SharedLane, gc_paused
 
 _DELTA, _START, _END, _MARK = 0, 1, 2, 3
@@ -116,13 +124,15 @@ def simulate_layers(ops: Sequence[Op], profile: LayerProfile, link: LinkModel | 
 
 
 def simulate_layer_schedule(schedule: LayerSchedule, profile: LayerProfile | Sequence[LayerProfile],
-                            link: LinkModel | None = None, *, p2p_latency: float = 0.0) -> LayerScheduleSimulation:
+                            link: LinkModel | None = None, *,
+                            p2p_latency: float = 0.0) -> LayerScheduleSimulation:
     """Simulate every rank together: unit-level entries wait for their p2p inputs, ranks
     sharing a link (``link.shared``) share its lanes. ``profile``: one for every rank, or one
     per rank."""
     profiles = [profile] * schedule.pp if isinstance(profile, LayerProfile) else list(profile)
     if len(profiles) != schedule.pp:
-        raise ValueError(f"{len(profiles)} profiles for {schedule.pp} ranks; give one, or one per rank")
+        raise ValueError(
+            f"{len(profiles)} profiles for {schedule.pp} ranks; give one, or one per rank")
     for rank, p in enumerate(profiles):
         p.check_layers(schedule.layers_of_rank(rank))
     with gc_paused():
@@ -144,7 +154,8 @@ class _FifoLane:
 
 
 def _run(rank_ops: list[tuple[Op, ...]], profiles: list[LayerProfile], link: LinkModel | None, *,
-         deps: tuple[int, int] | None, p2p_latency: float, ranks: list[int]) -> list[LayerSimulation]:
+         deps: tuple[int, int] | None, p2p_latency: float,
+         ranks: list[int]) -> list[LayerSimulation]:
     count = len(rank_ops)
     for ops in rank_ops:
         check_rank(ops, strict=False)
@@ -157,15 +168,19 @@ def _run(rank_ops: list[tuple[Op, ...]], profiles: list[LayerProfile], link: Lin
         table = []
         for index, op in enumerate(ops):
             try:
-                transient, change = memory_effect(op.kind, op.chunk, op.layer, profile, op.microbatch)
+                transient, change = memory_effect(op.kind, op.chunk, op.layer, profile,
+                                                  op.microbatch)
             except IndexError:
-                raise ValueError(f"entry {index} ({op}) is outside the profile's layers per chunk {list(profile.layers)}") from None
+                raise ValueError(f"entry {index} ({op}) is outside the profile's layers per chunk "
+                                 f"{list(profile.layers)}") from None
             duration = profile.duration(op) if op.is_compute else 0.0
             if link is not None and not op.is_compute:
                 nbytes = profile.sub_unit_bytes(op.chunk, op.layer, op.microbatch)
-                duration = link.d2h_time(nbytes) if op.kind.lane is Lane.D2H else link.h2d_time(nbytes)
-            table.append((op.kind, _ROLE[op.kind.code], op.chunk, op.microbatch, op.layer, duration, transient, change,
-                          index in ends))
+                duration = (
+                    link.d2h_time(nbytes) if op.kind.lane is Lane.D2H else link.h2d_time(nbytes)
+                )
+            table.append((op.kind, _ROLE[op.kind.code], op.chunk, op.microbatch, op.layer, duration,
+                          transient, change, index in ends))
         compiled.append(table)
 
     shared = link is not None and link.shared and count > 1
@@ -223,7 +238,8 @@ def _run(rank_ops: list[tuple[Op, ...]], profiles: list[LayerProfile], link: Lin
                 my_issue[step] = t
                 my_start[step], my_end[step] = ready, ready + duration
                 ev.append((ready, 1, n, _START, transient, step))
-                ev.append((ready + duration, 1, n + 1, _END, 0.0, step))  # the transient includes what it keeps
+                # the transient includes what it keeps
+                ev.append((ready + duration, 1, n + 1, _END, 0.0, step))
                 ev.append((ready + duration, 1, n + 2, _DELTA, change, step))
                 ev.append((ready + duration, 1, n + 3, _MARK, 0.0, step))
                 n += 4
@@ -238,7 +254,8 @@ def _run(rank_ops: list[tuple[Op, ...]], profiles: list[LayerProfile], link: Lin
                     ev.append((t, 1, n, _DELTA, change, step))
                 else:
                     begin = d2h[lane_ids[me]].place(max(t, own_d2h[me]), duration)
-                    own_d2h[me] = begin + duration  # one stream per rank and direction: its copies in order
+                    # one stream per rank and direction: its copies in order
+                    own_d2h[me] = begin + duration
                     my_start[step], my_end[step] = begin, begin + duration
                     ev.append((begin + duration, 0, n, _DELTA, change, step))
                 ev.append((t, 1, n + 1, _MARK, 0.0, step))
@@ -277,8 +294,8 @@ def _run(rank_ops: list[tuple[Op, ...]], profiles: list[LayerProfile], link: Lin
                     pending.append(other)
     stuck = [ranks[r] for r in range(count) if position[r] < len(compiled[r])]
     if stuck:
-        details = "; ".join(f"rank {ranks[r]} at step {position[r]} ({rank_ops[r][position[r]]})" for r in range(count)
-                            if position[r] < len(compiled[r]))
+        details = "; ".join(f"rank {ranks[r]} at step {position[r]} ({rank_ops[r][position[r]]})"
+                            for r in range(count) if position[r] < len(compiled[r]))
         raise ValueError(f"the layer schedule deadlocks: {details}")
 
     results = []
@@ -316,12 +333,15 @@ def _run(rank_ops: list[tuple[Op, ...]], profiles: list[LayerProfile], link: Lin
         reloads = [i for i, op in enumerate(ops) if op.kind.lane is Lane.H2D]
         profile = profiles[me]
         results.append(LayerSimulation(
-            rank=ranks[me], ops=ops, start=start[me], end=end[me], issue=issue[me], level_after=level_after,
-            peak_in=peak_in, peak_bytes=peak, peak_entry=peak_entry, curve=curve, epilogues=epilogues[me],
-            copies=len(copies),
-            offloaded_bytes=sum(profile.sub_unit_bytes(ops[i].chunk, ops[i].layer, ops[i].microbatch) for i in copies),
-            reloaded_bytes=sum(profile.sub_unit_bytes(ops[i].chunk, ops[i].layer, ops[i].microbatch) for i in reloads),
-            stall=stall[me], busy=busy[me], finish=max([*end[me], clock[me]], default=0.0), link=link,
+            rank=ranks[me], ops=ops, start=start[me], end=end[me], issue=issue[me],
+            level_after=level_after, peak_in=peak_in, peak_bytes=peak, peak_entry=peak_entry,
+            curve=curve, epilogues=epilogues[me], copies=len(copies),
+            offloaded_bytes=sum(profile.sub_unit_bytes(ops[i].chunk, ops[i].layer,
+                                                       ops[i].microbatch) for i in copies),
+            reloaded_bytes=sum(profile.sub_unit_bytes(ops[i].chunk, ops[i].layer,
+                                                      ops[i].microbatch) for i in reloads),
+            stall=stall[me], busy=busy[me], finish=max([*end[me], clock[me]], default=0.0),
+            link=link,
         ))
     return results
 
@@ -347,9 +367,10 @@ class LayerPlan:
 
 
 def plan_layer_streaming(schedule, layers_per_chunk, profile: LayerProfile | Sequence[LayerProfile],
-                         link: LinkModel | None = None, *, chunks: int | None = None, reload_distance="auto",
-                         drop_unhidden: bool = True, p2p_latency: float = 0.0,
-                         streamed: Sequence | None = None, offloaded: Sequence | None = None) -> LayerPlan:
+                         link: LinkModel | None = None, *, chunks: int | None = None,
+                         reload_distance="auto", drop_unhidden: bool = True,
+                         p2p_latency: float = 0.0, streamed: Sequence | None = None,
+                         offloaded: Sequence | None = None) -> LayerPlan:
     """Expand ``schedule`` (unit-level :class:`.ir.Schedule`) with layer streaming, place the
     reloads and simulate it in bytes.
 
@@ -362,30 +383,44 @@ def plan_layer_streaming(schedule, layers_per_chunk, profile: LayerProfile | Seq
 
     pp = schedule.pp
     if streamed is None or offloaded is None:
-        sets = [stream_sets(ops, chunks) if chunks != 0 else (set(), set()) for ops in schedule.ranks]
+        sets = [stream_sets(ops, chunks) if chunks != 0 else (set(), set())
+                for ops in schedule.ranks]
         streamed = [s for s, _ in sets] if streamed is None else streamed
         offloaded = [o for _, o in sets] if offloaded is None else offloaded
     streamed, offloaded = [set(s) for s in streamed], [set(o) for o in offloaded]
     nothing = [set()] * pp
-    baseline = simulate_layer_schedule(expand_schedule(schedule, layers_per_chunk, nothing, nothing), profile,
-                                       p2p_latency=p2p_latency)
+    baseline = simulate_layer_schedule(
+        expand_schedule(schedule, layers_per_chunk, nothing, nothing),
+        profile,
+        p2p_latency=p2p_latency,
+    )
     if isinstance(reload_distance, str):
         if reload_distance != "auto":
-            raise ValueError(f"reload distance {reload_distance!r}: give 'auto' or a number of compute entries")
+            raise ValueError(
+                f"reload distance {reload_distance!r}: give 'auto' or a number of compute entries")
         candidates = expand_schedule(schedule, layers_per_chunk, streamed, offloaded, 0)
         timing = simulate_layer_schedule(candidates, profile, p2p_latency=p2p_latency)
         profiles = [profile] * pp if isinstance(profile, LayerProfile) else list(profile)
-        distances = [reload_distances_for_link(ops, profiles[r], link, timing=timing.ranks[r], drop_unhidden=drop_unhidden)
-                     for r, ops in enumerate(candidates.ranks)]
+        distances = [
+            reload_distances_for_link(
+                ops, profiles[r], link, timing=timing.ranks[r], drop_unhidden=drop_unhidden
+            )
+            for r, ops in enumerate(candidates.ranks)
+        ]
     else:
-        distances = reload_distance if isinstance(reload_distance, (list, tuple)) else [reload_distance] * pp
+        distances = (
+            reload_distance
+            if isinstance(reload_distance, (list, tuple))
+            else [reload_distance] * pp
+        )
     expanded = expand_schedule(schedule, layers_per_chunk, streamed, offloaded, list(distances))
     simulation = simulate_layer_schedule(expanded, profile, link, p2p_latency=p2p_latency)
     return LayerPlan(expanded=expanded, simulation=simulation, baseline=baseline, streamed=streamed,
                      offloaded=offloaded, distances=list(distances))
 
 
-def unit_equivalents(sim: LayerSimulation | LayerScheduleSimulation, profile: LayerProfile, chunk: int = 0):
+def unit_equivalents(sim: LayerSimulation | LayerScheduleSimulation, profile: LayerProfile,
+                     chunk: int = 0):
     """Peak bytes divided by one whole unit's bytes of ``chunk`` (to compare with unit peaks)."""
     unit = profile.unit_bytes(chunk) or 1.0
     if isinstance(sim, LayerSimulation):
@@ -393,5 +428,5 @@ def unit_equivalents(sim: LayerSimulation | LayerScheduleSimulation, profile: La
     return [r.peak_bytes / unit for r in sim.ranks]
 
 
-__all__ = ["LayerPlan", "LayerSimulation", "LayerScheduleSimulation", "plan_layer_streaming", "simulate_layers",
-           "simulate_layer_schedule", "unit_equivalents"]
+__all__ = ["LayerPlan", "LayerSimulation", "LayerScheduleSimulation", "plan_layer_streaming",
+           "simulate_layers", "simulate_layer_schedule", "unit_equivalents"]

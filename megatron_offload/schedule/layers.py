@@ -57,7 +57,8 @@ def layers_of(layers_per_chunk: int | Sequence[int], chunk: int) -> int:
         count = layers_per_chunk
     else:
         if not 0 <= chunk < len(layers_per_chunk):
-            raise ValueError(f"layers per chunk {list(layers_per_chunk)} has no entry for model chunk {chunk}")
+            raise ValueError(
+                f"layers per chunk {list(layers_per_chunk)} has no entry for model chunk {chunk}")
         count = layers_per_chunk[chunk]
     if not isinstance(count, int) or count < 0:
         raise ValueError(f"--layers-per-chunk {count!r} must be an integer >= 0 (chunk {chunk}; "
@@ -76,7 +77,8 @@ def _distance_of(reload_distance: Distance) -> Callable[[SubUnitKey], int]:
     except TypeError:
         distance = -1
     if distance < 0:
-        raise ValueError(f"reload distance {reload_distance!r} must be an integer >= 0 (compute entries)")
+        raise ValueError(
+            f"reload distance {reload_distance!r} must be an integer >= 0 (compute entries)")
     return lambda sub: distance
 
 
@@ -108,10 +110,13 @@ def expand_rank(
     offloaded_set = set(offloaded)
     compute = [op for op in ops if op.kind.compute]
     if any(op.layer is not None for op in compute):
-        raise ValueError("expand_rank takes a unit-level order (ops without a layer), not an expanded one")
-    other = next((op for op in compute if op.kind is not OpKind.FORWARD and op.kind is not OpKind.BACKWARD), None)
+        raise ValueError(
+            "expand_rank takes a unit-level order (ops without a layer), not an expanded one")
+    other = next((op for op in compute
+                  if op.kind is not OpKind.FORWARD and op.kind is not OpKind.BACKWARD), None)
     if other is not None:
-        raise ValueError(f"expand_rank has no layer expansion for op kind {other.kind.name} ({other})")
+        raise ValueError(
+            f"expand_rank has no layer expansion for op kind {other.kind.name} ({other})")
     seen_f: set[UnitKey] = set()
     seen_b: set[UnitKey] = set()
     for op in compute:
@@ -122,7 +127,8 @@ def expand_rank(
             seen_f.add(unit)
         else:
             if unit not in seen_f or unit in seen_b:
-                raise ScheduleError(f"backward of unit {unit} without a forward before it (or twice)")
+                raise ScheduleError(
+                    f"backward of unit {unit} without a forward before it (or twice)")
             seen_b.add(unit)
     if seen_f != seen_b:
         raise ScheduleError(f"units without a backward: {sorted(seen_f - seen_b)}")
@@ -169,7 +175,8 @@ def expand_rank(
         except TypeError:
             distance = -1
         if distance < 0:
-            raise ValueError(f"reload distance {distance_of(sub)!r} of sub-unit {sub_unit_text(sub)} must be an integer >= 0")
+            raise ValueError(f"reload distance {distance_of(sub)!r} of sub-unit "
+                             f"{sub_unit_text(sub)} must be an integer >= 0")
         at = use - distance
         if at <= after:  # not strictly after the O with a compute entry in between
             continue
@@ -229,7 +236,9 @@ class LayerSchedule:
     group_size: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.ranks, tuple) or not all(isinstance(ops, tuple) for ops in self.ranks):
+        if not isinstance(self.ranks, tuple) or not all(
+            isinstance(ops, tuple) for ops in self.ranks
+        ):
             object.__setattr__(self, "ranks", tuple(tuple(ops) for ops in self.ranks))
         per_rank = bool(self.layers) and not isinstance(self.layers[0], int)
         layers = tuple(tuple(row) for row in self.layers) if per_rank else tuple(self.layers)
@@ -238,7 +247,8 @@ class LayerSchedule:
         object.__setattr__(self, "layers", layers)
         for row in (layers if per_rank and isinstance(layers[0], tuple) else (layers,)):
             if len(row) != self.vpp:
-                raise ValueError(f"layers per chunk {list(row)} must have one entry per model chunk (vpp={self.vpp})")
+                raise ValueError(f"layers per chunk {list(row)} must have one entry per model "
+                                 f"chunk (vpp={self.vpp})")
         if self.layers and isinstance(self.layers[0], tuple) and len(self.layers) != self.pp:
             raise ValueError(f"layers per rank has {len(self.layers)} rows for {self.pp} ranks")
 
@@ -247,7 +257,9 @@ class LayerSchedule:
         return len(self.ranks)
 
     def layers_of_rank(self, rank: int) -> tuple[int, ...]:
-        return self.layers[rank] if self.layers and isinstance(self.layers[0], tuple) else self.layers
+        return (
+            self.layers[rank] if self.layers and isinstance(self.layers[0], tuple) else self.layers
+        )
 
     def to_text(self) -> str:
         if self.layers and isinstance(self.layers[0], tuple):
@@ -265,22 +277,31 @@ class LayerSchedule:
         lines = [line.strip() for line in text.splitlines()]
         header = next((ln for ln in lines if ln.startswith("#")), None)
         if header is None:
-            raise ScheduleError("layer schedule text lacks its '# megatron-offload layer-schedule ...' header line")
+            raise ScheduleError(
+                "layer schedule text lacks its '# megatron-offload layer-schedule ...' header line")
         meta = dict(item.split("=", 1) for item in header.split() if "=" in item)
         try:
             vpp, microbatches = int(meta["vpp"]), int(meta["microbatches"])
             rows = [tuple(int(x) for x in row.split(",")) for row in meta["layers"].split(";")]
             layers = rows[0] if len(rows) == 1 else tuple(rows)
         except (KeyError, ValueError) as error:
-            raise ScheduleError(f"layer schedule header needs vpp=, microbatches=, layers=: {header!r}") from error
+            raise ScheduleError(
+                f"layer schedule header needs vpp=, microbatches=, layers=: {header!r}") from error
         group = meta.get("group_size", "None")
         rows = [ln for ln in lines if ln and not ln.startswith("#")]
-        ranks = tuple(tuple(Op.parse(cell) for cell in row.split(",") if cell.strip()) for row in rows)
-        return cls(ranks, vpp, microbatches, layers, meta.get("kind", "custom"), None if group == "None" else int(group))
+        ranks = tuple(tuple(Op.parse(cell) for cell in row.split(",") if cell.strip())
+                      for row in rows)
+        return cls(ranks, vpp, microbatches, layers, meta.get("kind", "custom"),
+                   None if group == "None" else int(group))
 
 
 def _per_rank(value, rank: int, pp: int, name: str):
-    if value is None or isinstance(value, (int, set, frozenset)) or callable(value) or isinstance(value, Mapping):
+    if (
+        value is None
+        or isinstance(value, (int, set, frozenset))
+        or callable(value)
+        or isinstance(value, Mapping)
+    ):
         return value
     if len(value) != pp:
         raise ValueError(f"{name} has {len(value)} entries for {pp} ranks; give one per rank")
@@ -300,10 +321,16 @@ def expand_schedule(
     pp = schedule.pp
     if len(streamed_per_rank) != pp or len(offloaded_per_rank) != pp:
         raise ValueError(f"streamed/offloaded sets need one entry per rank ({pp})")
-    if not isinstance(layers_per_chunk, int) and layers_per_chunk and not isinstance(layers_per_chunk[0], int):
+    if (
+        not isinstance(layers_per_chunk, int)
+        and layers_per_chunk
+        and not isinstance(layers_per_chunk[0], int)
+    ):
         if len(layers_per_chunk) != pp:
-            raise ValueError(f"layers per chunk has {len(layers_per_chunk)} rows for {pp} ranks; give one per rank")
-        layers = tuple(tuple(layers_of(row, c) for c in range(schedule.vpp)) for row in layers_per_chunk)
+            raise ValueError(f"layers per chunk has {len(layers_per_chunk)} rows for {pp} ranks; "
+                             "give one per rank")
+        layers = tuple(tuple(layers_of(row, c) for c in range(schedule.vpp))
+                       for row in layers_per_chunk)
     else:
         layers = (tuple(layers_of(layers_per_chunk, c) for c in range(schedule.vpp)),) * pp
     ranks = tuple(
@@ -315,7 +342,8 @@ def expand_schedule(
         )
         for r, ops in enumerate(schedule.ranks)
     )
-    return LayerSchedule(ranks, schedule.vpp, schedule.microbatches, layers, schedule.kind, schedule.group_size)
+    return LayerSchedule(ranks, schedule.vpp, schedule.microbatches, layers, schedule.kind,
+                         schedule.group_size)
 
 
 def copies_per_iteration(expanded: LayerSchedule | Sequence[Sequence[Op]]) -> list[int]:
@@ -330,7 +358,8 @@ def diff_rank_ops(expected: Sequence[Op], actual: Sequence, context: int = 4) ->
     actual = [Op.parse(x) if isinstance(x, str) else x for x in actual]
     if list(expected) == actual:
         return ""
-    step = next((i for i, (x, y) in enumerate(zip(expected, actual)) if x != y), min(len(expected), len(actual)))
+    step = next((i for i, (x, y) in enumerate(zip(expected, actual)) if x != y),
+                min(len(expected), len(actual)))
     lo = max(0, step - context)
     show = lambda ops: " ".join(map(str, ops[lo : step + context + 1]))  # noqa: E731
     return (f"first difference at entry {step} ({len(expected)} expected, {len(actual)} issued)\n"
@@ -350,21 +379,25 @@ def check_rank(ops: Sequence[Op], *, strict: bool = True) -> None:
         kind = op.kind
         if kind.lane is Lane.D2H:
             if sub in offload_at:
-                raise ScheduleError(f"step {index}: {op} copies {sub_unit_text(sub)} out a second time")
+                raise ScheduleError(
+                    f"step {index}: {op} copies {sub_unit_text(sub)} out a second time")
             offload_at[sub] = (index, computes)
         elif kind.lane is Lane.H2D:
             if sub not in offload_at or sub in reload_at:
                 raise ScheduleError(f"step {index}: {op} without an offload before it (or twice)")
             if strict and offload_at[sub][1] == computes:
-                raise ScheduleError(f"step {index}: {op} follows its offload with no compute entry in between")
+                raise ScheduleError(
+                    f"step {index}: {op} follows its offload with no compute entry in between")
             reload_at[sub] = (index, computes)
         else:  # compute
             if kind.needs_resident and sub in offload_at and sub not in reload_at:
-                raise ScheduleError(f"step {index}: {op} uses {sub_unit_text(sub)} before its reload")
+                raise ScheduleError(
+                    f"step {index}: {op} uses {sub_unit_text(sub)} before its reload")
             computes += 1
     missing = set(offload_at) - set(reload_at)
     if missing:
-        raise ScheduleError(f"offloaded but never reloaded: {', '.join(map(sub_unit_text, sorted(missing, key=str)))}")
+        raise ScheduleError("offloaded but never reloaded: "
+                            f"{', '.join(map(sub_unit_text, sorted(missing, key=str)))}")
 
 
 # ---- bytes, times and the link -------------------------------------------------------------
@@ -420,35 +453,45 @@ class LayerProfile:
             value = getattr(self, name)
             if value is None:
                 return
-            value = tuple(tuple(float(x) for x in row) for row in value) if nested else tuple(float(x) for x in value)
+            value = (
+                tuple(tuple(float(x) for x in row) for row in value)
+                if nested
+                else tuple(float(x) for x in value)
+            )
             object.__setattr__(self, name, value)
 
         norm("rest_bytes", False)
         norm("layer_bytes", True)
         for name in ("forward_peak", "backward_peak", "forward_time", "backward_time"):
             norm(name, True)
-        for name in ("prologue_peak", "epilogue_peak", "backward_rest_peak", "prologue_time", "epilogue_time", "backward_rest_time"):
+        for name in ("prologue_peak", "epilogue_peak", "backward_rest_peak", "prologue_time",
+                     "epilogue_time", "backward_rest_time"):
             norm(name, False)
         chunks = len(self.layer_bytes)
         if len(self.rest_bytes) != chunks:
-            raise ValueError(f"rest_bytes has {len(self.rest_bytes)} chunks, layer_bytes {chunks}; give one per model chunk")
+            raise ValueError(f"rest_bytes has {len(self.rest_bytes)} chunks, layer_bytes {chunks}; "
+                             "give one per model chunk")
         shape = [len(row) for row in self.layer_bytes]
         for name in ("forward_peak", "backward_peak", "forward_time", "backward_time"):
             value = getattr(self, name)
             if value is not None and [len(row) for row in value] != shape:
-                raise ValueError(f"{name} must have the shape of layer_bytes ({shape} layers per chunk)")
-        for name in ("prologue_peak", "epilogue_peak", "backward_rest_peak", "prologue_time", "epilogue_time", "backward_rest_time"):
+                raise ValueError(
+                    f"{name} must have the shape of layer_bytes ({shape} layers per chunk)")
+        for name in ("prologue_peak", "epilogue_peak", "backward_rest_peak", "prologue_time",
+                     "epilogue_time", "backward_rest_time"):
             value = getattr(self, name)
             if value is not None and len(value) != chunks:
-                raise ValueError(f"{name} has {len(value)} entries; give one per model chunk ({chunks})")
+                raise ValueError(
+                    f"{name} has {len(value)} entries; give one per model chunk ({chunks})")
         values = [*self.rest_bytes, *(x for row in self.layer_bytes for x in row)]
         if any(not (x >= 0 and math.isfinite(x)) for x in values):
             raise ValueError("profile bytes must be finite and >= 0")
 
     @classmethod
-    def uniform(cls, vpp: int, layers: int | Sequence[int], layer_bytes: float, rest_bytes: float = 0.0, *,
-                forward_time: float = 1.0, backward_time: float = 2.0, forward_peak: float | None = None,
-                backward_peak: float = 0.0, **extra) -> "LayerProfile":
+    def uniform(cls, vpp: int, layers: int | Sequence[int], layer_bytes: float,
+                rest_bytes: float = 0.0, *, forward_time: float = 1.0, backward_time: float = 2.0,
+                forward_peak: float | None = None, backward_peak: float = 0.0,
+                **extra) -> "LayerProfile":
         """Every layer alike: ``layer_bytes`` kept, ``forward_time``/``backward_time`` per layer."""
         counts = [layers_of(layers, c) for c in range(vpp)]
         grid = lambda x: tuple((x,) * n for n in counts)  # noqa: E731
@@ -482,9 +525,15 @@ class LayerProfile:
         """Compute time of a compute entry (the epilogue: :meth:`epilogue_duration`)."""
         c, l = op.chunk, op.layer
         if op.kind is OpKind.FORWARD:
-            return self._get("prologue_time", c) if l is None else self._get("forward_time", c, l, 1.0)
+            return (
+                self._get("prologue_time", c) if l is None else self._get("forward_time", c, l, 1.0)
+            )
         if op.kind is OpKind.BACKWARD:
-            return self._get("backward_rest_time", c) if l is None else self._get("backward_time", c, l, 2.0)
+            return (
+                self._get("backward_rest_time", c)
+                if l is None
+                else self._get("backward_time", c, l, 2.0)
+            )
         raise ValueError(f"the layer profile has no compute time for {op} (op kind {op.kind.name})")
 
     def epilogue_duration(self, chunk: int) -> float:
@@ -492,7 +541,8 @@ class LayerProfile:
 
     def check_layers(self, layers: Sequence[int]) -> None:
         if tuple(layers) != self.layers:
-            raise ValueError(f"the profile has {list(self.layers)} layers per chunk, the schedule {list(layers)}")
+            raise ValueError(f"the profile has {list(self.layers)} layers per chunk, the schedule "
+                             f"{list(layers)}")
 
 
 EPILOGUE = "E"
@@ -529,7 +579,8 @@ def memory_effect(kind: OpKind | str, chunk: int, layer: int | None, profile: La
     if kind is OpKind.FORWARD:
         if layer is None:
             return p._get("prologue_peak", chunk), 0.0
-        return p._get("forward_peak", chunk, layer, p.layer_bytes[chunk][layer]), p.layer_bytes[chunk][layer]
+        return (p._get("forward_peak", chunk, layer, p.layer_bytes[chunk][layer]),
+                p.layer_bytes[chunk][layer])
     if kind is OpKind.BACKWARD:
         if layer is None:
             return p._get("backward_rest_peak", chunk), 0.0
@@ -555,8 +606,10 @@ class LinkModel:
     """Ranks 2i and 2i+1 share one lane pair (GPUs behind one PCIe switch)."""
 
     def __post_init__(self) -> None:
-        if not self.d2h_bytes_per_time > 0 or (self.h2d_bytes_per_time is not None and not self.h2d_bytes_per_time > 0):
-            raise ValueError(f"link bandwidths must be > 0 (got {self.d2h_bytes_per_time}, {self.h2d_bytes_per_time})")
+        if not self.d2h_bytes_per_time > 0 or (self.h2d_bytes_per_time is not None
+                                               and not self.h2d_bytes_per_time > 0):
+            raise ValueError(f"link bandwidths must be > 0 (got {self.d2h_bytes_per_time}, "
+                             f"{self.h2d_bytes_per_time})")
         if self.latency < 0:
             raise ValueError(f"link latency {self.latency} must be >= 0")
 
@@ -579,7 +632,11 @@ def forward_ends(ops: Sequence[Op]) -> set[int]:
     for index, op in enumerate(ops):
         if op.layer is not None and op.kind is OpKind.FORWARD:
             following = ops[index + 1] if index + 1 < len(ops) else None
-            if following is not None and following.kind is OpKind.OFFLOAD and following.sub_unit == op.sub_unit:
+            if (
+                following is not None
+                and following.kind is OpKind.OFFLOAD
+                and following.sub_unit == op.sub_unit
+            ):
                 index += 1
             ends[op.unit] = index
     return set(ends.values())
@@ -655,9 +712,11 @@ def reload_distances_for_link(
             epilogue[len(starts) - 1] = profile.epilogue_duration(op.chunk)
             t += epilogue[len(starts) - 1]
     if timing is not None:
-        pairs = [(begin, end) for op, begin, end in zip(timing.ops, timing.start, timing.end) if op.is_compute]
+        pairs = [(begin, end) for op, begin, end in zip(timing.ops, timing.start, timing.end)
+                 if op.is_compute]
         if len(pairs) != len(starts):
-            raise ValueError(f"timing has {len(pairs)} compute entries, the order {len(starts)}: not the same rank's order")
+            raise ValueError(f"timing has {len(pairs)} compute entries, the order {len(starts)}: "
+                             "not the same rank's order")
         starts = [begin for begin, _ in pairs]
         finishes = [end for _, end in pairs]
     # The D2H lane, FIFO in list order.
@@ -669,7 +728,9 @@ def reload_distances_for_link(
             issue = finishes[after - 1] if after else 0.0
             if op.layer is None:
                 issue += epilogue.get(after - 1, 0.0)
-            free = max(issue, free) + link.d2h_time(profile.sub_unit_bytes(op.chunk, op.layer, op.microbatch))
+            free = max(issue, free) + link.d2h_time(
+                profile.sub_unit_bytes(op.chunk, op.layer, op.microbatch)
+            )
             offload_end[op.sub_unit] = free
     distances: dict[SubUnitKey, int] = {}
     later_start = math.inf  # the ALAP start of the next reload on the H2D lane
@@ -691,7 +752,8 @@ def reload_distances_for_link(
     return distances
 
 
-def runtime_rank_ops(order: Sequence[Op], offload: set[UnitKey], prefetch_distance: int = 1) -> list[Op]:
+def runtime_rank_ops(order: Sequence[Op], offload: set[UnitKey],
+                     prefetch_distance: int = 1) -> list[Op]:
     """One rank's ops with offload/reload inserted where the runtime issues them.
 
     The runtime (``runtime/offloader.py``) starts a unit's offload right after its forward and
@@ -701,4 +763,5 @@ def runtime_rank_ops(order: Sequence[Op], offload: set[UnitKey], prefetch_distan
     same rule as data (:func:`expand_rank` with no layers), so the simulator
     and the renderer score the schedule that runs.
     """
-    return expand_rank(order, 0, streamed=offload, offloaded=offload, reload_distance=prefetch_distance)
+    return expand_rank(order, 0, streamed=offload, offloaded=offload,
+                       reload_distance=prefetch_distance)

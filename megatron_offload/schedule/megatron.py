@@ -37,7 +37,8 @@ def group_table(microbatches: int, vpp: int, group_size: int) -> list[tuple[int,
     return table
 
 
-def warmup_then_alternate(table: list[tuple[int, int]], vpp: int, warmup: int, ops: dict | None = None) -> list[Op]:
+def warmup_then_alternate(table: list[tuple[int, int]], vpp: int, warmup: int,
+                          ops: dict | None = None) -> list[Op]:
     """The walk all three schedules share: ``warmup`` forwards, then forward k + warmup
     followed by backward k, then the remaining backwards. Backward k mirrors forward k's
     chunk (v - 1 - c) on the same microbatch. ``ops`` interns Op objects across ranks."""
@@ -74,52 +75,67 @@ def check_pipeline_shape(pp: int, vpp: int, microbatches: int) -> None:
         raise ValueError(f"--microbatches {microbatches} must be >= 1")
 
 
-def check_megatron_args(kind: str, pp: int, vpp: int, microbatches: int, group_size: int | None) -> int:
+def check_megatron_args(kind: str, pp: int, vpp: int, microbatches: int,
+                        group_size: int | None) -> int:
     """Refuse what Megatron-Core 0.16.1 refuses (plus what cannot be a pipeline at all), naming
     the flag and the fix. Returns the group size in effect (Megatron's default g = p)."""
     check_pipeline_shape(pp, vpp, microbatches)
     if kind == "1f1b":
         if vpp != 1:
-            raise ValueError(f"--schedule 1f1b runs one model chunk per rank but --vpp is {vpp}; use --vpp 1, or --schedule interleaved / gis for {vpp} chunks")
+            raise ValueError(f"--schedule 1f1b runs one model chunk per rank but --vpp is {vpp}; "
+                             f"use --vpp 1, or --schedule interleaved / gis for {vpp} chunks")
         return 1 if group_size is None else group_size
     if kind != "interleaved":
-        raise ValueError(f"--schedule {kind!r} is not a Megatron schedule; choose 1f1b or interleaved")
+        raise ValueError(
+            f"--schedule {kind!r} is not a Megatron schedule; choose 1f1b or interleaved")
     if pp < 2:
-        raise ValueError("--schedule interleaved needs --pp >= 2 (with one rank Megatron runs no pipeline schedule); raise --pp or use --schedule gis")
+        raise ValueError("--schedule interleaved needs --pp >= 2 (with one rank Megatron runs no "
+                         "pipeline schedule); raise --pp or use --schedule gis")
     group = pp if group_size is None else group_size
     if not pp <= group <= microbatches:
         if microbatches < pp:
-            raise ValueError(f"--schedule interleaved needs --microbatches >= --pp ({microbatches} < {pp}); raise --microbatches to at least {pp}, or use --schedule gis")
-        raise ValueError(f"--group-size {group} must lie in [--pp, --microbatches] = [{pp}, {microbatches}] for Megatron's interleaved schedule; pick a value in that range, or use --schedule gis for g < p")
+            raise ValueError(f"--schedule interleaved needs --microbatches >= --pp ({microbatches} "
+                             f"< {pp}); raise --microbatches to at least {pp}, or use --schedule "
+                             "gis")
+        raise ValueError(f"--group-size {group} must lie in [--pp, --microbatches] = [{pp}, "
+                         f"{microbatches}] for Megatron's interleaved schedule; pick a value in "
+                         "that range, or use --schedule gis for g < p")
     remainder = microbatches % group
     if 0 < remainder < pp:
         raise ValueError(
-            f"--microbatches {microbatches} leaves a last group of {remainder} < --pp {pp} microbatches with --group-size {group}, "
-            f"which Megatron refuses; use --microbatches {microbatches - remainder} or {microbatches - remainder + group}, or another --group-size"
+            f"--microbatches {microbatches} leaves a last group of {remainder} < --pp {pp} "
+            f"microbatches with --group-size {group}, which Megatron refuses; use --microbatches "
+            f"{microbatches - remainder} or {microbatches - remainder + group}, or another "
+            "--group-size"
         )
     return group
 
 
-def megatron_warmup(kind: str, pp: int, rank: int, vpp: int, microbatches: int, group_size: int) -> int:
+def megatron_warmup(kind: str, pp: int, rank: int, vpp: int, microbatches: int,
+                    group_size: int) -> int:
     """Warm-up forwards on ``rank``: Megatron's ``get_pp_rank_microbatches`` (capped at m v)."""
     if kind == "1f1b":
         return min(pp - rank - 1, microbatches)
     return min(2 * (pp - rank - 1) + (vpp - 1) * group_size, microbatches * vpp)
 
 
-def megatron_order(kind: MegatronKind, pp: int, rank: int, vpp: int, microbatches: int, group_size: int | None = None, *, _ops: dict | None = None) -> list[Op]:
+def megatron_order(kind: MegatronKind, pp: int, rank: int, vpp: int, microbatches: int,
+                   group_size: int | None = None, *, _ops: dict | None = None) -> list[Op]:
     """The op order Megatron-Core 0.16.1 runs on pipeline rank ``rank`` (the runtime checks
     its order against this). ``kind``: ``1f1b`` (vpp must be 1) or ``interleaved``."""
     group = check_megatron_args(kind, pp, vpp, microbatches, group_size)
     if not 0 <= rank < pp:
         raise ValueError(f"rank {rank} is outside 0..{pp - 1}")
     table = group_table(microbatches, vpp, microbatches if kind == "1f1b" else group)
-    return warmup_then_alternate(table, vpp, megatron_warmup(kind, pp, rank, vpp, microbatches, group), _ops)
+    return warmup_then_alternate(table, vpp,
+                                 megatron_warmup(kind, pp, rank, vpp, microbatches, group), _ops)
 
 
-def megatron_schedule(kind: MegatronKind, pp: int, vpp: int, microbatches: int, group_size: int | None = None) -> Schedule:
+def megatron_schedule(kind: MegatronKind, pp: int, vpp: int, microbatches: int,
+                      group_size: int | None = None) -> Schedule:
     """All ranks of :func:`megatron_order` as one :class:`Schedule`."""
     group = check_megatron_args(kind, pp, vpp, microbatches, group_size)
     ops: dict = {}
-    ranks = tuple(tuple(megatron_order(kind, pp, r, vpp, microbatches, group, _ops=ops)) for r in range(pp))
+    ranks = tuple(tuple(megatron_order(kind, pp, r, vpp, microbatches, group, _ops=ops))
+                  for r in range(pp))
     return Schedule(ranks, vpp, microbatches, kind, None if kind == "1f1b" else group)

@@ -34,7 +34,8 @@ def _peak(times: list[np.ndarray], deltas: list[np.ndarray]) -> float:
     return float(max(0.0, level.max(initial=0.0)))
 
 
-def byte_peaks(sim: Simulation, total: Sequence[Sequence[float]], moved: Sequence[Sequence[float]] | None = None) -> tuple[list[float], list[float]]:
+def byte_peaks(sim: Simulation, total: Sequence[Sequence[float]],
+               moved: Sequence[Sequence[float]] | None = None) -> tuple[list[float], list[float]]:
     """Per rank, the peak device bytes and the peak host bytes of ``sim``'s schedule.
 
     ``total[r][c]``: bytes of one unit of model chunk ``c`` on rank ``r``; ``moved[r][c]``:

@@ -12,8 +12,8 @@ Method (pipeoffload.md sections 2-3):
 3. Take the rest longest-lifespan first (on a tie, earlier forward first) and keep each unit
    whose copies can still be hidden together with the units already kept: offloads run on the
    D2H lane in forward order right after their forward; reloads run just in time on the H2D
-   lane in backward order and must end before their backward starts (no stall). A unit that does not fit is
-   skipped and the next one tried, so the pass degrades gracefully to partial offload and
+   lane in backward order and must end before their backward starts (no stall). A unit that does not
+   fit is skipped and the next one tried, so the pass degrades gracefully to partial offload and
    always returns a schedule. After ``MAX_SKIPS_PER_LINK`` misfits on one link it stops trying
    (bounds the work when the link is far too slow).
 4. With a memory target, keep only the shortest prefix of that order that meets it.
@@ -22,9 +22,9 @@ Method (pipeoffload.md sections 2-3):
 
 Copies that abut exactly (a reload starting when the previous one or its offload ends) count
 as hidden, as the simulator runs them with no stall; only float rounding (at most _EPS x the
-makespan) may overlap. Because every kept unit's copies are hidden, compute times do not change: offload never
-lowers makespan (it stays equal under this model) and never raises any rank's peak (each
-unit is resident for a subset of the time it was before).
+makespan) may overlap. Because every kept unit's copies are hidden, compute times do not change:
+offload never lowers makespan (it stays equal under this model) and never raises any rank's peak
+(each unit is resident for a subset of the time it was before).
 The feasibility check is vectorised with numpy: a FIFO lane's completion times are a running
 maximum over prefix sums, so checking a set of n units costs O(n) in C, not Python. The search
 (:func:`_greedy`) only runs where misfits can happen: reload intervals that overlap no other
@@ -47,9 +47,10 @@ from .kinds import KIND_B, KIND_F, KIND_O, KIND_R, OpKind
 from .simulate import Simulation, gc_paused, simulate
 
 MAX_SKIPS_PER_LINK = 64
-_EPS = 1e-9  # relative tolerance: copies that abut exactly (or overlap by float rounding only) count as
-# hidden; a gap of _EPS was once required, which refused exact fits the simulator hides with no stall
-# (issue 8: the pass then kept fewer units than the simple rule at the same makespan)
+# relative tolerance: copies that abut exactly (or overlap by float rounding only) count as
+# hidden; a gap of _EPS was once required, which refused exact fits the simulator hides with no
+# stall (issue 8: the pass then kept fewer units than the simple rule at the same makespan)
+_EPS = 1e-9
 
 
 @dataclass(kw_only=True, slots=True)
@@ -98,7 +99,8 @@ def _rank_units(baseline: Simulation, rank: int) -> _Units:
 
 
 def _fifo_end(ready: np.ndarray, duration: np.ndarray) -> np.ndarray:
-    """Completion times of jobs run in this order on one FIFO lane: e_i = max(a_i, e_{i-1}) + d_i."""
+    """Completion times of jobs run in this order on one FIFO lane:
+    e_i = max(a_i, e_{i-1}) + d_i."""
     total = np.cumsum(duration)
     return total + np.maximum.accumulate(ready - (total - duration))
 
@@ -126,7 +128,9 @@ class _Link:
         reload_start = self.deadline - self.h2d
         starts = reload_start[b_order]
         previous_end = np.concatenate(([-np.inf], self.deadline[b_order][:-1]))
-        if np.any(starts < off_end[b_order] + self.slack) or np.any(starts < previous_end + self.slack):
+        if np.any(starts < off_end[b_order] + self.slack) or np.any(
+            starts < previous_end + self.slack
+        ):
             return None
         return off_end, reload_start
 
@@ -148,7 +152,8 @@ def plan_offload(
     one per rank; ranks sharing a link aim at the lower of their targets).
     """
     if schedule.has_offload:
-        raise ValueError("plan_offload takes a schedule without offload ops; use schedule.without_offload()")
+        raise ValueError(
+            "plan_offload takes a schedule without offload ops; use schedule.without_offload()")
     if chunks is not None and not 0 <= chunks <= schedule.vpp:
         raise ValueError(f"--offload-chunks {chunks} must lie in 0..--vpp ({schedule.vpp})")
     if chunks is not None and units is not None:
@@ -156,7 +161,8 @@ def plan_offload(
     if memory_target is not None:
         targets = [memory_target] if isinstance(memory_target, int) else list(memory_target)
         if not isinstance(memory_target, int) and len(targets) != schedule.pp:
-            raise ValueError(f"memory target has {len(targets)} values for {schedule.pp} ranks; give one or one per rank")
+            raise ValueError(f"memory target has {len(targets)} values for {schedule.pp} ranks; "
+                             "give one or one per rank")
         if any(t < 0 for t in targets):
             raise ValueError(f"memory target {memory_target} units must be >= 0")
     with gc_paused():
@@ -166,7 +172,9 @@ def plan_offload(
         # The pass estimates each link on its own; the simulator (a shared link's lanes serve
         # copies in event order) can peak higher. Aim lower on the ranks that missed, until
         # each meets its target or offloads all it can.
-        wanted = [memory_target] * schedule.pp if isinstance(memory_target, int) else list(memory_target)
+        wanted = (
+            [memory_target] * schedule.pp if isinstance(memory_target, int) else list(memory_target)
+        )
         aim = list(wanted)
         best = None
         while True:
@@ -209,7 +217,8 @@ def _plan_offload(schedule, costs, chunks, units, memory_target, baseline) -> Of
         rank_ids, unit_ids = [], []
         for r in ranks:
             lifespan = info[r].b_start - info[r].f_end
-            fits = lifespan > d2h_of + h2d_of  # exceeds the round trip (the link check then allows exact fits)
+            # exceeds the round trip (the link check then allows exact fits)
+            fits = lifespan > d2h_of + h2d_of
             short_lived[r] = int(np.count_nonzero(wanted[r] & ~fits))
             chosen_units = np.flatnonzero(wanted[r] & fits)
             rank_ids.append(np.full(len(chosen_units), r))
@@ -218,8 +227,16 @@ def _plan_offload(schedule, costs, chunks, units, memory_target, baseline) -> Of
         unit_of = np.concatenate(unit_ids)
         if len(unit_of) == 0:
             continue
-        f_end = np.array([info[r].f_end[u] for r, u in zip(rank_of, unit_of)]) if len(ranks) > 1 else info[ranks[0]].f_end[unit_of]
-        b_start = np.array([info[r].b_start[u] for r, u in zip(rank_of, unit_of)]) if len(ranks) > 1 else info[ranks[0]].b_start[unit_of]
+        f_end = (
+            np.array([info[r].f_end[u] for r, u in zip(rank_of, unit_of)])
+            if len(ranks) > 1
+            else info[ranks[0]].f_end[unit_of]
+        )
+        b_start = (
+            np.array([info[r].b_start[u] for r, u in zip(rank_of, unit_of)])
+            if len(ranks) > 1
+            else info[ranks[0]].b_start[unit_of]
+        )
         check = _Link(f_end, b_start, d2h_of[unit_of], h2d_of[unit_of], baseline.makespan)
         # Longest lifespan first; ties: earlier forward, then lower rank (lexsort: last key first).
         priority = np.lexsort((rank_of, f_end, -(b_start - f_end)))
@@ -228,7 +245,11 @@ def _plan_offload(schedule, costs, chunks, units, memory_target, baseline) -> Of
             chosen = _greedy_by_full_checks(check, priority)
         kept = priority[chosen[priority]]  # in priority order
         if memory_target is not None:
-            target = memory_target if isinstance(memory_target, int) else min(memory_target[r] for r in ranks)
+            target = (
+                memory_target
+                if isinstance(memory_target, int)
+                else min(memory_target[r] for r in ranks)
+            )
             kept = _meet_target(check, kept, rank_of, unit_of, info, target, d2h_of, h2d_of)
         mask = np.zeros(len(unit_of), dtype=bool)
         mask[kept] = True
@@ -250,8 +271,10 @@ def _plan_offload(schedule, costs, chunks, units, memory_target, baseline) -> Of
     result = Schedule(tuple(ops for ops, _ in rows), vpp, m, schedule.kind, schedule.group_size)
     result.with_program([codes for _, codes in rows])
     if baseline.schedule is schedule and baseline.costs == costs:
-        object.__setattr__(result, "_compute_timing", baseline)  # lets simulate() reuse the compute times
-    return OffloadPlan(schedule=result, baseline=baseline, offloaded=offloaded, short_lived=short_lived, link_bound=link_bound)
+        # lets simulate() reuse the compute times
+        object.__setattr__(result, "_compute_timing", baseline)
+    return OffloadPlan(schedule=result, baseline=baseline, offloaded=offloaded,
+                       short_lived=short_lived, link_bound=link_bound)
 
 
 def _greedy_by_full_checks(check: _Link, priority: np.ndarray) -> np.ndarray:
@@ -351,7 +374,8 @@ def _greedy(check: _Link, priority: np.ndarray) -> np.ndarray:
     kept_ends: list[float] = []
     kept_starts: list[float] = []
     crowded = candidates[~alone[candidates]]
-    for i, begin, end in zip(crowded.tolist(), starts[crowded].tolist(), check.deadline[crowded].tolist()):
+    for i, begin, end in zip(crowded.tolist(), starts[crowded].tolist(),
+                             check.deadline[crowded].tolist()):
         at = bisect.bisect_right(kept_ends, end)
         if at > 0 and kept_ends[at - 1] > begin - slack:
             continue
@@ -368,7 +392,8 @@ def _greedy(check: _Link, priority: np.ndarray) -> np.ndarray:
     opens = np.ones(len(jobs), dtype=bool)
     opens[1:] = ready[1:] >= end[:-1]
     stretch = np.cumsum(opens) - 1
-    unsafe = np.bincount(stretch, weights=limit < end + slack, minlength=stretch[-1] + 1 if len(jobs) else 0) > 0
+    unsafe = np.bincount(stretch, weights=limit < end + slack,
+                         minlength=stretch[-1] + 1 if len(jobs) else 0) > 0
     risky = unsafe[stretch]
     place = np.full(n, len(order), dtype=np.int64)  # index in `order` (priority) per candidate
     place[order] = np.arange(len(order))
@@ -430,11 +455,14 @@ def _meet_target(check, kept, rank_of, unit_of, info, target, d2h_of, h2d_of) ->
             here = mask & (rank_of == r)
             u = unit_of[here]
             reserve = np.concatenate((info[r].f_start, latest[here]))
-            release = np.concatenate((info[r].b_end[np.setdiff1d(np.arange(len(info[r].b_end)), u)], off_end[here], info[r].b_end[u]))
+            release = np.concatenate((info[r].b_end[np.setdiff1d(np.arange(len(info[r].b_end)), u)],
+                                      off_end[here], info[r].b_end[u]))
             # Offloaded units leave at their offload end and come back for [reload, B end].
             release_sorted = np.sort(release)
             reserve_sorted = np.sort(reserve)
-            level = np.arange(1, len(reserve_sorted) + 1) - np.searchsorted(release_sorted, reserve_sorted, side="right")
+            level = np.arange(1, len(reserve_sorted) + 1) - np.searchsorted(
+                release_sorted, reserve_sorted, side="right"
+            )
             worst = max(worst, int(level.max(initial=0)))
         return worst
 
@@ -455,7 +483,9 @@ def _ops_by_code(vpp: int, m: int) -> list[Op]:
     return [Op(kind, chunk, mb) for kind in OpKind for chunk in range(vpp) for mb in range(m)]
 
 
-def _insert_copies(schedule: Schedule, rank: int, offloaded: list[tuple[int, int]], reload_at: tuple | None, ops_by_code: list[Op]) -> tuple[tuple[Op, ...], list[int]]:
+def _insert_copies(schedule: Schedule, rank: int, offloaded: list[tuple[int, int]],
+                   reload_at: tuple | None,
+                   ops_by_code: list[Op]) -> tuple[tuple[Op, ...], list[int]]:
     """The rank's ops and codes with O right after each chosen forward and the R ops before
     their steps, in backward order (keeps the H2D lane FIFO in the order reloads are needed).
 
@@ -482,7 +512,8 @@ def _insert_copies(schedule: Schedule, rank: int, offloaded: list[tuple[int, int
     return tuple(map(ops_by_code.__getitem__, new_codes)), new_codes
 
 
-def simple_rule_offload(schedule: Schedule, costs: CostModel, *, chunks: int | None = None, baseline: Simulation | None = None) -> OffloadPlan:
+def simple_rule_offload(schedule: Schedule, costs: CostModel, *, chunks: int | None = None,
+                        baseline: Simulation | None = None) -> OffloadPlan:
     """The simple rule the selective pass must never lose to (issue 8): offload every unit of a
     model chunk ``< chunks`` (all chunks when None) whose lifespan without offload (end of its
     forward to start of its backward, in ``simulate(schedule, costs)``) exceeds two transfer
@@ -497,7 +528,8 @@ def simple_rule_offload(schedule: Schedule, costs: CostModel, *, chunks: int | N
     ``link_bound`` is therefore all zeros: the rule never skips a unit for the link.
     """
     if schedule.has_offload:
-        raise ValueError("simple_rule_offload takes a schedule without offload ops; use schedule.without_offload()")
+        raise ValueError("simple_rule_offload takes a schedule without offload ops; use "
+                         "schedule.without_offload()")
     if chunks is not None and not 0 <= chunks <= schedule.vpp:
         raise ValueError(f"--offload-chunks {chunks} must lie in 0..--vpp ({schedule.vpp})")
     with gc_paused():
@@ -521,4 +553,5 @@ def simple_rule_offload(schedule: Schedule, costs: CostModel, *, chunks: int | N
             rows.append(_insert_copies(schedule, r, offloaded[r], reload_at, ops_by_code))
         result = Schedule(tuple(ops for ops, _ in rows), vpp, m, schedule.kind, schedule.group_size)
         result.with_program([codes for _, codes in rows])
-    return OffloadPlan(schedule=result, baseline=baseline, offloaded=offloaded, short_lived=short_lived, link_bound=[0] * pp)
+    return OffloadPlan(schedule=result, baseline=baseline, offloaded=offloaded,
+                       short_lived=short_lived, link_bound=[0] * pp)

@@ -111,7 +111,8 @@ def _dry_run(rows: list[list], pp: int, vpp: int) -> list[list[float]]:
                 progress = True
     stuck = {r: position[r] for r in range(pp) if position[r] < len(rows[r])}
     if stuck:
-        shown = Schedule(tuple(tuple(row) for row in rows), vpp, max(1, max((op.microbatch for row in rows for op in row), default=0) + 1))
+        shown = Schedule(tuple(tuple(row) for row in rows), vpp,
+                         max(1, max((op.microbatch for row in rows for op in row), default=0) + 1))
         raise ScheduleError(
             "deadlock: every unfinished rank waits for an input that is never sent (marked: "
             f"where each rank waits)\n{format_grid(shown, stuck)}"
@@ -145,14 +146,16 @@ def build_plan(schedule: Schedule, *, forward_only: bool = False) -> P2PPlan:
             source = producer(rank, op.kind, op.chunk, pp, vpp)
             if source is not None:
                 if (source[0], op.kind.value, source[1], op.microbatch) not in produced:
-                    raise ScheduleError(f"rank {rank} step {step}: {op} needs an input nobody produces")
+                    raise ScheduleError(
+                        f"rank {rank} step {step}: {op} needs an input nobody produces")
                 receives[rank][step] = (source[0], (op.kind.value, op.chunk, op.microbatch))
     step_of = [{value: step for step, value in receives[rank].items()} for rank in range(pp)]
     pair_order = {}
     queues: list[dict] = [{} for _ in range(pp)]
     for key, items in pairs.items():
         items.sort(key=lambda item: item[:3])
-        pair_order[key] = tuple((sender, receiver, message) for _, sender, _, receiver, message in items)
+        pair_order[key] = tuple((sender, receiver, message)
+                                for _, sender, _, receiver, message in items)
         for rank in key:
             posts = []
             for _, sender, sender_step, receiver, message in items:
@@ -163,7 +166,8 @@ def build_plan(schedule: Schedule, *, forward_only: bool = False) -> P2PPlan:
             queues[rank][key[1] if rank == key[0] else key[0]] = tuple(posts)
     plan = P2PPlan(
         pp=pp, vpp=vpp, microbatches=schedule.microbatches,
-        ranks=tuple(RankPlan(r, tuple(rows[r]), queues[r], receives[r], sends[r]) for r in range(pp)),
+        ranks=tuple(RankPlan(r, tuple(rows[r]), queues[r], receives[r], sends[r])
+                    for r in range(pp)),
         pair_order=pair_order,
     )
     check_plan(plan)
@@ -182,7 +186,7 @@ def check_plan(plan: P2PPlan) -> None:
                     last_send_step = max(last_send_step, post.step)
                 elif post.step <= last_send_step:
                     raise ScheduleError(
-                        f"p2p plan: rank {rank_plan.rank} must post a send to rank {peer} produced at "
-                        f"compute step {last_send_step} before receiving {post.message} needed at step "
-                        f"{post.step}; the pair order cannot be followed"
+                        f"p2p plan: rank {rank_plan.rank} must post a send to rank {peer} produced "
+                        f"at compute step {last_send_step} before receiving {post.message} needed "
+                        f"at step {post.step}; the pair order cannot be followed"
                     )

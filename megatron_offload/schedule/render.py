@@ -9,7 +9,8 @@ from __future__ import annotations
 from .kinds import KIND_B, KIND_F, KIND_O, KIND_R
 from .simulate import Simulation
 
-_ASCII_HELP = "a-z: forward of chunk 0, 1, ...; A-Z: backward; '.' idle; '>' offload (D2H), '<' reload (H2D)"
+_ASCII_HELP = ("a-z: forward of chunk 0, 1, ...; A-Z: backward; '.' idle; '>' offload (D2H), "
+               "'<' reload (H2D)")
 
 
 def _describe(sim: Simulation) -> str:
@@ -25,7 +26,8 @@ def render_ascii(sim: Simulation, width: int = 100) -> str:
     m = schedule.microbatches
     scale = sim.makespan / width if sim.makespan else 1.0
     offloads = bool(sim.offloaded_units)
-    lines = [f"{_describe(sim)}: makespan {sim.makespan:g}, bubble {sim.bubble_ratio:.1%}, peak units per rank {sim.peak_units}"]
+    lines = [f"{_describe(sim)}: makespan {sim.makespan:g}, bubble {sim.bubble_ratio:.1%}, peak "
+             f"units per rank {sim.peak_units}"]
     for rank in range(schedule.pp):
         rows = {kind: ["."] * width for kind in ("compute", "d2h", "h2d")}
         for code, begin, end in zip(schedule.program()[rank], sim.start[rank], sim.end[rank]):
@@ -58,7 +60,8 @@ def render_figure(sim: Simulation, path: str, *, title: str | None = None) -> No
         import matplotlib.pyplot as plt
         from matplotlib.patches import Patch
     except ImportError as error:  # pragma: no cover - depends on the environment
-        raise RuntimeError("drawing a timeline needs matplotlib: pip install 'megatron-offload[viz]'") from error
+        raise RuntimeError(
+            "drawing a timeline needs matplotlib: pip install 'megatron-offload[viz]'") from error
 
     schedule = sim.schedule
     pp, vpp, m = schedule.pp, schedule.vpp, schedule.microbatches
@@ -69,11 +72,13 @@ def render_figure(sim: Simulation, path: str, *, title: str | None = None) -> No
     rows = pp * lanes_per_rank
     height = min(2.0 + 0.45 * rows + 2.2, 40)
     figure, (timeline, memory) = plt.subplots(
-        2, 1, figsize=(14, height), sharex=True, gridspec_kw={"height_ratios": [max(rows * 0.45, 1.5), 2.2]}
+        2, 1, figsize=(14, height), sharex=True,
+        gridspec_kw={"height_ratios": [max(rows * 0.45, 1.5), 2.2]}
     )
     pixels_per_time = 14 * 72 / max(sim.makespan, 1e-9)  # rough, for deciding where labels fit
     labels = pixels_per_time * min(
-        min(sim.costs.forward(c) for c in range(vpp)), min(sim.costs.backward(c) for c in range(vpp))
+        min(sim.costs.forward(c) for c in range(vpp)),
+        min(sim.costs.backward(c) for c in range(vpp))
     ) > 9 and pp * units <= 4000
     ticks, tick_labels = [], []
     for rank in range(pp):
@@ -93,34 +98,39 @@ def render_figure(sim: Simulation, path: str, *, title: str | None = None) -> No
                 y, h = (base + 0.55, 0.4) if kind == KIND_O else (base + 1.05, 0.4)
             bars.setdefault((kind, chunk, y, h), []).append((begin, end - begin))
             if labels and kind in (KIND_F, KIND_B):
-                timeline.text(begin + (end - begin) / 2, base, str(mb), ha="center", va="center", fontsize=6,
-                              color="black" if kind == KIND_F else "white")
+                timeline.text(begin + (end - begin) / 2, base, str(mb), ha="center", va="center",
+                              fontsize=6, color="black" if kind == KIND_F else "white")
         for (kind, chunk, y, h), spans in bars.items():
             color = palette(chunk % 10)
             alpha = {KIND_F: 0.45, KIND_B: 1.0, KIND_O: 0.7, KIND_R: 0.7}[kind]
             hatch = {KIND_O: "////", KIND_R: "\\\\\\\\"}.get(kind)
-            timeline.broken_barh(spans, (y, h), facecolors=color, alpha=alpha, edgecolor="white" if kind < KIND_O else color,
+            timeline.broken_barh(spans, (y, h), facecolors=color, alpha=alpha,
+                                 edgecolor="white" if kind < KIND_O else color,
                                  linewidth=0.3, hatch=hatch)
     timeline.set_yticks(ticks, tick_labels, fontsize=8)
     last = (pp - 1) * lanes_per_rank
     timeline.set_ylim(last + (1.6 if offloads else 0.6), -0.6)
     for rank in range(1, pp):  # a faint line between ranks
-        timeline.axhline(rank * lanes_per_rank - (0.5 if not offloads else 0.9), color="grey", linewidth=0.4, alpha=0.5)
+        timeline.axhline(rank * lanes_per_rank - (0.5 if not offloads else 0.9), color="grey",
+                         linewidth=0.4, alpha=0.5)
     timeline.grid(axis="x", alpha=0.3)
     legend = []
     for chunk in range(vpp):
-        legend.append(Patch(facecolor=palette(chunk % 10), alpha=0.45, label=f"chunk {chunk} forward"))
+        legend.append(Patch(facecolor=palette(chunk % 10), alpha=0.45,
+                            label=f"chunk {chunk} forward"))
         legend.append(Patch(facecolor=palette(chunk % 10), label=f"chunk {chunk} backward"))
     if offloads:
         legend.append(Patch(facecolor="grey", alpha=0.7, hatch="////", label="offload (D2H)"))
         legend.append(Patch(facecolor="grey", alpha=0.7, hatch="\\\\\\\\", label="reload (H2D)"))
-    timeline.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+    timeline.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8,
+                    frameon=False)
     summary = (
         f"makespan {sim.makespan:g}, bubble {sim.bubble_ratio:.1%}, peak units (rank 0 / max) "
         f"{sim.peak_units[0]} / {max(sim.peak_units)}"
     )
     if offloads:
-        summary += f", offloaded {sim.offloaded_fraction:.0%} (k={sim.costs.offload_ratio:g}), slowdown {sim.slowdown:.1%}"
+        summary += (f", offloaded {sim.offloaded_fraction:.0%} (k={sim.costs.offload_ratio:g}), "
+                    f"slowdown {sim.slowdown:.1%}")
     timeline.set_title(title or f"{_describe(sim)}: {summary}", fontsize=10, loc="left")
 
     cmap = plt.get_cmap("viridis")
@@ -129,7 +139,8 @@ def render_figure(sim: Simulation, path: str, *, title: str | None = None) -> No
         times = [t for t, _ in curve] + [sim.makespan]
         levels = [level for _, level in curve] + [curve[-1][1]]
         memory.step(times, levels, where="post", color=cmap(rank / max(pp - 1, 1)), linewidth=1.4,
-                    label=f"rank {rank} (peak {sim.peak_units[rank]})" if pp <= 8 or rank in (0, pp - 1) else None)
+                    label=(f"rank {rank} (peak {sim.peak_units[rank]})"
+                           if pp <= 8 or rank in (0, pp - 1) else None))
     save_with_memory_axis(figure, memory, "resident units", path)
 
 

@@ -75,7 +75,8 @@ class Simulation:
     offloaded_units: int
     no_offload_makespan: float
     """Makespan of the same compute order without offload (equal to makespan when none)."""
-    _reserve: list = field(repr=False, default_factory=list)  # per rank, sorted (list or numpy array)
+    # per rank, sorted (list or numpy array)
+    _reserve: list = field(repr=False, default_factory=list)
     _release: list = field(repr=False, default_factory=list)
 
     @property
@@ -179,7 +180,8 @@ def gc_paused():
             gc.enable()
 
 
-def simulate(schedule: Schedule, costs: CostModel | None = None, *, no_offload_makespan: float | None = None) -> Simulation:
+def simulate(schedule: Schedule, costs: CostModel | None = None, *,
+             no_offload_makespan: float | None = None) -> Simulation:
     """Simulate ``schedule``; raises ScheduleError if it deadlocks (validate first for the grid).
 
     With offload ops, the same order is also simulated without them for ``slowdown``, unless
@@ -190,7 +192,8 @@ def simulate(schedule: Schedule, costs: CostModel | None = None, *, no_offload_m
         return _simulate(schedule, costs, no_offload_makespan)
 
 
-def _simulate(schedule: Schedule, costs: CostModel, no_offload_makespan: float | None) -> Simulation:
+def _simulate(schedule: Schedule, costs: CostModel,
+              no_offload_makespan: float | None) -> Simulation:
     private = not (costs.shared_link and schedule.pp > 1)
     run = _run_private if private else _run_general
     hint = schedule._compute_timing
@@ -212,7 +215,8 @@ def _run_general(schedule: Schedule, costs: CostModel) -> Simulation:
     pp, vpp, m = schedule.pp, schedule.vpp, schedule.microbatches
     units = vpp * m
     program = schedule.program()
-    duration = [costs.time(kind, unit // m) for kind in OpKind for unit in range(units)]  # by op code
+    # by op code
+    duration = [costs.time(kind, unit // m) for kind in OpKind for unit in range(units)]
     kind_of = [code // units for code in range(KIND_COUNT * units)]
     roles, sources = _ROLE, _SOURCE
     latency = costs.p2p_latency
@@ -242,7 +246,8 @@ def _run_general(schedule: Schedule, costs: CostModel) -> Simulation:
         lat_before = latency if pp > 1 else 0.0
         t, work = clock[rank], busy[rank]
         my_start, my_end = starts[rank], ends[rank]
-        my_offload, my_issue, my_reload_step = offload_end[rank], reload_issue[rank], reload_step[rank]
+        my_offload, my_issue, my_reload_step = (offload_end[rank], reload_issue[rank],
+                                                reload_step[rank])
         lane = costs.link_of(rank)
         begin, count = step, len(codes)
         while step < count:
@@ -269,7 +274,8 @@ def _run_general(schedule: Schedule, costs: CostModel) -> Simulation:
                         arrived += lat_before
                         if arrived > ready:
                             ready = arrived
-                if role == _COMPUTE_RESIDENT and my_issue[unit] >= 0:  # offloaded: reload so that it ends as `ready`
+                if role == _COMPUTE_RESIDENT and my_issue[unit] >= 0:
+                    # offloaded: reload so that it ends as `ready`
                     copy = duration[codes[my_reload_step[unit]]]  # its H2D copy's time
                     begin_copy = ready - copy
                     for bound in (my_issue[unit], my_offload[unit]):
@@ -300,7 +306,9 @@ def _run_general(schedule: Schedule, costs: CostModel) -> Simulation:
                 my_end.append(finish)
                 step += 1
                 continue
-            else:  # H2D: issued now; timed when an op needing its unit resident is reached (just in time)
+            else:
+                # H2D: issued now; timed when an op needing its unit resident is reached
+                # (just in time)
                 my_issue[unit] = t
                 my_reload_step[unit] = len(my_start)
                 my_start.append(t)
@@ -314,7 +322,12 @@ def _run_general(schedule: Schedule, costs: CostModel) -> Simulation:
         position[rank], clock[rank], busy[rank] = step, t, work
         if step != begin:
             for other in {rank - 1, rank + 1, 0, last}:
-                if 0 <= other < pp and other != rank and position[other] < len(program[other]) and other not in pending:
+                if (
+                    0 <= other < pp
+                    and other != rank
+                    and position[other] < len(program[other])
+                    and other not in pending
+                ):
                     pending.append(other)
     if any(position[r] < len(program[r]) for r in range(pp)):
         validate_schedule(schedule)  # raises with the grid
@@ -361,7 +374,8 @@ def _run_private(schedule: Schedule, costs: CostModel) -> Simulation:
     per_chunk = lambda cost: np.array([cost(c) for c in range(vpp)], dtype=float)  # noqa: E731
     chunk_of = np.arange(units) // m
     # Duration by op code (every kind of every unit).
-    duration_of = np.concatenate([per_chunk(lambda c, kind=kind: costs.time(kind, c))[chunk_of] for kind in OpKind])
+    duration_of = np.concatenate([per_chunk(lambda c, kind=kind: costs.time(kind, c))[chunk_of]
+                                  for kind in OpKind])
     latency = costs.p2p_latency if pp > 1 else 0.0
     width = slot_width(units)
     sentinel = pp * width
@@ -375,8 +389,8 @@ def _run_private(schedule: Schedule, costs: CostModel) -> Simulation:
         dep = input_slots(codes, rank, pp, units, m, sentinel)
         compute = kind < FIRST_COPY_CODE
         plans.append((
-            _ROLES[kind].tolist(), unit.tolist(), dep.tolist(), (rank * width + codes).tolist(), duration_of[codes].tolist(),
-            bool(np.any(~compute)), duration_of[codes[compute]], kind,
+            _ROLES[kind].tolist(), unit.tolist(), dep.tolist(), (rank * width + codes).tolist(),
+            duration_of[codes].tolist(), bool(np.any(~compute)), duration_of[codes[compute]], kind,
         ))
     starts: list[list[float]] = [[] for _ in range(pp)]
     ends: list[list[float]] = [[] for _ in range(pp)]
@@ -391,7 +405,8 @@ def _run_private(schedule: Schedule, costs: CostModel) -> Simulation:
     # schedules ranks advance a step or two at a time, so needless wake-ups would dominate.
     waiting = [sentinel] * pp
     queued = bytearray([1]) * pp
-    neighbours = [tuple(sorted({rank - 1, rank + 1, 0, last} - {rank, -1, pp})) for rank in range(pp)]
+    neighbours = [tuple(sorted({rank - 1, rank + 1, 0, last} - {rank, -1, pp}))
+                  for rank in range(pp)]
     pending = list(range(pp))
     while pending:
         rank = pending.pop()
@@ -414,7 +429,8 @@ def _run_private(schedule: Schedule, costs: CostModel) -> Simulation:
             else:
                 step = count
         else:
-            my_offload, my_issue, my_reload_step = offload_end[rank], reload_issue[rank], reload_step[rank]
+            my_offload, my_issue, my_reload_step = (offload_end[rank], reload_issue[rank],
+                                                    reload_step[rank])
             d2h_lane, h2d_lane = d2h_free[rank], h2d_free[rank]
             for step in range(begin, count):
                 role = roles[step]
@@ -427,7 +443,8 @@ def _run_private(schedule: Schedule, costs: CostModel) -> Simulation:
                         unit = unit_of[step]
                         issue = my_issue[unit]
                         if issue >= 0:  # offloaded: reload so that it ends at `ready`
-                            my_issue[unit] = -1.0  # timed by the unit's first op needing it resident
+                            # timed by the unit's first op needing it resident
+                            my_issue[unit] = -1.0
                             at = my_reload_step[unit]
                             copy = dur[at]  # its H2D copy's time
                             begin_copy = ready - copy
@@ -466,14 +483,19 @@ def _run_private(schedule: Schedule, costs: CostModel) -> Simulation:
             waiting[rank] = dep[step]
         if step != begin:
             for other in neighbours[rank]:
-                if not queued[other] and position[other] < lengths[other] and arrival[waiting[other]] is not None:
+                if (
+                    not queued[other]
+                    and position[other] < lengths[other]
+                    and arrival[waiting[other]] is not None
+                ):
                     queued[other] = 1
                     pending.append(other)
     if any(position[r] < lengths[r] for r in range(pp)):
         validate_schedule(schedule)  # raises with the grid
         raise AssertionError("simulation stalled on a schedule that validates")  # pragma: no cover
     kinds = [plan[7] for plan in plans]
-    busy = [float(np.add.accumulate(plan[6])[-1]) if len(plan[6]) else 0.0 for plan in plans]  # a running sum, as the general engine
+    # a running sum, as the general engine
+    busy = [float(np.add.accumulate(plan[6])[-1]) if len(plan[6]) else 0.0 for plan in plans]
     return _result(schedule, costs, starts, ends, kinds, busy)
 
 
@@ -484,13 +506,15 @@ def _result(schedule, costs, starts, ends, kinds, busy) -> Simulation:
     makespan = 0.0
     for rank in range(schedule.pp):
         kind = kinds[rank]
-        begin_times, end_times = np.asarray(starts[rank], dtype=float), np.asarray(ends[rank], dtype=float)
+        begin_times, end_times = (np.asarray(starts[rank], dtype=float),
+                                  np.asarray(ends[rank], dtype=float))
         res = np.sort(begin_times[_ALLOCATES[kind]])
         rel = np.sort(end_times[_FREES[kind]])
         offloaded += int(np.count_nonzero(_IS_D2H[kind]))
         reserve.append(res)
         release.append(rel)
-        # After the i-th reservation (0-based) at time t: i + 1 - (releases at or before t) resident.
+        # After the i-th reservation (0-based) at time t: i + 1 -
+        # (releases at or before t) resident.
         level = np.arange(1, len(res) + 1) - np.searchsorted(rel, res, side="right")
         peaks.append(max(0, int(level.max(initial=0))))
         if len(end_times):
@@ -532,7 +556,9 @@ def _run_hinted(schedule: Schedule, costs: CostModel, base: Simulation) -> Simul
         unit = codes - kind * units
         compute = kind < FIRST_COPY_CODE
         base_codes = np.asarray(base_program[rank], dtype=np.int64).reshape(-1)
-        if np.count_nonzero(compute) != len(base_codes) or not np.array_equal(codes[compute], base_codes):
+        if np.count_nonzero(compute) != len(base_codes) or not np.array_equal(
+            codes[compute], base_codes
+        ):
             return None
         steps = np.arange(len(codes))
         o_steps, r_steps = steps[kind == KIND_O], steps[kind == KIND_R]
@@ -541,10 +567,12 @@ def _run_hinted(schedule: Schedule, costs: CostModel, base: Simulation) -> Simul
         b_step_of[unit[kind == KIND_B]] = steps[kind == KIND_B]
         o_step_of = np.full(units, -1, dtype=np.int64)
         o_step_of[o_units] = o_steps
-        if (np.bincount(o_units, minlength=units).max(initial=0) > 1 or np.bincount(r_units, minlength=units).max(initial=0) > 1
+        if (np.bincount(o_units, minlength=units).max(initial=0) > 1
+                or np.bincount(r_units, minlength=units).max(initial=0) > 1
                 or np.any(b_step_of[r_units] < r_steps) or np.any(b_step_of[o_units] < o_steps)):
             return None
-        base_start, base_end = np.asarray(base.start[rank], dtype=float), np.asarray(base.end[rank], dtype=float)
+        base_start, base_end = (np.asarray(base.start[rank], dtype=float),
+                                np.asarray(base.end[rank], dtype=float))
         start, end = np.empty(len(codes)), np.empty(len(codes))
         start[compute], end[compute] = base_start, base_end
         # The clock at each step: end of the last compute op before it (0.0 before the first).
@@ -566,10 +594,13 @@ def _run_hinted(schedule: Schedule, costs: CostModel, base: Simulation) -> Simul
         # Reloads: in backward order, just in time, after issue, offload and the previous reload.
         order = np.argsort(b_step_of[r_units], kind="stable")
         due_units = r_units[order]
-        due = base_start[np.cumsum(compute)[b_step_of[due_units]] - 1]  # the backward's start in base
+        # the backward's start in base
+        due = base_start[np.cumsum(compute)[b_step_of[due_units]] - 1]
         free = 0.0
         r_start = []
-        for ready, copy, issued, offloaded in zip(due.tolist(), h2d[due_units].tolist(), issue[order].tolist(), offload_end[due_units].tolist()):
+        for ready, copy, issued, offloaded in zip(due.tolist(), h2d[due_units].tolist(),
+                                                  issue[order].tolist(),
+                                                  offload_end[due_units].tolist()):
             begin = ready - copy
             if issued > begin:
                 begin = issued

@@ -23,11 +23,15 @@ from .kinds import FIRST_COPY_CODE, KIND_BY_CODE, Flow, OpKind, unit_life
 # _ALLOWED[previous][kind]: may an op of kind code `kind` be its unit's next op after one of
 # kind code `previous` (_NOTHING: the unit's first op)? From the table's `after` column.
 _NOTHING = len(OpKind)
-_ALLOWED = [[before.value in kind.after for kind in OpKind] for before in OpKind] + [[not kind.after for kind in OpKind]]
+_ALLOWED = ([[before.value in kind.after for kind in OpKind] for before in OpKind]
+            + [[not kind.after for kind in OpKind]])
 _CLOSES = [kind.closes for kind in OpKind] + [False]
 _OPENING = " or ".join(kind.word for kind in OpKind if not kind.after)
 _CLOSING = " or ".join(kind.word for kind in OpKind if kind.closes)
-_REQUIRED = " and ".join([kind.value for kind in OpKind if not kind.after] + [kind.value for kind in OpKind if kind.closes])
+_REQUIRED = " and ".join(
+    [kind.value for kind in OpKind if not kind.after]
+    + [kind.value for kind in OpKind if kind.closes]
+)
 _SENDING = tuple(kind for kind in OpKind if kind.sends is not None)
 
 
@@ -51,7 +55,9 @@ def _check_structure(schedule: Schedule) -> None:
     for rank, ops in enumerate(schedule.ranks):
         for step, op in enumerate(ops):
             if not (0 <= op.chunk < vpp and 0 <= op.microbatch < m):
-                _fail(schedule, {rank: step}, f"rank {rank} step {step}: {op} is outside chunks 0..{vpp - 1} / microbatches 0..{m - 1}")
+                _fail(schedule, {rank: step},
+                      f"rank {rank} step {step}: {op} is outside chunks 0..{vpp - 1} / "
+                      f"microbatches 0..{m - 1}")
         last = [_NOTHING] * units  # code of the last op kind seen per unit
         where = [0] * units
         for step, code in enumerate(schedule.program()[rank]):
@@ -59,13 +65,18 @@ def _check_structure(schedule: Schedule) -> None:
             previous = last[unit]
             if not allowed[previous][kind]:
                 before = "nothing" if previous == _NOTHING else KIND_BY_CODE[previous].word
-                _fail(schedule, {rank: step}, f"rank {rank} step {step}: {ops[step]} ({KIND_BY_CODE[kind].word}) follows {before} of its unit; {unit_life()}")
+                _fail(schedule, {rank: step},
+                      f"rank {rank} step {step}: {ops[step]} ({KIND_BY_CODE[kind].word}) follows "
+                      f"{before} of its unit; {unit_life()}")
             last[unit], where[unit] = kind, step
         for unit, kind in enumerate(last):
             if not closes[kind]:
                 chunk, mb = divmod(unit, m)
                 mark = {rank: where[unit]} if kind != _NOTHING else {}
-                _fail(schedule, mark, f"rank {rank}: unit (chunk {chunk}, microbatch {mb}) never gets its {_OPENING if kind == _NOTHING else _CLOSING}; every rank runs {_REQUIRED} of all {units} units")
+                _fail(schedule, mark,
+                      f"rank {rank}: unit (chunk {chunk}, microbatch {mb}) never gets its "
+                      f"{_OPENING if kind == _NOTHING else _CLOSING}; every rank runs {_REQUIRED} "
+                      f"of all {units} units")
 
 
 def _check_channel_order(schedule: Schedule) -> None:
@@ -76,7 +87,8 @@ def _check_channel_order(schedule: Schedule) -> None:
     program = schedule.program()
     # Per kind that sends, each rank's codes of that kind in list order: the messages it sends
     # along the kind's flow, and (as their producers' codes) the ones it receives.
-    sent = {kind: _codes_between(program, kind.code * units, (kind.code + 1) * units) for kind in _SENDING}
+    sent = {kind: _codes_between(program, kind.code * units, (kind.code + 1) * units)
+            for kind in _SENDING}
     # (sender, receiver, kind, codes as sent, producer codes as consumed, consumer - producer code)
     channels = []
     for rank in range(pp - 1):
@@ -91,13 +103,16 @@ def _check_channel_order(schedule: Schedule) -> None:
         lo, hi = kind.code * units, (kind.code + 1) * units
         first, last = sent[kind][0], sent[kind][pp - 1]
         if kind.sends is Flow.DOWNSTREAM:
-            channels.append((pp - 1, 0, kind, [c for c in last if c < hi - m], [c - m for c in first if c >= lo + m], m))
+            channels.append((pp - 1, 0, kind, [c for c in last if c < hi - m],
+                             [c - m for c in first if c >= lo + m], m))
         else:
-            channels.append((0, pp - 1, kind, [c for c in first if c >= lo + m], [c + m for c in last if c < hi - m], -m))
+            channels.append((0, pp - 1, kind, [c for c in first if c >= lo + m],
+                             [c + m for c in last if c < hi - m], -m))
     for sender, receiver, kind, sent_codes, consumed, shift in channels:
         if sent_codes == consumed:
             continue
-        index = next((i for i, (x, y) in enumerate(zip(sent_codes, consumed)) if x != y), min(len(sent_codes), len(consumed)))
+        index = next((i for i, (x, y) in enumerate(zip(sent_codes, consumed)) if x != y),
+                     min(len(sent_codes), len(consumed)))
         message = sent_codes[index] if index < len(sent_codes) else None
         wanted = consumed[index] if index < len(consumed) else None
         marks = {}
@@ -108,10 +123,10 @@ def _check_channel_order(schedule: Schedule) -> None:
         _fail(
             schedule,
             marks,
-            f"p2p order mismatch on rank {sender} -> rank {receiver} ({kind.sends.payload}s), message #{index}: "
-            f"rank {sender} sends the output of {_describe(message, units, m)} but rank {receiver} "
-            f"expects that of {_describe(wanted, units, m)}; messages are matched in posting order, "
-            "so both ranks must walk this channel in the same unit order",
+            f"p2p order mismatch on rank {sender} -> rank {receiver} ({kind.sends.payload}s), "
+            f"message #{index}: rank {sender} sends the output of {_describe(message, units, m)} "
+            f"but rank {receiver} expects that of {_describe(wanted, units, m)}; messages are "
+            "matched in posting order, so both ranks must walk this channel in the same unit order",
         )
 
 
@@ -130,7 +145,9 @@ def _describe(code: int | None, units: int, m: int) -> str:
 def _check_progress(schedule: Schedule) -> None:
     stuck = find_deadlock(schedule)
     if stuck:
-        _fail(schedule, stuck, "deadlock: every unfinished rank waits for an input that is never sent (marked: where each rank waits)")
+        _fail(schedule, stuck,
+              "deadlock: every unfinished rank waits for an input that is never sent (marked: "
+              "where each rank waits)")
 
 
 def slot_width(units: int) -> int:
@@ -200,7 +217,8 @@ def find_deadlock(schedule: Schedule) -> dict[int, int]:
     position = [0] * pp
     waiting = [always] * pp
     queued = bytearray([1]) * pp
-    neighbours = [tuple(sorted({rank - 1, rank + 1, 0, last} - {rank, -1, pp})) for rank in range(pp)]
+    neighbours = [tuple(sorted({rank - 1, rank + 1, 0, last} - {rank, -1, pp}))
+                  for rank in range(pp)]
     pending = list(range(pp))
     while pending:
         rank = pending.pop()

@@ -33,6 +33,7 @@ def test_a_kind_without_a_handler_is_refused_by_name():
                              no_sync_func=None, grad_sync_func=None)
     with pytest.raises(NotImplementedError, match=r"no handler for op kind\(s\) OFFLOAD \('O'\)"):
         run_rank(schedule=schedule, plan=plan, rank=0, forward_step_func=never, data_iterator=None,
-                 model=[torch.nn.Linear(2, 2)], num_microbatches=1, config=config, pp_group=_Group(),
+                 model=[torch.nn.Linear(2, 2)], num_microbatches=1, config=config,
+                 pp_group=_Group(),
                  tensor_shape=(1, 2), forward_step=never, backward_step=never, call_by_name=never)
     assert calls == []

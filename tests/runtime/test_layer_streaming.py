@@ -15,7 +15,9 @@ from megatron_offload.config import OffloadConfig
 from megatron_offload.integration.layers import hook_layers
 from megatron_offload.planning.policy import runtime_plan, units_to_offload
 from megatron_offload.runtime.offloader import (
-    ActivationOffloader, ScheduleMismatchError, iteration,
+    ActivationOffloader,
+    ScheduleMismatchError,
+    iteration,
 )
 from megatron_offload.runtime.store import UnitState
 from megatron_offload.runtime.transfer import CpuTransferBackend
@@ -48,7 +50,8 @@ class Chunk(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.pre = torch.nn.Parameter(torch.randn(HIDDEN, HIDDEN, generator=torch.Generator().manual_seed(7)))
+        self.pre = torch.nn.Parameter(torch.randn(HIDDEN, HIDDEN,
+                                                  generator=torch.Generator().manual_seed(7)))
         self.layers = torch.nn.ModuleList(Block(seed) for seed in range(LAYERS))
 
     def forward(self, x):
@@ -63,13 +66,19 @@ def order_of(text: str) -> list[Op]:
 
 
 def offloader_for(backend=None, **config):
-    config = dict(policy="full", granularity="layer", min_offload_bytes=0, measure_memory=True) | config
-    return ActivationOffloader(OffloadConfig(**config), backend or CpuTransferBackend(), device_type="cpu")
+    config = dict(policy="full", granularity="layer", min_offload_bytes=0,
+                  measure_memory=True) | config
+    return ActivationOffloader(OffloadConfig(**config), backend or CpuTransferBackend(),
+                               device_type="cpu")
 
 
 def inputs_for(order):
-    return {op.microbatch: torch.randn(TOKENS, HIDDEN, generator=torch.Generator().manual_seed(100 + op.microbatch))
-            for op in order}
+    return {
+        op.microbatch: torch.randn(
+            TOKENS, HIDDEN, generator=torch.Generator().manual_seed(100 + op.microbatch)
+        )
+        for op in order
+    }
 
 
 def reference(chunk, order):
@@ -98,7 +107,8 @@ def drive(offloader, chunk, order, *, plan=None, fail_at=None):
             mb = op.microbatch
             if op.kind.value == "F":
                 if fail_at == op:
-                    chunk.layers[1].probe = lambda layer: (_ for _ in ()).throw(RuntimeError("fault in layer 1"))
+                    chunk.layers[1].probe = lambda layer: (_ for _ in ()).throw(
+                        RuntimeError("fault in layer 1"))
                 outs[mb] = offloader.run_forward((0, mb), [xs[mb]], lambda mb=mb: (chunk(xs[mb]),))
             else:
                 key = offloader.unit_for_output(outs[mb][0])
@@ -199,8 +209,10 @@ def test_a_list_that_does_not_match_the_layers_is_an_error(chunk):
     offloader = offloader_for()
     hook_layers(offloader, chunk.layers)
     offload = units_to_offload(order, offloader.config)
-    four_layers = runtime_plan(order, offload, offloader.config, LAYERS + 1, synchronous_copies=True)
-    with pytest.raises(ScheduleMismatchError, match=r"forward of unit \(0, 0\) ended before 0F0.3 ran"):
+    four_layers = runtime_plan(order, offload, offloader.config, LAYERS + 1,
+                               synchronous_copies=True)
+    with pytest.raises(ScheduleMismatchError,
+                       match=r"forward of unit \(0, 0\) ended before 0F0.3 ran"):
         drive(offloader, chunk, order, plan=four_layers)
     assert offloader.holds_no_tensors()
 
@@ -240,5 +252,6 @@ def test_true_peak_stays_near_one_layer_per_step(chunk):
         del grads
         peaks[granularity] = meter.peak_bytes - floor
         if granularity == "layer":
-            layer = max(nbytes for text, nbytes, *_ in offloader.iteration_stats[-1].copies if "." in text)
+            layer = max(nbytes for text, nbytes, *_ in offloader.iteration_stats[-1].copies
+                        if "." in text)
     assert peaks["layer"] <= 2.5 * layer < peaks["unit"]

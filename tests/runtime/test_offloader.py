@@ -139,9 +139,11 @@ def test_schedule_keeps_a_reference_yet_bytes_are_freed():
     offloader.begin_iteration(order, {(0, 0)})
     out = offloader.run_forward((0, 0), [held], lambda: (model(held).sum(),))
     assert held.untyped_storage().nbytes() == 0  # the schedule's tensor lost its bytes
-    outs = [offloader.run_forward((0, 1), [None], lambda: (model(torch.randn(TOKENS, HIDDEN)).sum(),))]
+    outs = [offloader.run_forward((0, 1), [None],
+                                  lambda: (model(torch.randn(TOKENS, HIDDEN)).sum(),))]
     assert held.untyped_storage().nbytes() == 0  # still out while F1 runs
-    outs.append(offloader.run_forward((0, 2), [None], lambda: (model(torch.randn(TOKENS, HIDDEN)).sum(),)))
+    outs.append(offloader.run_forward((0, 2), [None],
+                                      lambda: (model(torch.randn(TOKENS, HIDDEN)).sum(),)))
     assert held.untyped_storage().nbytes() == TOKENS * HIDDEN * 4  # prefetched back in place
     for o in [out] + outs:
         offloader.run_backward(offloader.unit_for_output(o[0]), lambda o=o: o[0].backward())
@@ -159,7 +161,8 @@ def test_a_reload_right_after_its_offload_is_not_issued():
     offloader.begin_iteration(order, {(0, 0)})
     out = offloader.run_forward((0, 0), [held], lambda: (model(held).sum(),))
     assert held.untyped_storage().nbytes() == TOKENS * HIDDEN * 4
-    out1 = offloader.run_forward((0, 1), [None], lambda: (model(torch.randn(TOKENS, HIDDEN)).sum(),))
+    out1 = offloader.run_forward((0, 1), [None],
+                                 lambda: (model(torch.randn(TOKENS, HIDDEN)).sum(),))
     for o in (out, out1):
         offloader.run_backward(offloader.unit_for_output(o[0]), lambda o=o: o[0].backward())
     stats = offloader.end_iteration()
@@ -247,7 +250,8 @@ def test_runtime_schedule_is_valid_ir_with_copies_where_the_runtime_makes_them()
     assert " ".join(map(str, ops)) == (
         "0F0 0O0 0F1 0O1 0R0 0F2 0O2 0B0 0R1 0F3 0O3 0R2 0B1 0R3 0B2 0B3"
     )
-    schedule = runtime_schedule(megatron_schedule("interleaved", 4, 2, 8), OffloadConfig(policy="full"))
+    schedule = runtime_schedule(megatron_schedule("interleaved", 4, 2, 8),
+                                OffloadConfig(policy="full"))
     validate_schedule(schedule)
     assert schedule.offloaded_units(0) and not schedule.offloaded_units(3) - {
         (0, mb) for mb in range(8)

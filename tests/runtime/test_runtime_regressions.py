@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from megatron_offload.config import OffloadConfig
-from megatron_offload.releases import call_by_name
 from megatron_offload.planning.policy import units_to_offload
-from megatron_offload.schedule.layers import runtime_rank_ops
+from megatron_offload.releases import call_by_name
 from megatron_offload.runtime.offloader import ActivationOffloader, iteration
 from megatron_offload.runtime.transfer import CpuTransferBackend
 from megatron_offload.schedule.ir import Op
+from megatron_offload.schedule.layers import runtime_rank_ops
 
 from _async_backend import FakeAsyncBackend
 
@@ -44,10 +44,16 @@ ALL_FORWARD_FIRST = order_of("0F0 0F1 0F2 0B0 0B1 0B2")
 
 def drive(offloader, order, forward, *, inputs=None, offload=None):
     """Run ``order`` once: ``forward(mb, x)`` returns a scalar; returns the inputs' grads."""
-    inputs = inputs if inputs is not None else {
-        op.microbatch: torch.randn(TOKENS, HIDDEN, generator=torch.Generator().manual_seed(op.microbatch)).requires_grad_(True)
-        for op in order
-    }
+    inputs = (
+        inputs
+        if inputs is not None
+        else {
+            op.microbatch: torch.randn(
+                TOKENS, HIDDEN, generator=torch.Generator().manual_seed(op.microbatch)
+            ).requires_grad_(True)
+            for op in order
+        }
+    )
     outputs = {}
     offload = units_to_offload(order, offloader.config) if offload is None else offload
 
@@ -78,7 +84,9 @@ def reference(order, forward):
     for op in order:
         if op.kind.value == "F":
             mb = op.microbatch
-            x = torch.randn(TOKENS, HIDDEN, generator=torch.Generator().manual_seed(mb)).requires_grad_(True)
+            x = torch.randn(
+                TOKENS, HIDDEN, generator=torch.Generator().manual_seed(mb)
+            ).requires_grad_(True)
             forward(mb, x).backward()
             grads[mb] = x.grad
     return grads
@@ -103,7 +111,8 @@ def fused_wgrad_kernel(monkeypatch):
 
 
 def _fused_param():
-    weight = torch.nn.Parameter(torch.randn(HIDDEN, HIDDEN, generator=torch.Generator().manual_seed(7)))
+    weight = torch.nn.Parameter(torch.randn(HIDDEN, HIDDEN,
+                                            generator=torch.Generator().manual_seed(7)))
     weight.main_grad = torch.zeros(HIDDEN, HIDDEN)
     weight.grad_added_to_main_grad = False  # what Megatron DDP sets on every parameter
     return weight
@@ -141,6 +150,7 @@ def test_fused_wgrad_accumulation_sees_the_parameter_itself(fused_wgrad_kernel):
 # ---------------------------------------------------- a storage its owner released is not moved
 def test_checkpoint_without_output_releases_a_saved_storage(fused_wgrad_kernel):
     from megatron.core.tensor_parallel.random import CheckpointWithoutOutput
+
     from megatron_offload.testing.cpu_shims import cpu_shims
 
     norm = torch.nn.LayerNorm(HIDDEN)
@@ -308,7 +318,8 @@ def test_an_interrupted_abort_still_resets_the_runtime():
     "order_text",
     [
         "0F0 0F1 0F2 0F3 0B0 0F4 0B1 0F5 0B2 0B3 0B4 0B5",  # 1F1B, warm-up 3
-        "0F0 0F1 0F2 0B0 0F3 0B1 0F4 0B2 0B3 0B4",  # lifespans of 2 ops: reload due while copying out
+        # lifespans of 2 ops: reload due while copying out
+        "0F0 0F1 0F2 0B0 0F3 0B1 0F4 0B2 0B3 0B4",
     ],
 )
 def test_units_are_freed_when_their_copy_is_enqueued(delay_ops, order_text):
@@ -335,7 +346,8 @@ def test_units_are_freed_when_their_copy_is_enqueued(delay_ops, order_text):
         assert all(torch.equal(expected[mb], got[mb]) for mb in expected)
         stats = offloader.iteration_stats[-1]
         offloaded = sum(op.kind.value == "O" for op in runtime_rank_ops(
-            order, units_to_offload(order, offloader.config), offloader.config.unit_prefetch_distance))
+            order, units_to_offload(order, offloader.config),
+            offloader.config.unit_prefetch_distance))
         assert stats.offloaded_units == offloaded == len(freed_right_after_forward) > 0
         assert stats.offloaded_bytes == stats.reloaded_bytes > 0
         assert all(freed_right_after_forward)
@@ -428,14 +440,16 @@ def test_host_pool_is_bounded_when_sequence_length_changes():
     order = order_of("0F0 0F1 0F2 0F3 0B0 0F4 0B1 0F5 0B2 0B3 0B4 0B5")
     weight = torch.randn(HIDDEN, HIDDEN)
     lengths = [512 + 32 * i for i in range(8)]
-    schedule = [lengths[i] for i in torch.randint(0, 8, (100,), generator=torch.Generator().manual_seed(3))]
+    schedule = [lengths[i]
+                for i in torch.randint(0, 8, (100,), generator=torch.Generator().manual_seed(3))]
     schedule[:8] = lengths[::-1]  # every length early, longest first...
     schedule[50] = 1024  # ...and one longer length later on
     seen, capacity_by_iteration, grew_on = set(), [], []
     for it, length in enumerate(schedule):
         inputs = {mb: torch.randn(length, HIDDEN).requires_grad_(True) for mb in range(6)}
         before = offloader.pool.allocations
-        drive(offloader, order, lambda mb, x: torch.nn.functional.gelu(x @ weight).sum(), inputs=inputs)
+        drive(offloader, order, lambda mb, x: torch.nn.functional.gelu(x @ weight).sum(),
+              inputs=inputs)
         stats = offloader.iteration_stats[-1]
         if offloader.pool.allocations != before:
             grew_on.append((it, length))

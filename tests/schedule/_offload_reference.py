@@ -15,8 +15,8 @@ Method (pipeoffload.md sections 2-3):
 3. Take the rest longest-lifespan first (on a tie, earlier forward first) and keep each unit
    whose copies can still be hidden together with the units already kept: offloads run on the
    D2H lane in forward order right after their forward; reloads run just in time on the H2D
-   lane in backward order and must end before their backward starts (no stall). A unit that does not fit is
-   skipped and the next one tried, so the pass degrades gracefully to partial offload and
+   lane in backward order and must end before their backward starts (no stall). A unit that does not
+   fit is skipped and the next one tried, so the pass degrades gracefully to partial offload and
    always returns a schedule. After ``MAX_SKIPS_PER_LINK`` misfits on one link it stops trying
    (bounds the work when the link is far too slow).
 4. With a memory target, keep only the shortest prefix of that order that meets it.
@@ -38,13 +38,14 @@ from typing import Iterable
 import numpy as np
 
 from megatron_offload.schedule.costs import CostModel
-from megatron_offload.schedule.ir import B, F, O, R, Op, Schedule
+from megatron_offload.schedule.ir import B, F, O, Op, R, Schedule
 from megatron_offload.schedule.simulate import Simulation, simulate
 
 MAX_SKIPS_PER_LINK = 64
-_EPS = 1e-9  # relative tolerance: copies that abut exactly (or overlap by float rounding only) count as
-# hidden; a gap of _EPS was once required, which refused exact fits the simulator hides with no stall
-# (issue 8: the pass then kept fewer units than the simple rule at the same makespan)
+# relative tolerance: copies that abut exactly (or overlap by float rounding only) count as
+# hidden; a gap of _EPS was once required, which refused exact fits the simulator hides with no
+# stall (issue 8: the pass then kept fewer units than the simple rule at the same makespan)
+_EPS = 1e-9
 
 
 @dataclass(kw_only=True, slots=True)
@@ -92,7 +93,8 @@ def _rank_units(baseline: Simulation, rank: int) -> _Units:
 
 
 def _fifo_end(ready: np.ndarray, duration: np.ndarray) -> np.ndarray:
-    """Completion times of jobs run in this order on one FIFO lane: e_i = max(a_i, e_{i-1}) + d_i."""
+    """Completion times of jobs run in this order on one FIFO lane:
+    e_i = max(a_i, e_{i-1}) + d_i."""
     total = np.cumsum(duration)
     return total + np.maximum.accumulate(ready - (total - duration))
 
@@ -120,7 +122,9 @@ class _Link:
         reload_start = self.deadline - self.h2d
         starts = reload_start[b_order]
         previous_end = np.concatenate(([-np.inf], self.deadline[b_order][:-1]))
-        if np.any(starts < off_end[b_order] + self.slack) or np.any(starts < previous_end + self.slack):
+        if np.any(starts < off_end[b_order] + self.slack) or np.any(
+            starts < previous_end + self.slack
+        ):
             return None
         return off_end, reload_start
 
@@ -141,7 +145,8 @@ def plan_offload(
     a rank once its simulated peak is at most this many units.
     """
     if schedule.has_offload:
-        raise ValueError("plan_offload takes a schedule without offload ops; use schedule.without_offload()")
+        raise ValueError(
+            "plan_offload takes a schedule without offload ops; use schedule.without_offload()")
     if chunks is not None and not 0 <= chunks <= schedule.vpp:
         raise ValueError(f"--offload-chunks {chunks} must lie in 0..--vpp ({schedule.vpp})")
     if chunks is not None and units is not None:
@@ -172,7 +177,8 @@ def plan_offload(
         rank_ids, unit_ids = [], []
         for r in ranks:
             lifespan = info[r].b_start - info[r].f_end
-            fits = lifespan > d2h_of + h2d_of  # exceeds the round trip (the link check then allows exact fits)
+            # exceeds the round trip (the link check then allows exact fits)
+            fits = lifespan > d2h_of + h2d_of
             short_lived[r] = int(np.count_nonzero(wanted[r] & ~fits))
             chosen_units = np.flatnonzero(wanted[r] & fits)
             rank_ids.append(np.full(len(chosen_units), r))
@@ -181,8 +187,16 @@ def plan_offload(
         unit_of = np.concatenate(unit_ids)
         if len(unit_of) == 0:
             continue
-        f_end = np.array([info[r].f_end[u] for r, u in zip(rank_of, unit_of)]) if len(ranks) > 1 else info[ranks[0]].f_end[unit_of]
-        b_start = np.array([info[r].b_start[u] for r, u in zip(rank_of, unit_of)]) if len(ranks) > 1 else info[ranks[0]].b_start[unit_of]
+        f_end = (
+            np.array([info[r].f_end[u] for r, u in zip(rank_of, unit_of)])
+            if len(ranks) > 1
+            else info[ranks[0]].f_end[unit_of]
+        )
+        b_start = (
+            np.array([info[r].b_start[u] for r, u in zip(rank_of, unit_of)])
+            if len(ranks) > 1
+            else info[ranks[0]].b_start[unit_of]
+        )
         check = _Link(f_end, b_start, d2h_of[unit_of], h2d_of[unit_of], baseline.makespan)
         # Longest lifespan first; ties: earlier forward, then lower rank (lexsort: last key first).
         priority = np.lexsort((rank_of, f_end, -(b_start - f_end)))
@@ -209,7 +223,8 @@ def plan_offload(
     rows = [_insert_copies(schedule, r, offloaded[r], reload_at[r], ops_by_code) for r in range(pp)]
     result = Schedule(tuple(ops for ops, _ in rows), vpp, m, schedule.kind, schedule.group_size)
     result.with_program([codes for _, codes in rows])
-    return OffloadPlan(schedule=result, baseline=baseline, offloaded=offloaded, short_lived=short_lived, link_bound=link_bound)
+    return OffloadPlan(schedule=result, baseline=baseline, offloaded=offloaded,
+                       short_lived=short_lived, link_bound=link_bound)
 
 
 def _greedy(check: _Link, priority: np.ndarray) -> np.ndarray:
@@ -284,11 +299,14 @@ def _meet_target(check, kept, rank_of, unit_of, info, target, d2h_of, h2d_of) ->
             here = mask & (rank_of == r)
             u = unit_of[here]
             reserve = np.concatenate((info[r].f_start, latest[here]))
-            release = np.concatenate((info[r].b_end[np.setdiff1d(np.arange(len(info[r].b_end)), u)], off_end[here], info[r].b_end[u]))
+            release = np.concatenate((info[r].b_end[np.setdiff1d(np.arange(len(info[r].b_end)), u)],
+                                      off_end[here], info[r].b_end[u]))
             # Offloaded units leave at their offload end and come back for [reload, B end].
             release_sorted = np.sort(release)
             reserve_sorted = np.sort(reserve)
-            level = np.arange(1, len(reserve_sorted) + 1) - np.searchsorted(release_sorted, reserve_sorted, side="right")
+            level = np.arange(1, len(reserve_sorted) + 1) - np.searchsorted(
+                release_sorted, reserve_sorted, side="right"
+            )
             worst = max(worst, int(level.max(initial=0)))
         return worst
 
@@ -309,7 +327,9 @@ def _ops_by_code(vpp: int, m: int) -> list[Op]:
     return [make(chunk, mb) for make in (F, B, O, R) for chunk in range(vpp) for mb in range(m)]
 
 
-def _insert_copies(schedule: Schedule, rank: int, offloaded: list[tuple[int, int]], reload_at: tuple | None, ops_by_code: list[Op]) -> tuple[tuple[Op, ...], list[int]]:
+def _insert_copies(schedule: Schedule, rank: int, offloaded: list[tuple[int, int]],
+                   reload_at: tuple | None,
+                   ops_by_code: list[Op]) -> tuple[tuple[Op, ...], list[int]]:
     """The rank's ops and codes with O right after each chosen forward and the R ops before
     their steps, in backward order (keeps the H2D lane FIFO in the order reloads are needed).
 

@@ -43,6 +43,11 @@ def find_deadlock(schedule: Schedule) -> dict[int, int]:
         position[rank] = step
         if step != start:  # only neighbours (and the wrap-around pair) can have been waiting on us
             for other in {rank - 1, rank + 1, 0, last}:
-                if 0 <= other < pp and other != rank and position[other] < len(program[other]) and other not in pending:
+                if (
+                    0 <= other < pp
+                    and other != rank
+                    and position[other] < len(program[other])
+                    and other not in pending
+                ):
                     pending.append(other)
     return {rank: position[rank] for rank in range(pp) if position[rank] < len(program[rank])}

@@ -9,7 +9,8 @@ from megatron_offload.schedule.offload import plan_offload
 from megatron_offload.schedule.simulate import simulate
 from megatron_offload.schedule.validate import validate_schedule
 
-UNIFORM = [CostModel(forward_time=1.0, backward_time=1.0), CostModel(forward_time=1.0, backward_time=2.0)]
+UNIFORM = [CostModel(forward_time=1.0, backward_time=1.0),
+           CostModel(forward_time=1.0, backward_time=2.0)]
 
 
 @pytest.mark.parametrize("costs", UNIFORM)
@@ -26,7 +27,8 @@ def test_interleaved_rank0_peak(costs):
         for vpp in (2, 3, 4):
             for m in (pp, 2 * pp, 3 * pp):
                 for g in sorted({pp, m}):
-                    peak = simulate(make_schedule("interleaved", pp, vpp, m, g), costs).peak_units[0]
+                    peak = simulate(make_schedule("interleaved", pp, vpp, m, g),
+                                    costs).peak_units[0]
                     assert peak == min(2 * (pp - 1) + (vpp - 1) * g + 1, m * vpp), (pp, vpp, m, g)
 
 
@@ -42,7 +44,8 @@ def test_gis_full_group_peak_and_makespan(costs):
                 gis = simulate(make_schedule("gis", pp, vpp, m, pp), costs)
                 assert max(gis.peak_units) <= pp * vpp, (pp, vpp, m)
                 if m % pp == 0 or m % pp >= pp:  # where Megatron accepts g = p
-                    megatron = simulate(make_schedule("interleaved" if vpp > 1 else "1f1b", pp, vpp, m, pp if vpp > 1 else None), costs)
+                    megatron = simulate(make_schedule("interleaved" if vpp > 1 else "1f1b", pp, vpp,
+                                                      m, pp if vpp > 1 else None), costs)
                     assert gis.makespan == megatron.makespan, (pp, vpp, m)
 
 
@@ -70,7 +73,8 @@ def test_gis_half_group_bound_fails_for_five_chunks_odd_pp():
 @pytest.mark.parametrize("kind", ["gis", "interleaved"])
 def test_full_offload_fast_link_keeps_a_few_units(costs, pp, vpp, kind):
     schedule = make_schedule(kind, pp, vpp, 2 * pp, pp)
-    fast = CostModel(forward_time=costs.forward_time, backward_time=costs.backward_time, offload_ratio=0.5)
+    fast = CostModel(forward_time=costs.forward_time, backward_time=costs.backward_time,
+                     offload_ratio=0.5)
     plan = plan_offload(schedule, fast)
     result = simulate(plan.schedule, fast, no_offload_makespan=plan.baseline.makespan)
     assert max(result.peak_units) <= 4, result.peak_units
@@ -82,7 +86,8 @@ def test_full_offload_fast_link_keeps_a_few_units(costs, pp, vpp, kind):
 @pytest.mark.parametrize("k", [0.25, 0.5])
 def test_offloading_chunk0_cuts_more_than_half(costs, pp, k):
     schedule = make_schedule("gis", pp, 2, 2 * pp, math.ceil(pp / 2))
-    link = CostModel(forward_time=costs.forward_time, backward_time=costs.backward_time, offload_ratio=k)
+    link = CostModel(forward_time=costs.forward_time, backward_time=costs.backward_time,
+                     offload_ratio=k)
     plan = plan_offload(schedule, link, chunks=1)
     before = plan.baseline.peak_units[0]
     after = simulate(plan.schedule, link).peak_units[0]
@@ -105,7 +110,8 @@ def test_section_4_table_matched_or_beaten(kind, g):
         costs = CostModel(forward_time=1.0, backward_time=2.0, offload_ratio=k)
         plan = plan_offload(schedule, costs, chunks=chunks)
         result = simulate(plan.schedule, costs)
-        assert result.peak_units[0] <= peak and result.makespan <= makespan, (chunks, k, result.peak_units[0], result.makespan)
+        assert result.peak_units[0] <= peak and result.makespan <= makespan, (
+            chunks, k, result.peak_units[0], result.makespan)
 
 
 def test_every_gis_schedule_validates_small_grid():

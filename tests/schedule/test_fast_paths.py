@@ -16,14 +16,16 @@ from pathlib import Path
 
 import pytest
 
-import _offload_reference as reference
-import _validate_reference
-from megatron_offload.schedule import offload, simulate as sim
+from megatron_offload.schedule import offload
+from megatron_offload.schedule import simulate as sim
 from megatron_offload.schedule.catalog import make_schedule
 from megatron_offload.schedule.costs import CostModel
 from megatron_offload.schedule.ir import Schedule
 from megatron_offload.schedule.megatron import group_table, warmup_then_alternate
 from megatron_offload.schedule.validate import find_deadlock
+
+import _offload_reference as reference
+import _validate_reference
 
 
 def _cases(seed: int, count: int):
@@ -45,7 +47,8 @@ def _cases(seed: int, count: int):
             schedule = make_schedule(kind, pp, vpp, m, g)
         except ValueError:
             continue  # a shape Megatron refuses
-        options = rng.choice([{}, {}, {"chunks": rng.randint(0, vpp)}, {"memory_target": rng.randint(0, 6)}])
+        options = rng.choice([{}, {}, {"chunks": rng.randint(0, vpp)},
+                              {"memory_target": rng.randint(0, 6)}])
         made += 1
         yield schedule, costs, options
 
@@ -62,7 +65,8 @@ def test_offload_pass_matches_the_first_version(monkeypatch, skips):
         monkeypatch.setattr(offload, "MAX_SKIPS_PER_LINK", skips)
         monkeypatch.setattr(reference, "MAX_SKIPS_PER_LINK", skips)
     for schedule, costs, options in _cases(seed=0 if skips is None else 1 + skips, count=120):
-        _same_plan(offload.plan_offload(schedule, costs, **options), reference.plan_offload(schedule, costs, **options))
+        _same_plan(offload.plan_offload(schedule, costs, **options),
+                   reference.plan_offload(schedule, costs, **options))
 
 
 @pytest.mark.parametrize("kind,g", [("gis", 8), ("gis", 4), ("interleaved", 8)])
@@ -116,7 +120,8 @@ def test_dry_run_matches_the_first_version():
     for _ in range(600):
         pp, vpp, m = rng.randint(1, 8), rng.randint(1, 4), rng.randint(1, 16)
         table = group_table(m, vpp, rng.randint(1, m))
-        schedule = Schedule(tuple(tuple(warmup_then_alternate(table, vpp, rng.randint(0, vpp * m))) for _ in range(pp)), vpp, m)
+        schedule = Schedule(tuple(tuple(warmup_then_alternate(table, vpp, rng.randint(0, vpp * m)))
+                                  for _ in range(pp)), vpp, m)
         expected = _validate_reference.find_deadlock(schedule)
         assert find_deadlock(schedule) == expected
         stuck += bool(expected)
@@ -131,10 +136,15 @@ def test_benchmark_code_path_runs_on_a_small_shape(tmp_path, capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "speed.json"
-    bench.main(["--pp", "4", "--vpp", "2", "--microbatches", "8", "--repeat", "1", "--json", str(out)])
+    bench.main(["--pp", "4", "--vpp", "2", "--microbatches", "8", "--repeat", "1", "--json",
+                str(out)])
     rows = json.loads(out.read_text())
-    assert [(r["schedule"], r["offload_ratio"]) for r in rows] == [(s, k) for s in bench.SCHEDULES for k in bench.RATIOS]
+    assert [(r["schedule"], r["offload_ratio"]) for r in rows] == [
+        (s, k) for s in bench.SCHEDULES for k in bench.RATIOS
+    ]
     assert {r["group_size"] for r in rows if r["schedule"] == "gis-half"} == {2}
-    assert all(r["total_s"] >= r["offload_pass_s"] >= 0 and r["makespan"] == r["no_offload_makespan"] for r in rows if r["offload_ratio"] <= 1.0)
+    assert all(r["total_s"] >= r["offload_pass_s"] >= 0
+               and r["makespan"] == r["no_offload_makespan"]
+               for r in rows if r["offload_ratio"] <= 1.0)
     printed = capsys.readouterr().out
     assert printed.count("\n") == 1 + len(rows) and "gis-half" in printed

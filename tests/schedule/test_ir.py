@@ -1,7 +1,8 @@
 import pytest
 
 from megatron_offload.schedule.catalog import make_schedule
-from megatron_offload.schedule.ir import B, F, O, Op, OpKind, R, Schedule, ScheduleError, diff_schedules
+from megatron_offload.schedule.ir import B, F, O, Op, R, Schedule, ScheduleError, diff_schedules
+from megatron_offload.schedule.kinds import OpKind
 from megatron_offload.schedule.validate import validate_schedule
 
 
@@ -11,7 +12,9 @@ def test_op_text_form_unchanged():
     assert [k.value for k in OpKind] == ["F", "B", "O", "R"]
 
 
-@pytest.mark.parametrize("kind,pp,vpp,m,g", [("1f1b", 4, 1, 8, None), ("interleaved", 4, 2, 8, 4), ("gis", 4, 3, 9, 2)])
+@pytest.mark.parametrize("kind,pp,vpp,m,g",
+                         [("1f1b", 4, 1, 8, None), ("interleaved", 4, 2, 8, 4),
+                          ("gis", 4, 3, 9, 2)])
 def test_text_round_trip(kind, pp, vpp, m, g, tmp_path):
     schedule = make_schedule(kind, pp, vpp, m, g)
     assert Schedule.from_text(schedule.to_text()) == schedule
@@ -51,7 +54,8 @@ def test_validation_rejects_reload_without_offload():
 
 
 def test_validation_detects_deadlock_and_marks_waiting_steps():
-    bad = Schedule([[F(0, 0), B(0, 0), F(0, 1), B(0, 1)], [F(0, 0), F(0, 1), B(0, 0), B(0, 1)]], 1, 2)
+    bad = Schedule([[F(0, 0), B(0, 0), F(0, 1), B(0, 1)],
+                    [F(0, 0), F(0, 1), B(0, 0), B(0, 1)]], 1, 2)
     with pytest.raises(ScheduleError, match="deadlock") as error:
         validate_schedule(bad)
     grid = str(error.value)
@@ -59,7 +63,8 @@ def test_validation_detects_deadlock_and_marks_waiting_steps():
 
 
 def test_validation_detects_p2p_order_mismatch():
-    bad = Schedule([[F(0, 1), F(0, 0), B(0, 0), B(0, 1)], [F(0, 0), B(0, 0), F(0, 1), B(0, 1)]], 1, 2)
+    bad = Schedule([[F(0, 1), F(0, 0), B(0, 0), B(0, 1)],
+                    [F(0, 0), B(0, 0), F(0, 1), B(0, 1)]], 1, 2)
     with pytest.raises(ScheduleError, match="p2p order mismatch on rank 0 -> rank 1"):
         validate_schedule(bad)
 

@@ -25,8 +25,10 @@ def test_the_schedule_ir_doc_names_no_outside_documents():
     text = DOC.read_text(encoding="utf-8")
     assert "http://" not in text and "https://" not in text
     root = DOC.parents[1]
-    files = {f.relative_to(root).as_posix() for pattern in ("*.py", "*.md") for f in root.rglob(pattern)}
-    for path in re.findall(r"`([\w/.-]+\.(?:py|md))`", text):  # every file it names is in the repository
+    files = {f.relative_to(root).as_posix() for pattern in ("*.py", "*.md")
+             for f in root.rglob(pattern)}
+    for path in re.findall(r"`([\w/.-]+\.(?:py|md))`", text):
+        # every file it names is in the repository
         assert any(f == path or f.endswith("/" + path) for f in files), path
 
 
@@ -70,7 +72,10 @@ def test_data_flow_follows_the_sends_column():
         for rank in range(pp):
             for chunk in range(vpp):
                 if kind.sends is None:
-                    assert producer(rank, kind, chunk, pp, vpp) is None and consumer(rank, kind, chunk, pp, vpp) is None
+                    assert (
+                        producer(rank, kind, chunk, pp, vpp) is None
+                        and consumer(rank, kind, chunk, pp, vpp) is None
+                    )
                     continue
                 stage = chunk * pp + rank
                 source = producer(rank, kind, chunk, pp, vpp)
@@ -95,11 +100,14 @@ def test_copies_are_never_messages():
     letters = {message[0] for order in plan.pair_order.values() for _, _, message in order}
     assert letters == {kind.value for kind in OpKind if kind.sends is not None}
     assert all(op.kind.compute for row in compute_rows(schedule) for op in row)
-    assert all(op.kind in kinds.FORWARD_PASS_KINDS for row in compute_rows(schedule, forward_only=True) for op in row)
+    assert all(op.kind in kinds.FORWARD_PASS_KINDS
+               for row in compute_rows(schedule, forward_only=True) for op in row)
 
 
 def test_validator_messages_come_from_the_table():
-    with pytest.raises(ScheduleError, match=r"0O0 \(offload\) follows nothing of its unit; each unit runs F first"):
+    with pytest.raises(
+        ScheduleError, match=r"0O0 \(offload\) follows nothing of its unit; each unit runs F first"
+    ):
         validate_schedule(Schedule([[Op(OpKind.OFFLOAD, 0, 0)]], 1, 1))
     with pytest.raises(ScheduleError, match="never gets its backward; every rank runs F and B"):
         validate_schedule(Schedule([[Op(OpKind.FORWARD, 0, 0), Op(OpKind.OFFLOAD, 0, 0)]], 1, 1))
@@ -109,5 +117,6 @@ def test_the_schedule_package_has_no_import_cycle_through_validate():
     import ast
 
     source = (Path(kinds.__file__).parent / "ir.py").read_text(encoding="utf-8")
-    imported = {node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)}
+    imported = {node.module for node in ast.walk(ast.parse(source))
+                if isinstance(node, ast.ImportFrom)}
     assert "validate" not in imported and not hasattr(Schedule, "validate")

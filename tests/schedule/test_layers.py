@@ -6,19 +6,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from megatron_offload.schedule.catalog import make_schedule
-from megatron_offload.schedule.ir import Op, OpKind, ScheduleError
+from megatron_offload.schedule.ir import Op, ScheduleError
+from megatron_offload.schedule.kinds import OpKind
 from megatron_offload.schedule.layer_sim import simulate_layer_schedule, simulate_layers
 from megatron_offload.schedule.layers import (
+    EPILOGUE,
     LayerProfile,
     LayerSchedule,
     LinkModel,
     check_rank,
-    EPILOGUE,
-    forward_ends,
     copies_per_iteration,
     diff_rank_ops,
     expand_rank,
     expand_schedule,
+    forward_ends,
     memory_effect,
     reload_distances_for_link,
     stream_sets,
@@ -43,11 +44,13 @@ def _1f1b_p2_m2():
 # ---- the IR's text form ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text", ["0F3", "0F3.2", "0O3.2", "0R3.2", "0O3", "0R3", "0B3", "0B3.2", "12B7.31"])
+@pytest.mark.parametrize("text", ["0F3", "0F3.2", "0O3.2", "0R3.2", "0O3", "0R3", "0B3", "0B3.2",
+                                  "12B7.31"])
 def test_text_round_trip(text):
     op = Op.parse(text)
     assert str(op) == text and Op.parse(str(op)) == op
-    assert op.unit == (op.chunk, op.microbatch) and op.sub_unit == (op.chunk, op.microbatch, op.layer)
+    assert (op.unit == (op.chunk, op.microbatch)
+            and op.sub_unit == (op.chunk, op.microbatch, op.layer))
 
 
 def test_parse_fields_and_errors():
@@ -61,7 +64,8 @@ def test_parse_fields_and_errors():
 def test_layer_schedule_text_round_trip():
     schedule = make_schedule("interleaved", 2, 2, 4)
     sets = [stream_sets(ops) for ops in schedule.ranks]
-    expanded = expand_schedule(schedule, [2, 3], [s for s, _ in sets], [o for _, o in sets], reload_distance=1)
+    expanded = expand_schedule(schedule, [2, 3], [s for s, _ in sets], [o for _, o in sets],
+                               reload_distance=1)
     assert LayerSchedule.from_text(expanded.to_text()) == expanded
     assert expanded.layers == (2, 3)
 
@@ -105,20 +109,23 @@ def test_last_rank_zero_lifespan_units_l3():
 def test_offloaded_zero_lifespan_unit_keeps_its_rest():
     # Forced to leave entirely, a unit whose backward follows its forward: the rest's copy would
     # come straight back (nothing in between): dropped; the last layer has B(c,m) in between.
-    assert _expand(_1f1b_p2_m2().ranks[1][:2], 2, offloaded={(0, 0)}) == "0F0,0F0.0,0O0.0,0F0.1,0O0.1,0B0,0R0.1,0B0.1,0R0.0,0B0.0"
+    assert _expand(_1f1b_p2_m2().ranks[1][:2], 2, offloaded={(0, 0)}) == (
+        "0F0,0F0.0,0O0.0,0F0.1,0O0.1,0B0,0R0.1,0B0.1,0R0.0,0B0.0")
 
 
 def test_not_streamed_units_are_not_copied():
     rank = _1f1b_p2_m2().ranks[0]
     assert _expand(rank, 2) == "0F0,0F0.0,0F0.1,0F1,0F1.0,0F1.1,0B0,0B0.1,0B0.0,0B1,0B1.1,0B1.0"
     # Only unit (0, 1) streams; it has a lifespan but is not offloaded: layer 0 only.
-    assert _expand(rank, 2, streamed={(0, 1)}) == "0F0,0F0.0,0F0.1,0F1,0F1.0,0O1.0,0F1.1,0B0,0B0.1,0B0.0,0B1,0B1.1,0R1.0,0B1.0"
+    assert _expand(rank, 2, streamed={(0, 1)}) == (
+        "0F0,0F0.0,0F0.1,0F1,0F1.0,0O1.0,0F1.1,0B0,0B0.1,0B0.0,0B1,0B1.1,0R1.0,0B1.0")
 
 
 def test_reload_distance_one():
     rank = _1f1b_p2_m2().ranks[0]
     units = {(0, 0), (0, 1)}
-    # compute positions: F0 0, F0.0 1, F0.1 2, F1 3, F1.0 4, F1.1 5, B0 6, B0.1 7, B0.0 8, B1 9, B1.1 10, B1.0 11
+    # compute positions: F0 0, F0.0 1, F0.1 2, F1 3, F1.0 4, F1.1 5, B0 6, B0.1 7, B0.0 8, B1 9,
+    # B1.1 10, B1.0 11
     assert _expand(rank, 2, streamed=units, offloaded=units, reload_distance=1) == (
         "0F0,0F0.0,0O0.0,0F0.1,0O0.1,0O0,"
         "0F1,0F1.0,0O1.0,0R0,0F1.1,0O1.1,0O1,"
@@ -130,7 +137,8 @@ def test_several_reloads_at_one_point_in_order_of_first_use():
     rank = _1f1b_p2_m2().ranks[0]
     units = {(0, 0), (0, 1)}
     distance = {(0, 0, None): 0, (0, 0, 1): 1, (0, 0, 0): 2}  # all three before B0 (position 6)
-    text = _expand(rank, 2, streamed=units, offloaded=units, reload_distance=lambda sub: distance.get(sub, 0))
+    text = _expand(rank, 2, streamed=units, offloaded=units,
+                   reload_distance=lambda sub: distance.get(sub, 0))
     assert "0O1,0R0,0R0.1,0R0.0,0B0,0B0.1,0B0.0" in text
     # the same with a mapping (default 0)
     assert _expand(rank, 2, streamed=units, offloaded=units, reload_distance=distance) == text
@@ -142,8 +150,10 @@ def test_distance_too_large_drops_the_copy():
     # Unit (0, 0)'s rest: O after compute position 3 (F0, F0.0, F0.1 emitted), use at 6:
     # distance 2 puts R before position 4 (F1.0): one compute entry (F1) in between: kept;
     # distance 3 puts it before position 3 (F1): nothing in between: dropped.
-    kept = expand_rank(rank, 2, streamed=units, offloaded=units, reload_distance=lambda s: 2 if s == (0, 0, None) else 0)
-    dropped = expand_rank(rank, 2, streamed=units, offloaded=units, reload_distance=lambda s: 3 if s == (0, 0, None) else 0)
+    kept = expand_rank(rank, 2, streamed=units, offloaded=units,
+                       reload_distance=lambda s: 2 if s == (0, 0, None) else 0)
+    dropped = expand_rank(rank, 2, streamed=units, offloaded=units,
+                          reload_distance=lambda s: 3 if s == (0, 0, None) else 0)
     assert "0O0,0F1,0R0,0F1.0" in _text(kept)
     names = _text(dropped).split(",")
     assert "0O0" not in names and "0R0" not in names and "0O0.1,0F1," in _text(dropped)
@@ -224,13 +234,17 @@ def test_expansion_properties(case):
         check_rank(ops)  # every O: a compute entry before its R; every R before its first use
         # the compute entries are exactly the unit order, refined
         units = [op for op in ops if op.is_compute and op.layer is None]
-        assert [(op.kind, op.unit) for op in units] == [(op.kind, op.unit) for op in schedule.ranks[rank]]
+        assert [(op.kind, op.unit) for op in units] == [
+            (op.kind, op.unit) for op in schedule.ranks[rank]
+        ]
         computes = sum(1 for op in ops if op.is_compute)
         assert computes == sum(1 + layers[op.chunk] for op in schedule.ranks[rank])
         # copies: at most what the units offer, exactly that at distance 0
-        offer = sum(layers[c] - 1 for (c, m) in streamed[rank] | offloaded[rank] if (c, m) not in offloaded[rank])
+        offer = sum(layers[c] - 1 for (c, m) in streamed[rank] | offloaded[rank]
+                    if (c, m) not in offloaded[rank])
         lifespans = unit_lifespans(schedule.ranks[rank])
-        offer0 = offer + sum(layers[c] + (1 if lifespans[(c, m)] > 0 else 0) for (c, m) in offloaded[rank])
+        offer0 = offer + sum(layers[c] + (1 if lifespans[(c, m)] > 0 else 0)
+                             for (c, m) in offloaded[rank])
         copies = copies_per_iteration(expanded)[rank]
         assert copies == sum(1 for op in ops if op.kind is OpKind.RELOAD)
         if distance == 0:
@@ -252,10 +266,12 @@ def test_expansion_properties(case):
         # the event engine against a plain walk of the memory rule, with random transients
         rng = random.Random(seed + rank)
         rough = LayerProfile(
-            rest_bytes=[rng.randint(0, 9) for _ in layers], layer_bytes=[[rng.randint(0, 9) for _ in range(n)] for n in layers],
+            rest_bytes=[rng.randint(0, 9) for _ in layers],
+            layer_bytes=[[rng.randint(0, 9) for _ in range(n)] for n in layers],
             forward_peak=[[rng.randint(0, 19) for _ in range(n)] for n in layers],
             backward_peak=[[rng.randint(0, 19) for _ in range(n)] for n in layers],
-            prologue_peak=[rng.randint(0, 9) for _ in layers], epilogue_peak=[rng.randint(0, 9) for _ in layers],
+            prologue_peak=[rng.randint(0, 9) for _ in layers],
+            epilogue_peak=[rng.randint(0, 9) for _ in layers],
             backward_rest_peak=[rng.randint(0, 9) for _ in layers], base_bytes=rng.randint(0, 5),
             forward_time=[[rng.choice([0.0, 1.0]) for _ in range(n)] for n in layers],
         )
@@ -321,8 +337,10 @@ def test_bytes_hand_computed_last_rank():
 def test_bytes_hand_computed_everything_out():
     rank = _1f1b_p2_m2().ranks[0]
     streamed, offloaded = stream_sets(rank)
-    sim = simulate_layers(expand_rank(rank, 2, streamed=streamed, offloaded=offloaded), _hand_profile())
-    # forward: at most 23 (F.1 with layer 0 gone); backward: R0 5, B0 11, R0.1 25, B0.1 32 -> 5, R0.0 15, B0.0 22
+    sim = simulate_layers(expand_rank(rank, 2, streamed=streamed, offloaded=offloaded),
+                          _hand_profile())
+    # forward: at most 23 (F.1 with layer 0 gone); backward: R0 5, B0 11, R0.1 25, B0.1 32 -> 5,
+    # R0.0 15, B0.0 22
     assert sim.peak_bytes == 32
     assert sim.copies == 6 and sim.offloaded_bytes == 2 * 35
     # base bytes add to every level
@@ -338,7 +356,11 @@ def test_units_equivalent_matches_unit_peaks_without_streaming():
     expanded = expand_schedule(schedule, 3, [set()] * 4, [set()] * 4)
     profile = LayerProfile.uniform(2, 3, 1.0, 1.0)
     sim = simulate_layer_schedule(expanded, profile)
-    assert [p / profile.unit_bytes(0) for p in sim.peak_bytes] == simulate(schedule).peak_units == [11, 9, 7, 5]
+    assert (
+        [p / profile.unit_bytes(0) for p in sim.peak_bytes]
+        == simulate(schedule).peak_units
+        == [11, 9, 7, 5]
+    )
 
 
 # ---- the link ----------------------------------------------------------------------------------
@@ -351,7 +373,9 @@ def _link_case(bandwidth, *, distance=None):
     profile = LayerProfile.uniform(2, 4, 10.0, 5.0, forward_time=1.0, backward_time=2.0)
     link = LinkModel(d2h_bytes_per_time=bandwidth)
     candidates = expand_rank(rank, 4, streamed=streamed, offloaded=offloaded)
-    distances = reload_distances_for_link(candidates, profile, link) if distance is None else distance
+    distances = (
+        reload_distances_for_link(candidates, profile, link) if distance is None else distance
+    )
     ops = expand_rank(rank, 4, streamed=streamed, offloaded=offloaded, reload_distance=distances)
     return simulate_layers(ops, profile, link), distances
 
@@ -391,15 +415,18 @@ def test_d2h_and_h2d_lanes_are_fifo_and_shared_lanes_slow_down():
     expanded = expand_schedule(schedule, 3, [s for s, _ in sets], [o for _, o in sets], 1)
     profile = LayerProfile.uniform(1, 3, 10.0, 5.0)
     own = simulate_layer_schedule(expanded, profile, LinkModel(d2h_bytes_per_time=8.0))
-    shared = simulate_layer_schedule(expanded, profile, LinkModel(d2h_bytes_per_time=8.0, shared=True))
+    shared = simulate_layer_schedule(expanded, profile,
+                                     LinkModel(d2h_bytes_per_time=8.0, shared=True))
     for sim in own.ranks:
         for kind in (OpKind.OFFLOAD, OpKind.RELOAD):
-            spans = sorted((sim.start[i], sim.end[i]) for i, op in enumerate(sim.ops) if op.kind is kind)
+            spans = sorted((sim.start[i], sim.end[i]) for i, op in enumerate(sim.ops)
+                           if op.kind is kind)
             assert all(a[1] <= b[0] + 1e-9 for a, b in zip(spans, spans[1:]))  # never two at once
     assert shared.makespan >= own.makespan and sum(shared.stall) >= sum(own.stall)
     for kind in (OpKind.OFFLOAD, OpKind.RELOAD):
         # ranks 0 and 1 share one lane per direction: never two copies at once
-        spans = sorted((sim.start[i], sim.end[i]) for sim in shared.ranks for i, op in enumerate(sim.ops) if op.kind is kind)
+        spans = sorted((sim.start[i], sim.end[i]) for sim in shared.ranks
+                       for i, op in enumerate(sim.ops) if op.kind is kind)
         assert all(a[1] <= b[0] + 1e-9 for a, b in zip(spans, spans[1:]))
         # and each rank's copies run in the order it issued them (one stream)
         for sim in shared.ranks:
@@ -414,7 +441,10 @@ def test_pipeline_waits_make_the_makespan_of_the_unit_simulator():
     schedule = make_schedule("interleaved", 4, 2, 8)
     expanded = expand_schedule(schedule, 2, [set()] * 4, [set()] * 4)
     profile = LayerProfile.uniform(2, 2, 1.0, forward_time=0.5, backward_time=1.0)
-    assert simulate_layer_schedule(expanded, profile).makespan == simulate(schedule, CostModel(forward_time=1.0, backward_time=2.0)).makespan
+    assert (
+        simulate_layer_schedule(expanded, profile).makespan
+        == simulate(schedule, CostModel(forward_time=1.0, backward_time=2.0)).makespan
+    )
 
 
 def test_never_imports_torch():
@@ -436,14 +466,21 @@ def test_drop_unhidden_with_pipeline_timing_never_stalls():
     timing = simulate_layer_schedule(candidates, profile)  # synchronous: the compute times only
     results = {}
     for drop in (False, True):
-        distances = [reload_distances_for_link(ops, profile, link, timing=timing.ranks[r], drop_unhidden=drop)
-                     for r, ops in enumerate(candidates.ranks)]
-        results[drop] = simulate_layer_schedule(expand_schedule(schedule, 4, streamed, offloaded, distances), profile, link)
+        distances = [
+            reload_distances_for_link(
+                ops, profile, link, timing=timing.ranks[r], drop_unhidden=drop
+            )
+            for r, ops in enumerate(candidates.ranks)
+        ]
+        results[drop] = simulate_layer_schedule(
+            expand_schedule(schedule, 4, streamed, offloaded, distances), profile, link
+        )
     assert sum(results[False].stall) > 0 and results[False].makespan > timing.makespan
     assert results[True].stall == [0.0] * 4 and results[True].makespan == timing.makespan
     assert sum(results[True].copies) < sum(results[False].copies)
     with pytest.raises(ValueError, match="not the same rank"):
-        reload_distances_for_link(expand_rank(schedule.ranks[0], 3), LayerProfile.uniform(2, 3, 1.0), link, timing=timing.ranks[0])
+        reload_distances_for_link(expand_rank(schedule.ranks[0], 3),
+                                  LayerProfile.uniform(2, 3, 1.0), link, timing=timing.ranks[0])
 
 
 # ---- the CLI -----------------------------------------------------------------------------------
@@ -459,31 +496,40 @@ def _cli_json(capsys, *argv):
 
 
 def test_cli_layer_granularity(capsys, tmp_path):
-    base = ["--pp", "4", "--vpp", "2", "--microbatches", "8", "--schedule", "interleaved", "--granularity", "layer",
-            "--layers-per-chunk", "4", "--json"]
+    base = ["--pp", "4", "--vpp", "2", "--microbatches", "8", "--schedule", "interleaved",
+            "--granularity", "layer", "--layers-per-chunk", "4", "--json"]
     plain = _cli_json(capsys, *base)
-    unit_keys = {"schedule", "pp", "vpp", "microbatches", "group_size", "makespan", "bubble_ratio", "peak_units",
-                 "offloaded_units_fraction", "slowdown_vs_no_offload"}
-    assert unit_keys <= set(plain) and {"granularity", "peak_bytes", "peak_units_equivalent", "copies", "stall"} <= set(plain)
-    assert plain["peak_units_equivalent"] == [11, 9, 7, 5] and plain["copies"] == [0] * 4 and plain["makespan"] == 57
+    unit_keys = {"schedule", "pp", "vpp", "microbatches", "group_size", "makespan", "bubble_ratio",
+                 "peak_units", "offloaded_units_fraction", "slowdown_vs_no_offload"}
+    assert unit_keys <= set(plain) and {"granularity", "peak_bytes", "peak_units_equivalent",
+                                        "copies", "stall"} <= set(plain)
+    assert (
+        plain["peak_units_equivalent"] == [11, 9, 7, 5]
+        and plain["copies"] == [0] * 4
+        and plain["makespan"] == 57
+    )
     assert plain["peak_bytes"] == [11 * 4 * 2**20, 9 * 4 * 2**20, 7 * 4 * 2**20, 5 * 4 * 2**20]
-    streamed = _cli_json(capsys, *base, "--offload-ratio", "0.8", "--save-schedule", str(tmp_path / "s.txt"),
-                         "--out", str(tmp_path / "t.svg"))
+    streamed = _cli_json(capsys, *base, "--offload-ratio", "0.8", "--save-schedule",
+                         str(tmp_path / "s.txt"), "--out", str(tmp_path / "t.svg"))
     assert all(a < b for a, b in zip(streamed["peak_bytes"], plain["peak_bytes"]))
     assert streamed["stall"] == [0.0] * 4 and streamed["slowdown_vs_no_offload"] == 0
     assert min(streamed["copies"]) > 0 and (tmp_path / "t.svg").stat().st_size > 1000
     saved = LayerSchedule.from_text((tmp_path / "s.txt").read_text())
     assert copies_per_iteration(saved) == streamed["copies"]
     # synchronous copies (k = 0) with a fixed distance
-    sync = _cli_json(capsys, *base, "--offload-chunks", "1", "--offload-ratio", "0", "--reload-distance", "1")
-    assert sync["synchronous_copies"] and all(a < b for a, b in zip(sync["peak_bytes"], plain["peak_bytes"]))
+    sync = _cli_json(capsys, *base, "--offload-chunks", "1", "--offload-ratio", "0",
+                     "--reload-distance", "1")
+    assert sync["synchronous_copies"] and all(
+        a < b for a, b in zip(sync["peak_bytes"], plain["peak_bytes"])
+    )
 
 
 def test_cli_layer_text_output(capsys):
     from megatron_offload.cli import main
 
-    assert main(["simulate", "--pp", "2", "--microbatches", "4", "--schedule", "1f1b", "--granularity", "layer",
-                 "--layers-per-chunk", "2", "--offload-ratio", "0.5", "--width", "40"]) == 0
+    assert main(["simulate", "--pp", "2", "--microbatches", "4", "--schedule", "1f1b",
+                 "--granularity", "layer", "--layers-per-chunk", "2", "--offload-ratio", "0.5",
+                 "--width", "40"]) == 0
     out = capsys.readouterr().out
     assert "units-equiv" in out and "d2h" in out and "rank 1" in out
 
@@ -493,7 +539,8 @@ def test_cli_layer_text_output(capsys):
     (["--granularity", "layer", "--layers-per-chunk", "0"], "--layers-per-chunk"),
     (["--layers-per-chunk", "2"], "--granularity"),
     (["--granularity", "layer", "--layers-per-chunk", "2", "--layer-bytes", "-1"], "--layer-bytes"),
-    (["--granularity", "layer", "--layers-per-chunk", "2", "--reload-distance", "soon"], "--reload-distance"),
+    (["--granularity", "layer", "--layers-per-chunk", "2", "--reload-distance", "soon"],
+     "--reload-distance"),
 ])
 def test_cli_layer_bad_input(argv, flag, capsys):
     from megatron_offload.cli import main
@@ -509,7 +556,10 @@ def test_uneven_stages_per_rank_layers():
     sets = [stream_sets(ops) for ops in schedule.ranks]
     expanded = expand_schedule(schedule, [[3], [1]], [s for s, _ in sets], [o for _, o in sets])
     assert expanded.layers == ((3,), (1,)) and expanded.layers_of_rank(1) == (1,)
-    assert LayerSchedule.from_text(expanded.to_text()) == expanded and "layers=3;1" in expanded.to_text()
+    assert (
+        LayerSchedule.from_text(expanded.to_text()) == expanded
+        and "layers=3;1" in expanded.to_text()
+    )
     # rank 1 has one layer: its zero-lifespan units copy nothing
     assert copies_per_iteration(expanded) == [8, 0]
     profiles = [LayerProfile.uniform(1, 3, 1.0), LayerProfile.uniform(1, 1, 1.0)]
@@ -522,21 +572,27 @@ def test_uneven_stages_per_rank_layers():
 
 @SETTINGS
 @given(layer_cases(), st.sampled_from([0.5, 1.0, 3.0, 8.0, 64.0]))
-def test_link_distances_never_stall_a_rank_run_alone_when_unhidden_copies_are_dropped(case, bandwidth):
+def test_link_distances_never_stall_a_rank_run_alone_when_unhidden_copies_are_dropped(
+    case, bandwidth
+):
     schedule, layers, seed, _ = case
     rng = random.Random(seed)
-    link = LinkModel(d2h_bytes_per_time=bandwidth, h2d_bytes_per_time=bandwidth * rng.choice([0.5, 1.0, 2.0]))
+    link = LinkModel(d2h_bytes_per_time=bandwidth,
+                     h2d_bytes_per_time=bandwidth * rng.choice([0.5, 1.0, 2.0]))
     profile = LayerProfile(
-        rest_bytes=[rng.randint(0, 4) for _ in layers], layer_bytes=[[rng.randint(1, 8) for _ in range(n)] for n in layers],
+        rest_bytes=[rng.randint(0, 4) for _ in layers],
+        layer_bytes=[[rng.randint(1, 8) for _ in range(n)] for n in layers],
         forward_time=[[rng.choice([0.5, 1.0]) for _ in range(n)] for n in layers],
         backward_time=[[rng.choice([1.0, 2.0]) for _ in range(n)] for n in layers],
-        epilogue_time=[rng.choice([0.0, 0.5]) for _ in layers], backward_rest_time=[rng.choice([0.0, 0.5]) for _ in layers],
+        epilogue_time=[rng.choice([0.0, 0.5]) for _ in layers],
+        backward_rest_time=[rng.choice([0.0, 0.5]) for _ in layers],
     )
     for ops in schedule.ranks:
         streamed, offloaded = stream_sets(ops)
         candidates = expand_rank(ops, layers, streamed=streamed, offloaded=offloaded)
         distances = reload_distances_for_link(candidates, profile, link, drop_unhidden=True)
-        placed = expand_rank(ops, layers, streamed=streamed, offloaded=offloaded, reload_distance=distances)
+        placed = expand_rank(ops, layers, streamed=streamed, offloaded=offloaded,
+                             reload_distance=distances)
         sim = simulate_layers(placed, profile, link)
         assert sim.stall <= 1e-9 * max(sim.finish, 1.0)
         # the compute timeline is that of the run without copies
@@ -559,7 +615,8 @@ def test_plan_layer_streaming():
     # chunks=0: nothing moves; chunk 0 only: only chunk-0 units move
     assert plan_layer_streaming(schedule, 3, profile, chunks=0).simulation.copies == [0] * 4
     only0 = plan_layer_streaming(schedule, 3, profile, chunks=1, reload_distance=1)
-    assert {op.chunk for ops in only0.expanded.ranks for op in ops if op.kind is OpKind.OFFLOAD} == {0}
+    assert {op.chunk for ops in only0.expanded.ranks for op in ops
+            if op.kind is OpKind.OFFLOAD} == {0}
     with pytest.raises(ValueError, match="auto"):
         plan_layer_streaming(schedule, 3, profile, reload_distance="late")
 
@@ -568,14 +625,16 @@ def test_pictures(tmp_path):
     from megatron_offload.schedule.layer_sim import plan_layer_streaming
     from megatron_offload.schedule.render_layers import render_layer_figure, render_layers_ascii
 
-    plan = plan_layer_streaming(make_schedule("1f1b", 2, 1, 3), 2, LayerProfile.uniform(1, 2, 4.0, 1.0),
+    plan = plan_layer_streaming(make_schedule("1f1b", 2, 1, 3), 2,
+                                LayerProfile.uniform(1, 2, 4.0, 1.0),
                                 LinkModel(d2h_bytes_per_time=4.0))
     text = render_layers_ascii(plan.simulation, width=60)
     assert text.count("rank ") == 2 and ">" in text and "<" in text and "a" in text and "A" in text
     assert render_layers_ascii(plan.simulation.ranks[1], width=30).startswith("rank 1")
     render_layer_figure(plan.simulation, str(tmp_path / "all.png"))
     render_layer_figure(plan.simulation, str(tmp_path / "one.svg"), ranks=[1], title="rank 1")
-    assert (tmp_path / "all.png").read_bytes()[:4] == b"\x89PNG" and b"<svg" in (tmp_path / "one.svg").read_bytes()[:500]
+    assert ((tmp_path / "all.png").read_bytes()[:4] == b"\x89PNG"
+            and b"<svg" in (tmp_path / "one.svg").read_bytes()[:500])
     with pytest.raises(ValueError, match="not in this simulation"):
         render_layer_figure(plan.simulation, str(tmp_path / "x.png"), ranks=[5])
 
@@ -591,28 +650,36 @@ def test_profile_must_cover_the_entries():
 
 
 @SETTINGS
-@given(layer_cases(), st.sampled_from([None, 2.0, 16.0]), st.booleans(), st.sampled_from([0.0, 0.25]))
+@given(layer_cases(), st.sampled_from([None, 2.0, 16.0]), st.booleans(),
+       st.sampled_from([0.0, 0.25]))
 def test_whole_schedule_runs_with_any_link(case, bandwidth, shared, latency):
     schedule, layers, seed, distance = case
     streamed, offloaded = _random_sets(schedule, seed)
-    expanded = expand_schedule(schedule, layers, streamed, offloaded, 0 if distance == "random" else distance)
-    profile = LayerProfile.uniform(schedule.vpp, layers, 4.0, 1.0, epilogue_time=(0.5,) * schedule.vpp)
+    expanded = expand_schedule(schedule, layers, streamed, offloaded,
+                               0 if distance == "random" else distance)
+    profile = LayerProfile.uniform(schedule.vpp, layers, 4.0, 1.0,
+                                   epilogue_time=(0.5,) * schedule.vpp)
     link = None if bandwidth is None else LinkModel(d2h_bytes_per_time=bandwidth, shared=shared)
     sim = simulate_layer_schedule(expanded, profile, link, p2p_latency=latency)
-    base = simulate_layer_schedule(expand_schedule(schedule, layers, [set()] * schedule.pp, [set()] * schedule.pp),
-                                   profile, p2p_latency=latency)
+    base = simulate_layer_schedule(
+        expand_schedule(schedule, layers, [set()] * schedule.pp, [set()] * schedule.pp),
+        profile,
+        p2p_latency=latency,
+    )
     assert sim.makespan >= base.makespan - 1e-9
     for rank, (run, plain) in enumerate(zip(sim.ranks, base.ranks)):
         assert run.level_after[-1] == pytest.approx(0.0) and run.curve[-1][1] == pytest.approx(0.0)
         assert run.stall >= 0 and run.copies == copies_per_iteration(expanded)[rank]
         if link is None:
-            assert run.peak_bytes <= plain.peak_bytes + 1e-9 and run.finish == pytest.approx(plain.finish)
+            assert (run.peak_bytes <= plain.peak_bytes + 1e-9
+                    and run.finish == pytest.approx(plain.finish))
 
 
 def test_unit_granularity_in_layer_terms():
     from megatron_offload.schedule.layers import unit_ops_to_layer_ops
 
-    order = [OpKind.FORWARD, OpKind.OFFLOAD, OpKind.FORWARD, OpKind.RELOAD, OpKind.BACKWARD, OpKind.BACKWARD]
+    order = [OpKind.FORWARD, OpKind.OFFLOAD, OpKind.FORWARD, OpKind.RELOAD, OpKind.BACKWARD,
+             OpKind.BACKWARD]
     units = [0, 0, 1, 0, 0, 1]
     from megatron_offload.schedule.ir import Op
 
@@ -623,15 +690,16 @@ def test_unit_granularity_in_layer_terms():
     sim = simulate_layers(ops, profile)
     # the epilogue runs before the unit's copy: F0.1 30 -> rest 35 -> copies 30, 20, 0; unit 1: 35;
     # reloads 40, 60, 70; backwards free 50, 35 (layer 0 with the rest); unit 1 frees 15, 0
-    assert [sim.level_after[i] for i in range(len(ops))] == [0, 10, 35, 30, 20, 0, 0, 10, 35, 40, 60, 70, 70, 50, 35, 35, 15, 0]
+    assert [sim.level_after[i] for i in range(len(ops))] == [0, 10, 35, 30, 20, 0, 0, 10, 35, 40,
+                                                             60, 70, 70, 50, 35, 35, 15, 0]
     assert sim.peak_bytes == 70
     # layer streaming of the same units keeps less: layer 0 of unit 1 and unit 0 stream out
     streamed = simulate_layers(expand_rank([Op(k, 0, u) for k, u in zip(order, units)], 2,
                                            streamed={(0, 1)}, offloaded={(0, 0)}), profile)
     assert streamed.peak_bytes < sim.peak_bytes
     # a unit copied out and straight back (the unit runtime allows it) still simulates
-    back = unit_ops_to_layer_ops([Op(OpKind.FORWARD, 0, 0), Op(OpKind.OFFLOAD, 0, 0), Op(OpKind.RELOAD, 0, 0),
-                                  Op(OpKind.BACKWARD, 0, 0)], 2)
+    back = unit_ops_to_layer_ops([Op(OpKind.FORWARD, 0, 0), Op(OpKind.OFFLOAD, 0, 0),
+                                  Op(OpKind.RELOAD, 0, 0), Op(OpKind.BACKWARD, 0, 0)], 2)
     assert simulate_layers(back, profile).peak_bytes == 35
     with pytest.raises(ScheduleError, match="no compute entry"):
         check_rank(back)

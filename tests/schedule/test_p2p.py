@@ -23,7 +23,8 @@ def _mirror(plan):
             theirs = plan.ranks[peer].queues[rank_plan.rank]
             assert [(p.message, p.send) for p in posts] == [(q.message, not q.send) for q in theirs]
         received = sorted(msg for _, msg in rank_plan.receives.values())
-        posted = sorted(p.message for posts in rank_plan.queues.values() for p in posts if not p.send)
+        posted = sorted(p.message for posts in rank_plan.queues.values() for p in posts
+                        if not p.send)
         assert received == posted
 
 
@@ -50,9 +51,11 @@ def test_a_queue_that_cannot_be_followed_is_rejected():
     posts = list(rank0.queues[1])
     # move the first receive of rank 0 behind a send it has to post later
     first_recv = next(i for i, post in enumerate(posts) if not post.send)
-    later_send = next(i for i, post in enumerate(posts) if post.send and post.step >= posts[first_recv].step)
+    later_send = next(i for i, post in enumerate(posts)
+                      if post.send and post.step >= posts[first_recv].step)
     posts.insert(later_send, posts.pop(first_recv))
-    broken = dataclasses.replace(plan, ranks=(dataclasses.replace(rank0, queues={1: tuple(posts)}), plan.ranks[1]))
+    broken = dataclasses.replace(plan, ranks=(dataclasses.replace(rank0, queues={1: tuple(posts)}),
+                                              plan.ranks[1]))
     with pytest.raises(ScheduleError, match="cannot be followed"):
         check_plan(broken)
 
@@ -60,8 +63,10 @@ def test_a_queue_that_cannot_be_followed_is_rejected():
 def test_a_schedule_that_would_deadlock_is_rejected_before_running():
     # rank 0 wants the gradient of microbatch 0 before it sent microbatch 1's activation, and
     # rank 1 runs microbatch 1 first: nobody can move.
-    schedule = Schedule(((F(0, 0), B(0, 0), F(0, 1), B(0, 1)), (F(0, 1), B(0, 1), F(0, 0), B(0, 0))), 1, 2)
+    schedule = Schedule(((F(0, 0), B(0, 0), F(0, 1), B(0, 1)),
+                         (F(0, 1), B(0, 1), F(0, 0), B(0, 0))), 1, 2)
     with pytest.raises(ScheduleError, match="deadlock|order mismatch"):
         validate_schedule(schedule)
     with pytest.raises(ScheduleError, match="deadlock"):
-        build_plan(Schedule(((F(0, 0), B(0, 0), F(0, 1), B(0, 1)), (F(0, 1), F(0, 0), B(0, 0), B(0, 1))), 1, 2))
+        build_plan(Schedule(((F(0, 0), B(0, 0), F(0, 1), B(0, 1)),
+                             (F(0, 1), F(0, 0), B(0, 0), B(0, 1))), 1, 2))

@@ -75,5 +75,6 @@ def test_memory_target_is_met_or_everything_possible_is_offloaded(case, target):
     result = simulate(validate_schedule(aimed.schedule), costs)
     full_result = simulate(full.schedule, costs)
     for rank in range(pp):
-        assert result.peak_units[rank] <= max(target, full_result.peak_units[rank]) or len(aimed.offloaded[rank]) == len(full.offloaded[rank])
+        assert (result.peak_units[rank] <= max(target, full_result.peak_units[rank])
+                or len(aimed.offloaded[rank]) == len(full.offloaded[rank]))
         assert len(aimed.offloaded[rank]) <= len(full.offloaded[rank])

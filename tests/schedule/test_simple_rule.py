@@ -34,7 +34,8 @@ from megatron_offload.schedule.offload import plan_offload, simple_rule_offload
 from megatron_offload.schedule.simulate import simulate
 from megatron_offload.schedule.validate import validate_schedule
 
-SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+SETTINGS = settings(max_examples=80, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 
 @st.composite
@@ -63,7 +64,12 @@ def _both(kind, pp, vpp, m, g, chunks, ratio, shared=False):
     costs = CostModel(offload_ratio=ratio, shared_link=shared)
     selective = plan_offload(schedule, costs, chunks=chunks)
     simple = simple_rule_offload(schedule, costs, chunks=chunks, baseline=selective.baseline)
-    return selective, simulate(validate_schedule(selective.schedule), costs), simple, simulate(validate_schedule(simple.schedule), costs)
+    return (
+        selective,
+        simulate(validate_schedule(selective.schedule), costs),
+        simple,
+        simulate(validate_schedule(simple.schedule), costs),
+    )
 
 
 def _tol(*sims):
@@ -96,7 +102,8 @@ ABSORBED = ("gis", 4, 4, 4, 3, 1, 1.5)
 @example(FIXED)
 @example(TRADE_OFF)
 def test_pass_is_never_slower_than_the_simple_rule(case):
-    """Private links (one D2H and one H2D lane per rank); shared links: see the known-limit tests below."""
+    """Private links (one D2H and one H2D lane per rank); shared links: see the known-limit tests
+    below."""
     selective, a, simple, b = _both(*case)
     assert a.makespan <= b.makespan + _tol(a, b)
     assert a.makespan <= selective.baseline.makespan + _tol(a)  # the pass hides every copy
@@ -108,7 +115,8 @@ def _stalls(sim, baseline) -> bool:
     for rank, ops in enumerate(baseline.schedule.ranks):
         when = dict(zip(ops, baseline.start[rank]))
         tol = _tol(sim, baseline)
-        if any(op in when and start > when[op] + tol for op, start in zip(sim.schedule.ranks[rank], sim.start[rank])):
+        if any(op in when and start > when[op] + tol
+               for op, start in zip(sim.schedule.ranks[rank], sim.start[rank])):
             return True
     return False
 
@@ -124,7 +132,8 @@ def test_pass_is_not_dominated_by_the_simple_rule(case):
     selective, a, simple, b = _both(*case)
     if not _stalls(b, selective.baseline):
         assert [set(x) for x in selective.offloaded] == [set(x) for x in simple.offloaded]
-        assert all(x <= y for x, y in zip(a.peak_units, b.peak_units)), (a.peak_units, b.peak_units, a.makespan, b.makespan)
+        assert all(x <= y for x, y in zip(a.peak_units, b.peak_units)), (
+            a.peak_units, b.peak_units, a.makespan, b.makespan)
 
 
 @pytest.mark.parametrize("case, shared", [(ABSORBED, False), (SHARED, True)])
@@ -142,7 +151,11 @@ def test_exact_fit_regression():
     selective, a, simple, b = _both(*FIXED)
     assert a.makespan == b.makespan == 21.0
     assert a.peak_units == b.peak_units == [3, 3, 3]
-    assert [len(units) for units in selective.offloaded] == [len(units) for units in simple.offloaded] == [2, 2, 2]
+    assert (
+        [len(units) for units in selective.offloaded]
+        == [len(units) for units in simple.offloaded]
+        == [2, 2, 2]
+    )
 
 
 def test_trade_off_counterexample():
@@ -172,7 +185,8 @@ def test_simple_rule_offloads_exactly_the_long_lived_candidates(case):
         ops = schedule.ranks[rank]
         f_end = {op.unit: base.end[rank][i] for i, op in enumerate(ops) if op.kind.value == "F"}
         b_start = {op.unit: base.start[rank][i] for i, op in enumerate(ops) if op.kind.value == "B"}
-        expected = {u for u in f_end if u[0] < chunks and b_start[u] - f_end[u] > costs.round_trip(u[0])}
+        expected = {u for u in f_end
+                    if u[0] < chunks and b_start[u] - f_end[u] > costs.round_trip(u[0])}
         assert set(plan.offloaded[rank]) == expected == plan.schedule.offloaded_units(rank)
         row = plan.schedule.ranks[rank]
         for i, op in enumerate(row):  # O right after its forward, R right after its O
