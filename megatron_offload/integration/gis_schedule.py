@@ -30,10 +30,16 @@ from dataclasses import dataclass
 
 from megatron_offload.config import OffloadConfig
 from megatron_offload.integration.megatron_schedules import (
-    RankOrder, model_chunks, pipeline_group, schedules_module,
+    RankOrder,
+    model_chunks,
+    pipeline_group,
+    schedules_module,
 )
 from megatron_offload.integration.offload_runtime import (
-    OffloadRuntime, compute_device, offloader_for, runtime_plan_for,
+    OffloadRuntime,
+    compute_device,
+    offloader_for,
+    runtime_plan_for,
 )
 from megatron_offload.integration.refusals import refuse_for_gis, refuse_unsupported
 from megatron_offload.releases import call_by_name
@@ -41,11 +47,13 @@ from megatron_offload.runtime.executor import run_rank
 from megatron_offload.runtime.offloader import iteration
 from megatron_offload.schedule.costs import CostModel
 from megatron_offload.schedule.gis import gis_schedule
+from megatron_offload.schedule.ir import Schedule
+from megatron_offload.schedule.kinds import OpKind
 from megatron_offload.schedule.megatron import megatron_schedule
-from megatron_offload.schedule.ir import OpKind, Schedule
 from megatron_offload.schedule.offload import plan_offload
 from megatron_offload.schedule.p2p import P2PPlan, build_plan
 from megatron_offload.schedule.validate import validate_schedule
+
 
 @dataclass(slots=True)
 class ExecutorSettings:

@@ -45,11 +45,19 @@ import torch
 from megatron_offload.config import OffloadConfig
 from megatron_offload.integration.gis_schedule import gis_schedule_function
 from megatron_offload.integration.megatron_schedules import (
-    NO_PIPELINING, PIPELINED, SCHEDULE_FUNCTIONS, RankOrder, model_chunks, pipeline_group,
-    predict_rank_order, schedules_module,
+    NO_PIPELINING,
+    PIPELINED,
+    SCHEDULE_FUNCTIONS,
+    RankOrder,
+    model_chunks,
+    pipeline_group,
+    predict_rank_order,
+    schedules_module,
 )
 from megatron_offload.integration.offload_runtime import (
-    OffloadRuntime, offloader_for, runtime_plan_for,
+    OffloadRuntime,
+    offloader_for,
+    runtime_plan_for,
 )
 from megatron_offload.integration.patching import Patch, PatchSet
 from megatron_offload.integration.refusals import refuse_unsupported

@@ -54,7 +54,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from megatron_offload.config import (
-    ENABLE_FLAG, OffloadConfig, add_offload_arguments, offload_config_from_args,
+    ENABLE_FLAG,
+    OffloadConfig,
+    add_offload_arguments,
+    offload_config_from_args,
 )
 from megatron_offload.integration.patching import Patch, PatchSet, unwrapped
 from megatron_offload.integration.refusals import MODES, launch_problem
@@ -457,9 +460,9 @@ def plan_lines(config: OffloadConfig, pp: int, vpp: int, microbatches: int,
     kind = "interleaved" if vpp > 1 else "1f1b"
     costs = CostModel(forward_time=1.0, backward_time=2.0, offload_ratio=0.5)
     if config.schedule == "gis":
-        from megatron_offload.integration.gis_schedule import costs_for, planned_schedule
-
         import torch
+
+        from megatron_offload.integration.gis_schedule import costs_for, planned_schedule
 
         backend = config.backend if config.backend != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         group_size = min(config.group_size or pp, microbatches)

@@ -37,6 +37,7 @@ import torch
 
 from megatron_offload.config import OffloadConfig
 from megatron_offload.runtime.accounting import IterationStats, ResidentStorageTracker
+from megatron_offload.runtime.host_pool import HostBufferPool
 from megatron_offload.runtime.store import (
     ActivationStore,
     SubUnitStorages,
@@ -44,12 +45,10 @@ from megatron_offload.runtime.store import (
     UnitState,
     preserve_saved_parameters,
 )
-from megatron_offload.runtime.host_pool import HostBufferPool
 from megatron_offload.runtime.transfer import TransferBackend
-from megatron_offload.schedule.ir import LayerKey, Op, OpKind, UnitKey
-from megatron_offload.schedule.kinds import COMPUTE_KINDS
+from megatron_offload.schedule.ir import LayerKey, Op, UnitKey
+from megatron_offload.schedule.kinds import COMPUTE_KINDS, OpKind
 from megatron_offload.schedule.layers import runtime_rank_ops, streamed_sub_units
-
 
 STATS_HISTORY = 64
 

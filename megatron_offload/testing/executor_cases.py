@@ -47,8 +47,13 @@ def run_variants(case, variants: list[dict], iterations: int = 3) -> list[dict]:
     from megatron_offload.integration.megatron_core import install, uninstall
     from megatron_offload.testing.gpt import TinyGPTCase, build_model
     from megatron_offload.testing.reference import (
-        _collect_grads, _collect_params, _one_iteration, _sgd_step, ensure_cpu_shims,
-        init_parallel_state, release_parallel_state,
+        _collect_grads,
+        _collect_params,
+        _one_iteration,
+        _sgd_step,
+        ensure_cpu_shims,
+        init_parallel_state,
+        release_parallel_state,
     )
 
     if isinstance(case, dict):

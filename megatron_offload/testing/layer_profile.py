@@ -19,7 +19,8 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
-from megatron_offload.schedule.ir import Op, OpKind
+from megatron_offload.schedule.ir import Op
+from megatron_offload.schedule.kinds import OpKind
 from megatron_offload.schedule.layers import EPILOGUE, LayerProfile
 
 

@@ -53,7 +53,12 @@ from typing import Any
 
 import torch
 
-from megatron_offload.testing.gpt import TinyGPTCase, build_model, global_param_names, synthetic_batch
+from megatron_offload.testing.gpt import (
+    TinyGPTCase,
+    build_model,
+    global_param_names,
+    synthetic_batch,
+)
 
 SAFE_FAULT_PP2_M4 = {"iteration": 1, "forward_raises_at": {0: 3, 1: 2}}
 """A fault that cannot deadlock: 1F1B, PP=2, microbatches=4 (see the module docstring)."""

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from megatron_offload.config import OffloadConfig
+from megatron_offload.integration import auto
 from megatron_offload.planning.costmodel import GiB
 from megatron_offload.planning.job import JobSpec
-from megatron_offload.integration import auto
 
 
 @pytest.mark.parametrize("field, value, flag", [

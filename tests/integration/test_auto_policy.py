@@ -18,8 +18,8 @@ from __future__ import annotations
 import pytest
 
 from megatron_offload.config import OffloadConfig
-from megatron_offload.schedule.layers import runtime_rank_ops
 from megatron_offload.schedule.ir import Op
+from megatron_offload.schedule.layers import runtime_rank_ops
 from megatron_offload.testing.gpt import TinyGPTCase
 from megatron_offload.testing.pool import WorkerError, session_pool
 from megatron_offload.testing.reference import compare_runs, compare_runs_per_rank

@@ -10,8 +10,8 @@ import types
 
 import pytest
 
-from megatron_offload.config import OffloadConfig
 from megatron_offload import releases
+from megatron_offload.config import OffloadConfig
 from megatron_offload.integration import megatron_core
 from megatron_offload.planning.policy import runtime_schedule
 from megatron_offload.schedule.megatron import megatron_schedule

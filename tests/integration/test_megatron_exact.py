@@ -6,7 +6,11 @@ import pytest
 from megatron.core.pipeline_parallel import schedules  # megatron-dependent: run on every env
 
 from megatron_offload.schedule.ir import B, F
-from megatron_offload.schedule.megatron import check_megatron_args, megatron_order, megatron_schedule
+from megatron_offload.schedule.megatron import (
+    check_megatron_args,
+    megatron_order,
+    megatron_schedule,
+)
 from megatron_offload.schedule.validate import validate_schedule
 
 
