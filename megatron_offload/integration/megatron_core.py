@@ -97,8 +97,12 @@ def schedule_patches(runtime: OffloadRuntime) -> list[Patch]:
     ones run the executor with ``--offload-schedule gis``)."""
     schedules = schedules_module()
     patches = [
-        Patch.function(schedules, "forward_step", functools.partial(_patched_forward_step, runtime)),
-        Patch.function(schedules, "backward_step", functools.partial(_patched_backward_step, runtime)),
+        Patch.function(
+            schedules, "forward_step", functools.partial(_patched_forward_step, runtime)
+        ),
+        Patch.function(
+            schedules, "backward_step", functools.partial(_patched_backward_step, runtime)
+        ),
     ]
     for name in SCHEDULE_FUNCTIONS:
         gis = runtime.config.schedule == "gis" and name in PIPELINED
@@ -199,7 +203,8 @@ def _patched_schedule(runtime: OffloadRuntime, name: str, original):
 
 
 # ------------------------------------------------------- the hook where the offload set is chosen
-def choose_offload_set(runtime: OffloadRuntime, name: str, kwargs, config, chunks, order: RankOrder):
+def choose_offload_set(runtime: OffloadRuntime, name: str, kwargs, config, chunks,
+                       order: RankOrder):
     """This rank's (chunk, microbatch) units to offload in this call: the policy's rule
     (``policy.units_to_offload``), or for ``--offload-policy auto`` the planner's choice for
     this job and budget (``integration.auto``, decided at the first call of each schedule
