@@ -70,7 +70,8 @@ def test_interleaved_with_one_chunk_matches_megatron(pp, m, g):
     if not _megatron_accepts(pp, 1, m, g):
         pytest.skip("Megatron refuses")
     for rank in range(pp):
-        assert megatron_order("interleaved", pp, rank, 1, m, g) == _expected(pp, rank, 1, m, g, True)
+        assert (megatron_order("interleaved", pp, rank, 1, m, g)
+                == _expected(pp, rank, 1, m, g, True))
 
 
 def test_acceptance_matches_megatron_checks():
