@@ -43,14 +43,13 @@ os.environ.setdefault("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "0")
 
 import torch  # noqa: E402
 
-from megatron_offload.gpu_check import rows as gpu_rows  # noqa: E402
 from megatron_offload.config import OffloadConfig
+from megatron_offload.gpu_check import rows as gpu_rows  # noqa: E402
 from megatron_offload.planning.policy import units_to_offload
+from megatron_offload.runtime.link_probe import measure_link, synchronize
 from megatron_offload.runtime.offloader import ActivationOffloader
-from megatron_offload.runtime.host_pool import CudaHostRegisterPinner, HostBufferPool
-from megatron_offload.runtime.link_probe import synchronize, measure_link
-from megatron_offload.runtime.transfer import make_backend
 from megatron_offload.runtime.single_rank import drive, interleaved_rank0_order
+from megatron_offload.runtime.transfer import make_backend
 
 
 def _torch_chunk(hidden: int, layers: int, dtype, device) -> torch.nn.Module:
@@ -106,7 +105,9 @@ def check_equivalence(
         mb: torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
         for mb in range(8)
     }
-    config = OffloadConfig(policy="full", min_offload_bytes=0 if device.type == "cpu" else 64 * 1024)
+    config = OffloadConfig(
+        policy="full", min_offload_bytes=0 if device.type == "cpu" else 64 * 1024
+    )
     offloader = ActivationOffloader(
         config, make_backend("auto", device), device_type=device.type, rank_label="[gpu check] "
     )
@@ -200,7 +201,10 @@ def run_checks(
             checks.append(("te_bfloat16", dict(flavor="te", dtype=torch.bfloat16)))
     for name, kwargs in checks:
         report["checks"].append(_guarded(
-            name, lambda kwargs=kwargs: check_equivalence(device, iterations=iterations, **kwargs, **size)
+            name,
+            lambda kwargs=kwargs: check_equivalence(
+                device, iterations=iterations, **kwargs, **size
+            ),
         ))
         _release(device)
     if rows:
@@ -323,8 +327,9 @@ def format_report(report: dict) -> str:
             f"H2D {link['h2d_gbps']:.1f} GB/s, both at once {link['duplex_gbps_each_way']:.1f} "
             f"GB/s each way, copies exact: {link['copies_bitwise_ok']}"
         ),
-        f"{'check / row':<14} {'dtype':<9} {'bitwise':<8} {'peak w/o MiB':>12} {'peak with MiB':>13} "
-        f"{'time w/o s':>10} {'time with s':>11} {'offloaded MiB':>13} {'reloaded MiB':>12}",
+        f"{'check / row':<14} {'dtype':<9} {'bitwise':<8} {'peak w/o MiB':>12} "
+        f"{'peak with MiB':>13} {'time w/o s':>10} {'time with s':>11} "
+        f"{'offloaded MiB':>13} {'reloaded MiB':>12}",
     ]
     for e in _entries(report):
         if "not_run" in e or "error" in e:
@@ -364,7 +369,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="FILE", help="write the report as JSON")
     parser.add_argument(
         "--rows", default=",".join(gpu_rows.ROW_NAMES),
-        help=f"comma-separated rows to run, or 'none' (default: all of {', '.join(gpu_rows.ROW_NAMES)})",
+        help=(
+            "comma-separated rows to run, or 'none' "
+            f"(default: all of {', '.join(gpu_rows.ROW_NAMES)})"
+        ),
     )
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument(
@@ -382,7 +390,9 @@ def main(argv=None) -> int:
     rows = () if args.rows in ("", "none") else tuple(args.rows.split(","))
     unknown = set(rows) - set(gpu_rows.ROW_NAMES)
     if unknown:
-        parser.error(f"--rows: unknown {sorted(unknown)}; choose from {', '.join(gpu_rows.ROW_NAMES)}")
+        parser.error(
+            f"--rows: unknown {sorted(unknown)}; choose from {', '.join(gpu_rows.ROW_NAMES)}"
+        )
     if args.iterations < 2:
         parser.error("--iterations must be >= 2 (iteration 0 is the shadow iteration)")
     report = run_checks(device, small=args.small, rows=rows, iterations=args.iterations,

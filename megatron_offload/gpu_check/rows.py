@@ -296,8 +296,7 @@ def _build_model(row: RowSpec, size: RowSize, device: torch.device) -> list:
     """Rank 0's two chunks, each in megatron-core DDP, config funcs set as Megatron-LM does."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.models.gpt import GPTModel, gpt_layer_specs
 
     config = _transformer_config(row, size, device)
     if row.layer_spec == "te":
@@ -429,7 +428,7 @@ def _forward_backward(run: _Run) -> list[torch.Tensor]:
     from megatron.core.pipeline_parallel import schedules
 
     from megatron_offload.releases import call_by_name
-    from megatron_offload.schedule.ir import OpKind
+    from megatron_offload.schedule.kinds import OpKind
 
     chunks, config, offloader = run.chunks, run.config, run.offloader
     last = len(chunks) - 1
@@ -554,8 +553,8 @@ def run_row(row: RowSpec | str, device: torch.device, size: RowSize = SMALL, *,
 
     from megatron_offload.config import OffloadConfig
     from megatron_offload.runtime.offloader import ActivationOffloader
-    from megatron_offload.runtime.transfer import make_backend
     from megatron_offload.runtime.single_rank import interleaved_rank0_order
+    from megatron_offload.runtime.transfer import make_backend
 
     if isinstance(row, str):
         row = next(r for r in ROWS if r.name == row)

@@ -75,7 +75,9 @@ class AutoDecision:
             "activation_budget_bytes": self.activation_budget_bytes,
             "ranks": [choice.as_dict() for choice in self.plan.ranks],
             "unit_bytes": [[u.total for u in row] for row in self.plan.unit_bytes],
-            "unit_offloadable_bytes": [[u.offloadable for u in row] for row in self.plan.unit_bytes],
+            "unit_offloadable_bytes": [
+                [u.offloadable for u in row] for row in self.plan.unit_bytes
+            ],
             "log": self.plan.log_lines(),
             "notes": list(self.plan.notes),
         }
@@ -105,8 +107,8 @@ def _is_set(value, fine) -> bool:
     return bool(value) != bool(fine)
 
 
-def job_from_model(chunks, config, *, seq_length: int, micro_batch_size: int, num_microbatches: int, pp: int,
-                   interleaved: bool) -> JobSpec:
+def job_from_model(chunks, config, *, seq_length: int, micro_batch_size: int,
+                   num_microbatches: int, pp: int, interleaved: bool) -> JobSpec:
     """The cost model's description of the job this rank trains (see the module docstring)."""
     refuse_unmodelled(config)
     models = [_unwrap(chunk) for chunk in chunks]
@@ -120,7 +122,11 @@ def job_from_model(chunks, config, *, seq_length: int, micro_batch_size: int, nu
     v = len(chunks) if interleaved else 1
     first_layer = next((m.decoder.layers[0] for m in models if len(m.decoder.layers)), None)
     core = getattr(getattr(first_layer, "self_attention", None), "core_attention", None)
-    impl = "transformer_engine" if core is not None and type(core).__name__.startswith("TE") else "local"
+    impl = (
+        "transformer_engine"
+        if core is not None and type(core).__name__.startswith("TE")
+        else "local"
+    )
     backend = str(getattr(config, "attention_backend", "auto")).split(".")[-1].lower()
     param = next(chunks[0].parameters(), None)
     device = "cuda" if param is not None and param.device.type == "cuda" else "cpu"
@@ -152,7 +158,9 @@ def job_from_model(chunks, config, *, seq_length: int, micro_batch_size: int, nu
         normalization=config.normalization,
         add_bias_linear=bool(config.add_bias_linear),
         position_embedding_type=getattr(model, "position_embedding_type", "learned_absolute"),
-        untie_embeddings_and_output_weights=not getattr(model, "share_embeddings_and_output_weights", True),
+        untie_embeddings_and_output_weights=not getattr(
+            model, "share_embeddings_and_output_weights", True
+        ),
         hidden_dropout=float(config.hidden_dropout),
         attention_dropout=float(config.attention_dropout),
         attention_softmax_in_fp32=bool(config.attention_softmax_in_fp32),
@@ -165,18 +173,21 @@ def job_from_model(chunks, config, *, seq_length: int, micro_batch_size: int, nu
         device=device,
         recompute=recompute,
         distribute_saved_activations=bool(config.distribute_saved_activations),
-        microbatch_group_size_per_vp_stage=config.microbatch_group_size_per_vp_stage if interleaved else None,
+        microbatch_group_size_per_vp_stage=(
+            config.microbatch_group_size_per_vp_stage if interleaved else None
+        ),
     )
     if any(n != job.layers_per_chunk for n in layers):
         raise ValueError(
             f"--offload-policy auto models layers split evenly over the pipeline (here "
-            f"{job.layers_per_chunk} per model chunk), but this rank's chunks hold {layers} layers; "
-            "use --offload-policy full or chunks"
+            f"{job.layers_per_chunk} per model chunk), but this rank's chunks hold {layers} "
+            "layers; use --offload-policy full or chunks"
         )
     return job
 
 
-def rank_orders(name: str, own: Op, own_rank: int, job: JobSpec, num_microbatches: int, group_size: int | None):
+def rank_orders(name: str, own: Op, own_rank: int, job: JobSpec, num_microbatches: int,
+                group_size: int | None):
     """Every pipeline rank's order (``own`` for this rank) and a note when only this rank's
     could be predicted."""
     from megatron_offload.schedule.megatron import megatron_order
@@ -188,23 +199,31 @@ def rank_orders(name: str, own: Op, own_rank: int, job: JobSpec, num_microbatche
     try:
         orders = {r: megatron_order(kind, p, r, v, num_microbatches, group_size) for r in range(p)}
     except ValueError as error:
-        return {own_rank: own}, [f"other ranks' orders not predicted ({error}); planned this rank only"]
+        return {own_rank: own}, [
+            f"other ranks' orders not predicted ({error}); planned this rank only"
+        ]
     if orders[own_rank] != list(own):
-        return {own_rank: own}, ["this megatron-core's order differs from schedule.megatron's; planned this rank only"]
+        return {own_rank: own}, [
+            "this megatron-core's order differs from schedule.megatron's; planned this rank only"
+        ]
     return orders, []
 
 
-def device_activation_budget(budget_bytes: float, *, allocated_bytes: float, static_predicted_bytes: float,
-                             working_bytes_: float, reserve_bytes: float) -> float:
+def device_activation_budget(budget_bytes: float, *, allocated_bytes: float,
+                             static_predicted_bytes: float, working_bytes_: float,
+                             reserve_bytes: float) -> float:
     """``--offload-memory-budget-scope device``: what is left for resident activations of a
     device budget: minus the larger of what the device holds at the first training call and
     the predicted parameters + gradients + optimizer state (Adam's moments are usually
     allocated at the first optimizer step, after this call), minus the predicted working
     memory of a backward, minus the reserve."""
-    return budget_bytes - max(allocated_bytes, static_predicted_bytes) - working_bytes_ - reserve_bytes
+    return (
+        budget_bytes - max(allocated_bytes, static_predicted_bytes) - working_bytes_ - reserve_bytes
+    )
 
 
-def _activation_budgets(config: OffloadConfig, job: JobSpec, chunks, rank: int, group) -> list[float] | float:
+def _activation_budgets(config: OffloadConfig, job: JobSpec, chunks, rank: int,
+                        group) -> list[float] | float:
     budget = float(config.memory_budget_bytes)
     if config.memory_budget_scope == "activations":
         return budget
@@ -231,7 +250,9 @@ def _activation_budgets(config: OffloadConfig, job: JobSpec, chunks, rank: int, 
     if job.pp == 1:
         return [own]
     gathered = [torch.zeros(1, dtype=torch.float64, device=param.device) for _ in range(job.pp)]
-    torch.distributed.all_gather(gathered, torch.tensor([own], dtype=torch.float64, device=param.device), group=group)
+    torch.distributed.all_gather(
+        gathered, torch.tensor([own], dtype=torch.float64, device=param.device), group=group
+    )
     return [float(t.item()) for t in gathered]
 
 
@@ -247,15 +268,18 @@ def auto_offload_units(runtime, name: str, kwargs, config, chunks, order, group)
         return decision.offload
     pp = 1 if group is None else group.size()
     rank = order.rank
-    job = job_from_model(chunks, config, seq_length=kwargs["seq_length"], micro_batch_size=kwargs["micro_batch_size"],
-                         num_microbatches=m, pp=pp, interleaved=interleaved)
+    job = job_from_model(chunks, config, seq_length=kwargs["seq_length"],
+                         micro_batch_size=kwargs["micro_batch_size"], num_microbatches=m, pp=pp,
+                         interleaved=interleaved)
     group_size = (config.microbatch_group_size_per_vp_stage or pp) if interleaved else None
     orders, notes = rank_orders(name, order.ops, rank, job, m, group_size)
     budgets = _activation_budgets(offload_config, job, chunks, rank, group)
     ranks = sorted(orders)
     overheads = [overhead_bytes(job, r) for r in range(job.pp)]
-    plan = plan_auto_offload(job, orders, budgets, prefetch_distance=offload_config.unit_prefetch_distance,
-                             min_offload_bytes=offload_config.min_offload_bytes, overhead_bytes=overheads, ranks=ranks)
+    plan = plan_auto_offload(job, orders, budgets,
+                             prefetch_distance=offload_config.unit_prefetch_distance,
+                             min_offload_bytes=offload_config.min_offload_bytes,
+                             overhead_bytes=overheads, ranks=ranks)
     plan.notes += notes
     mine = next(choice for choice in plan.ranks if choice.rank == rank)
     if not plan.fits:
@@ -269,10 +293,15 @@ def auto_offload_units(runtime, name: str, kwargs, config, chunks, order, group)
 
 def _log_once(decision: AutoDecision, config: OffloadConfig) -> None:
     lines = decision.plan.log_lines()
-    scope = "" if config.memory_budget_scope == "activations" else " (device budget minus static, working and reserve memory)"
-    header = (f"> megatron-offload auto plan: --offload-memory-budget-gib {config.memory_budget_gib:g}{scope}, "
+    scope = (
+        "" if config.memory_budget_scope == "activations"
+        else " (device budget minus static, working and reserve memory)"
+    )
+    header = ("> megatron-offload auto plan: "
+              f"--offload-memory-budget-gib {config.memory_budget_gib:g}{scope}, "
               f"units of {decision.job.layers_per_chunk} layer(s), bytes from the cost model")
-    for line in [header, *lines, *(f"> megatron-offload auto plan: note: {n}" for n in decision.plan.notes)]:
+    for line in [header, *lines,
+                 *(f"> megatron-offload auto plan: note: {n}" for n in decision.plan.notes)]:
         log.info(line)
     global_rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if global_rank == 0:  # Megatron's print_rank_0

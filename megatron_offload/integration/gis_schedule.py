@@ -4,8 +4,9 @@ With ``OffloadConfig(schedule="gis")``, the ``megatron-core schedules`` patch se
 :func:`megatron_core.install` replaces
 ``megatron.core.pipeline_parallel.schedules.forward_backward_pipelining_without_interleaving``
 and ``megatron.core.pipeline_parallel.schedules.forward_backward_pipelining_with_interleaving``
-by :func:`gis_schedule_function` (same keyword arguments, same return value), so every caller of ``get_forward_backward_func()`` (Megatron-LM's ``train()`` and ``evaluate()``
-included) runs PipeOffload's generalized interleaving. Per call:
+by :func:`gis_schedule_function` (same keyword arguments, same return value), so every caller
+of ``get_forward_backward_func()`` (Megatron-LM's ``train()`` and ``evaluate()`` included) runs
+PipeOffload's generalized interleaving. Per call:
 
 1. the schedule IR: ``schedule.gis.gis_schedule(p, v, m, g)`` with g = --offload-group-size
    (default p, capped at m), then the offload pass (``schedule.offload.plan_offload``) for
@@ -30,10 +31,16 @@ from dataclasses import dataclass
 
 from megatron_offload.config import OffloadConfig
 from megatron_offload.integration.megatron_schedules import (
-    RankOrder, model_chunks, pipeline_group, schedules_module,
+    RankOrder,
+    model_chunks,
+    pipeline_group,
+    schedules_module,
 )
 from megatron_offload.integration.offload_runtime import (
-    OffloadRuntime, compute_device, offloader_for, runtime_plan_for,
+    OffloadRuntime,
+    compute_device,
+    offloader_for,
+    runtime_plan_for,
 )
 from megatron_offload.integration.refusals import refuse_for_gis, refuse_unsupported
 from megatron_offload.releases import call_by_name
@@ -41,11 +48,13 @@ from megatron_offload.runtime.executor import run_rank
 from megatron_offload.runtime.offloader import iteration
 from megatron_offload.schedule.costs import CostModel
 from megatron_offload.schedule.gis import gis_schedule
+from megatron_offload.schedule.ir import Schedule
+from megatron_offload.schedule.kinds import OpKind
 from megatron_offload.schedule.megatron import megatron_schedule
-from megatron_offload.schedule.ir import OpKind, Schedule
 from megatron_offload.schedule.offload import plan_offload
 from megatron_offload.schedule.p2p import P2PPlan, build_plan
 from megatron_offload.schedule.validate import validate_schedule
+
 
 @dataclass(slots=True)
 class ExecutorSettings:
@@ -71,7 +80,8 @@ def costs_for(backend: str) -> CostModel:
 
 @functools.lru_cache(maxsize=64)
 def planned_schedule(pp: int, vpp: int, microbatches: int, group_size: int, policy: str,
-                     offload_chunks: int | None, backend: str, order: str = "gis") -> tuple[Schedule, P2PPlan, P2PPlan]:
+                     offload_chunks: int | None, backend: str,
+                     order: str = "gis") -> tuple[Schedule, P2PPlan, P2PPlan]:
     """(GIS schedule with the offload pass's copies, its p2p plan, its forward-only plan);
     raises ScheduleError (with the grid) for a schedule that would deadlock. ``order``
     ``megatron``: Megatron's 1F1B (v = 1) or interleaved order with group size ``group_size``."""
@@ -102,7 +112,9 @@ def _default_pg_collection(schedules):
     pgs.embd = parallel_state.get_embedding_group(check_initialized=False)
     pgs.pos_embd = parallel_state.get_position_embedding_group(check_initialized=False)
     pgs.pp = parallel_state.get_pipeline_model_parallel_group()
-    pgs.dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True, partial_data_parallel=False)
+    pgs.dp_cp = parallel_state.get_data_parallel_group(
+        with_context_parallel=True, partial_data_parallel=False
+    )
     return pgs
 
 
@@ -111,7 +123,9 @@ def gis_schedule_function(runtime: OffloadRuntime, name: str, original):
 
     def schedule_function(**kwargs):
         if runtime.active:
-            raise RuntimeError("megatron-offload: a pipeline schedule was called from inside another one")
+            raise RuntimeError(
+                "megatron-offload: a pipeline schedule was called from inside another one"
+            )
         from megatron.core.utils import get_model_config
 
         chunks = model_chunks(kwargs["model"])

@@ -45,11 +45,19 @@ import torch
 from megatron_offload.config import OffloadConfig
 from megatron_offload.integration.gis_schedule import gis_schedule_function
 from megatron_offload.integration.megatron_schedules import (
-    NO_PIPELINING, PIPELINED, SCHEDULE_FUNCTIONS, RankOrder, model_chunks, pipeline_group,
-    predict_rank_order, schedules_module,
+    NO_PIPELINING,
+    PIPELINED,
+    SCHEDULE_FUNCTIONS,
+    RankOrder,
+    model_chunks,
+    pipeline_group,
+    predict_rank_order,
+    schedules_module,
 )
 from megatron_offload.integration.offload_runtime import (
-    OffloadRuntime, offloader_for, runtime_plan_for,
+    OffloadRuntime,
+    offloader_for,
+    runtime_plan_for,
 )
 from megatron_offload.integration.patching import Patch, PatchSet
 from megatron_offload.integration.refusals import refuse_unsupported
@@ -89,8 +97,12 @@ def schedule_patches(runtime: OffloadRuntime) -> list[Patch]:
     ones run the executor with ``--offload-schedule gis``)."""
     schedules = schedules_module()
     patches = [
-        Patch.function(schedules, "forward_step", functools.partial(_patched_forward_step, runtime)),
-        Patch.function(schedules, "backward_step", functools.partial(_patched_backward_step, runtime)),
+        Patch.function(
+            schedules, "forward_step", functools.partial(_patched_forward_step, runtime)
+        ),
+        Patch.function(
+            schedules, "backward_step", functools.partial(_patched_backward_step, runtime)
+        ),
     ]
     for name in SCHEDULE_FUNCTIONS:
         gis = runtime.config.schedule == "gis" and name in PIPELINED
@@ -191,7 +203,8 @@ def _patched_schedule(runtime: OffloadRuntime, name: str, original):
 
 
 # ------------------------------------------------------- the hook where the offload set is chosen
-def choose_offload_set(runtime: OffloadRuntime, name: str, kwargs, config, chunks, order: RankOrder):
+def choose_offload_set(runtime: OffloadRuntime, name: str, kwargs, config, chunks,
+                       order: RankOrder):
     """This rank's (chunk, microbatch) units to offload in this call: the policy's rule
     (``policy.units_to_offload``), or for ``--offload-policy auto`` the planner's choice for
     this job and budget (``integration.auto``, decided at the first call of each schedule

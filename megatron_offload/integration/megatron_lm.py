@@ -8,8 +8,8 @@ the Megatron-LM checkout next to the script) plus the offload flags, and raises
 :class:`LaunchError` (naming the flag and the fix) for: a script that does not exist or never
 calls ``pretrain``; offload flags without ``--pipeline-offload``; ``--pipeline-offload`` with
 Megatron's own activation offloading or another mode whose steps bypass the patches (the
-rows of :mod:`.refusals` that name a Megatron-LM argument); an
-unsupported megatron-core release (``releases.SUPPORTED_TEXT``); invalid offload values; on a machine without a GPU, a
+rows of :mod:`.refusals` that name a Megatron-LM argument); an unsupported megatron-core
+release (``releases.SUPPORTED_TEXT``); invalid offload values; on a machine without a GPU, a
 distributed backend other than gloo. Every rank runs it on the same arguments, so every rank
 fails alike, before ``torch.distributed`` is initialized.
 
@@ -37,7 +37,8 @@ registry; lazily imported, all restored by :func:`remove`), which replaces:
   otherwise exit rank 0);
 
 and :func:`megatron_offload.integration.megatron_core.install` puts the runtime under the
-pipeline schedules. On a machine without a GPU, :mod:`megatron_offload.integration.cpu` is applied too.
+pipeline schedules. On a machine without a GPU, :mod:`megatron_offload.integration.cpu` is
+applied too.
 """
 from __future__ import annotations
 
@@ -54,7 +55,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from megatron_offload.config import (
-    ENABLE_FLAG, OffloadConfig, add_offload_arguments, offload_config_from_args,
+    ENABLE_FLAG,
+    OffloadConfig,
+    add_offload_arguments,
+    offload_config_from_args,
 )
 from megatron_offload.integration.patching import Patch, PatchSet, unwrapped
 from megatron_offload.integration.refusals import MODES, launch_problem
@@ -136,7 +140,10 @@ def argument_api() -> str:
     from megatron.training import training
 
     parameters = inspect.signature(_unwrapped(training.pretrain)).parameters
-    return "extra_args_provider" if "extra_args_provider" in parameters else "parse_and_validate_args"
+    return (
+        "extra_args_provider" if "extra_args_provider" in parameters
+        else "parse_and_validate_args"
+    )
 
 
 def megatron_parser() -> argparse.ArgumentParser:
@@ -457,11 +464,14 @@ def plan_lines(config: OffloadConfig, pp: int, vpp: int, microbatches: int,
     kind = "interleaved" if vpp > 1 else "1f1b"
     costs = CostModel(forward_time=1.0, backward_time=2.0, offload_ratio=0.5)
     if config.schedule == "gis":
-        from megatron_offload.integration.gis_schedule import costs_for, planned_schedule
-
         import torch
 
-        backend = config.backend if config.backend != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        from megatron_offload.integration.gis_schedule import costs_for, planned_schedule
+
+        backend = (
+            config.backend if config.backend != "auto"
+            else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
         group_size = min(config.group_size or pp, microbatches)
         kind, costs = f"gis g={group_size}", costs_for(backend)
         schedule = planned_schedule(pp, vpp, microbatches, group_size, config.policy,
@@ -490,7 +500,9 @@ def plan_lines(config: OffloadConfig, pp: int, vpp: int, microbatches: int,
     if picture:
         from megatron_offload.schedule.render import render_ascii
 
-        lines.append(f"> schedule as run (simulated times f=1 b=2, copies at k={costs.offload_ratio:g}):")
+        lines.append(
+            f"> schedule as run (simulated times f=1 b=2, copies at k={costs.offload_ratio:g}):"
+        )
         lines += render_ascii(planned, width=96).splitlines()
     return lines
 

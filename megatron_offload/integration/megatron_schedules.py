@@ -12,7 +12,8 @@ import types
 from dataclasses import dataclass
 
 from megatron_offload.releases import SUPPORTED_RANGE, SUPPORTED_TEXT, call_by_name
-from megatron_offload.schedule.ir import Op, OpKind
+from megatron_offload.schedule.ir import Op
+from megatron_offload.schedule.kinds import OpKind
 
 SCHEDULES = "megatron.core.pipeline_parallel.schedules"
 NO_PIPELINING = "forward_backward_no_pipelining"

@@ -37,6 +37,7 @@ import torch
 
 from megatron_offload.config import OffloadConfig
 from megatron_offload.runtime.accounting import IterationStats, ResidentStorageTracker
+from megatron_offload.runtime.host_pool import HostBufferPool
 from megatron_offload.runtime.store import (
     ActivationStore,
     SubUnitStorages,
@@ -44,12 +45,10 @@ from megatron_offload.runtime.store import (
     UnitState,
     preserve_saved_parameters,
 )
-from megatron_offload.runtime.host_pool import HostBufferPool
 from megatron_offload.runtime.transfer import TransferBackend
-from megatron_offload.schedule.ir import LayerKey, Op, OpKind, UnitKey
-from megatron_offload.schedule.kinds import COMPUTE_KINDS
+from megatron_offload.schedule.ir import LayerKey, Op, UnitKey
+from megatron_offload.schedule.kinds import COMPUTE_KINDS, OpKind
 from megatron_offload.schedule.layers import runtime_rank_ops, streamed_sub_units
-
 
 STATS_HISTORY = 64
 
@@ -132,7 +131,9 @@ class ActivationOffloader:
             raise RuntimeError("begin_iteration called twice without end_iteration/abort")
         self._order = [op for op in order if op.kind in COMPUTE_KINDS]
         if plan is None:
-            plan = runtime_rank_ops(self._order, set(offload_units), self.config.unit_prefetch_distance)
+            plan = runtime_rank_ops(
+                self._order, set(offload_units), self.config.unit_prefetch_distance
+            )
         self._plan = list(plan)
         compute = [(e.kind, e.unit) for e in self._plan if e.is_compute and e.layer is None]
         if compute != [(op.kind, op.unit) for op in self._order]:
@@ -403,7 +404,9 @@ class ActivationOffloader:
         if expected != entry:
             lo = max(0, cursor - 4)
             shown = " ".join(
-                f"[{e}]" if i == cursor else str(e) for i, e in enumerate(plan[lo : cursor + 5], lo))
+                f"[{e}]" if i == cursor else str(e)
+                for i, e in enumerate(plan[lo : cursor + 5], lo)
+            )
             raise ScheduleMismatchError(
                 f"{self.rank_label}{entry} ran where the runtime list has "
                 f"{expected if expected else 'nothing more'} (entry {cursor}): ... {shown} ...")
@@ -428,7 +431,9 @@ class ActivationOffloader:
         handler = _COPY_HANDLERS.get(entry.kind)
         if handler is None:
             raise ScheduleMismatchError(
-                f"{self.rank_label}the offload runtime has no handler for {entry} (op kind {entry.kind.name})")
+                f"{self.rank_label}the offload runtime has no handler for {entry} "
+                f"(op kind {entry.kind.name})"
+            )
         getattr(self, handler)(entry)
 
     def _start_offload(self, entry: Op) -> None:
@@ -499,7 +504,9 @@ class ActivationOffloader:
         self._stats.reloaded_bytes += sub.h2d.nbytes
         computes, since = sub.offloaded_at
         self._stats.copies.append(
-            (_sub_unit_text(entry), sub.h2d.nbytes, self._computes - computes, time.perf_counter() - since))
+            (_sub_unit_text(entry), sub.h2d.nbytes, self._computes - computes,
+             time.perf_counter() - since)
+        )
 
     def _reload_bytes(self, sub: SubUnitStorages) -> None:
         pairs = []

@@ -19,11 +19,19 @@ Importing this package does not import megatron-core; the workers do.
 from megatron_offload.testing.cpu_shims import apply_cpu_shims, remove_cpu_shims
 from megatron_offload.testing.gpt import TinyGPTCase
 from megatron_offload.testing.pool import (
-    PoolClosed, PoolTimeout, WorkerDied, WorkerError, WorkerPool, close_session_pools,
+    PoolClosed,
+    PoolTimeout,
+    WorkerDied,
+    WorkerError,
+    WorkerPool,
+    close_session_pools,
     session_pool,
 )
 from megatron_offload.testing.reference import (
-    SAFE_FAULT_PP2_M4, compare_runs, compare_runs_per_rank, merge_ranks,
+    SAFE_FAULT_PP2_M4,
+    compare_runs,
+    compare_runs_per_rank,
+    merge_ranks,
 )
 
 RUN_CASE = "megatron_offload.testing.reference:run_case"

@@ -47,8 +47,13 @@ def run_variants(case, variants: list[dict], iterations: int = 3) -> list[dict]:
     from megatron_offload.integration.megatron_core import install, uninstall
     from megatron_offload.testing.gpt import TinyGPTCase, build_model
     from megatron_offload.testing.reference import (
-        _collect_grads, _collect_params, _one_iteration, _sgd_step, ensure_cpu_shims,
-        init_parallel_state, release_parallel_state,
+        _collect_grads,
+        _collect_params,
+        _one_iteration,
+        _sgd_step,
+        ensure_cpu_shims,
+        init_parallel_state,
+        release_parallel_state,
     )
 
     if isinstance(case, dict):
@@ -74,7 +79,9 @@ def run_variants(case, variants: list[dict], iterations: int = 3) -> list[dict]:
             record = {"iterations": [], "stats": None, "step_s": []}
             try:
                 for it in range(iterations):
-                    run_case = case if counts[it] is None else replace(case, microbatches=counts[it])
+                    run_case = (
+                        case if counts[it] is None else replace(case, microbatches=counts[it])
+                    )
                     fb = get_forward_backward_func()
                     t0 = time.perf_counter()
                     store = _one_iteration(run_case, chunks, fb, it, dp_rank, pp_rank, None)
@@ -82,13 +89,17 @@ def run_variants(case, variants: list[dict], iterations: int = 3) -> list[dict]:
                     loss = None
                     if is_last:
                         loss = torch.stack([d["lm loss"] for d in store]).numpy().tobytes()
-                    record["iterations"].append({"loss": loss, "grads": _collect_grads(chunks, case)})
+                    record["iterations"].append(
+                        {"loss": loss, "grads": _collect_grads(chunks, case)}
+                    )
                     _sgd_step(chunks, case.lr)
                 if runtime is not None:
                     stats = runtime.iteration_stats[-1].as_dict()
-                    record["stats"] = {k: stats[k] for k in ("executed_ops", "samples", "unit_bytes",
-                                                             "peak_saved_bytes", "peak_resident_bytes",
-                                                             "offloaded_bytes", "reloaded_bytes")}
+                    record["stats"] = {
+                        k: stats[k]
+                        for k in ("executed_ops", "samples", "unit_bytes", "peak_saved_bytes",
+                                  "peak_resident_bytes", "offloaded_bytes", "reloaded_bytes")
+                    }
             finally:
                 settings.order = "gis"
                 if runtime is not None:
@@ -96,16 +107,20 @@ def run_variants(case, variants: list[dict], iterations: int = 3) -> list[dict]:
             record["params"] = _collect_params(chunks, case)
             if index == 0:
                 reference = record
-                out.append({"mismatches": [], "stats": None, "step_s": record["step_s"], "pp_rank": pp_rank})
+                out.append({"mismatches": [], "stats": None, "step_s": record["step_s"],
+                            "pp_rank": pp_rank})
                 continue
             mismatches = []
             for it, (a, b) in enumerate(zip(reference["iterations"], record["iterations"])):
                 if a["loss"] != b["loss"]:
                     mismatches.append(f"pp rank {pp_rank} iteration {it}: loss differs")
-                mismatches += _diff(f"pp rank {pp_rank} iteration {it}: grad", a["grads"], b["grads"])
-            mismatches += _diff(f"pp rank {pp_rank} after the last step: param", reference["params"], record["params"])
-            out.append({"mismatches": mismatches, "stats": record["stats"], "step_s": record["step_s"],
-                        "pp_rank": pp_rank})
+                mismatches += _diff(
+                    f"pp rank {pp_rank} iteration {it}: grad", a["grads"], b["grads"]
+                )
+            mismatches += _diff(f"pp rank {pp_rank} after the last step: param",
+                                reference["params"], record["params"])
+            out.append({"mismatches": mismatches, "stats": record["stats"],
+                        "step_s": record["step_s"], "pp_rank": pp_rank})
         return out
     except BaseException:
         release_parallel_state()
@@ -137,7 +152,9 @@ def measured_units(stats: dict) -> list[int]:
             cursor += 1
             expected = sum(stats["unit_bytes"][u] for u in resident)
             saved = total - outputs
-            assert saved == expected, f"at {where} {op}: measured {saved} B, units {sorted(resident)} hold {expected} B"
+            assert saved == expected, (
+                f"at {where} {op}: measured {saved} B, units {sorted(resident)} hold {expected} B"
+            )
             counts.append(len(resident))
         if letter == "B":
             resident.discard(unit)
@@ -153,7 +170,8 @@ def _parse(text: str) -> tuple[int, str, int]:
 
 
 
-def peer_failure_worker(rank: int, port: int, report: str, mode: str, timeout_s: float = 5.0) -> None:
+def peer_failure_worker(rank: int, port: int, report: str, mode: str,
+                        timeout_s: float = 5.0) -> None:
     """One of two spawned ranks (not a pool worker: a pool tears down every rank when one
     dies). PP=2 gis run where pipeline rank 1, in its third forward, exits abruptly
     (``mode="die"``) or stops answering (``mode="hang"``); rank 0 writes the error it raised,

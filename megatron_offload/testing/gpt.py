@@ -244,7 +244,8 @@ class TinyGPTCase:
             raise ValueError(f"TinyGPTCase {self.position_embedding_type=} not supported")
         if self.normalization not in ("LayerNorm", "RMSNorm"):
             raise ValueError(f"TinyGPTCase {self.normalization=} not supported")
-        if self.num_moe_experts is not None and not 1 <= self.moe_router_topk <= self.num_moe_experts:
+        if (self.num_moe_experts is not None
+                and not 1 <= self.moe_router_topk <= self.num_moe_experts):
             raise ValueError(
                 f"TinyGPTCase {self.moe_router_topk=} must lie in 1..{self.num_moe_experts=}"
             )
@@ -540,6 +541,6 @@ def synthetic_batch(case: TinyGPTCase, *, iteration: int, dp_rank: int, microbat
 
 
 __all__ = [
-    "TinyGPTCase", "transformer_config", "ddp_config", "build_model", "init_weights", "global_param_names",
-    "global_layer_map", "synthetic_batch", "causal_mask", "unwrap",
+    "TinyGPTCase", "transformer_config", "ddp_config", "build_model", "init_weights",
+    "global_param_names", "global_layer_map", "synthetic_batch", "causal_mask", "unwrap",
 ]

@@ -19,11 +19,13 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
-from megatron_offload.schedule.ir import Op, OpKind
+from megatron_offload.schedule.ir import Op
+from megatron_offload.schedule.kinds import OpKind
 from megatron_offload.schedule.layers import EPILOGUE, LayerProfile
 
 
-def _fold(effect: tuple[float, float], start: float, peak: float, end: float) -> tuple[float, float]:
+def _fold(effect: tuple[float, float], start: float, peak: float,
+          end: float) -> tuple[float, float]:
     transient, change = effect
     return max(transient, change + peak - start), change + end - start
 
@@ -46,7 +48,8 @@ def entry_effects(segments: Sequence[tuple[str, int, int, int]]) -> tuple[dict, 
             current = (op.kind, op.chunk, op.microbatch, op.layer)
             effects[current] = (peak - start, end - start)
             continue
-        if op.kind is OpKind.FORWARD and op.layer is not None and op.layer == layers.get(op.chunk, 0) - 1:
+        if (op.kind is OpKind.FORWARD and op.layer is not None
+                and op.layer == layers.get(op.chunk, 0) - 1):
             current = (EPILOGUE, op.chunk, op.microbatch, None)  # the rest's forward begins
             effects[current] = (peak - start, end - start)
         elif op.kind is OpKind.FORWARD and op.layer is None and layers.get(op.chunk, 0):
@@ -84,22 +87,30 @@ def per_chunk_profile(segments, copies, vpp: int) -> LayerProfile:
     moved = moved_bytes(copies)
 
     def median(kind, chunk, layer, index, default=0.0):
-        values = [v[index] for (k, c, _, l), v in effects.items() if k == kind and c == chunk and l == layer]
+        values = [v[index] for (k, c, _, entry_layer), v in effects.items()
+                  if k == kind and c == chunk and entry_layer == layer]
         return statistics.median(values) if values else default
 
     def moved_median(chunk, layer, fallback):
-        values = [b for (c, _, l), b in moved.items() if c == chunk and l == layer]
+        values = [b for (c, _, copy_layer), b in moved.items()
+                  if c == chunk and copy_layer == layer]
         return statistics.median(values) if values else fallback
 
     F, B = OpKind.FORWARD, OpKind.BACKWARD
-    layer_bytes = tuple(tuple(moved_median(c, l, median(F, c, l, 1)) for l in range(counts[c]))
-                        for c in range(vpp))
+    layer_bytes = tuple(
+        tuple(moved_median(c, layer, median(F, c, layer, 1)) for layer in range(counts[c]))
+        for c in range(vpp)
+    )
     rest = tuple(moved_median(c, None, median(EPILOGUE, c, None, 1) + median(F, c, None, 1))
                  for c in range(vpp))
     return LayerProfile(
         rest_bytes=rest, layer_bytes=layer_bytes,
-        forward_peak=tuple(tuple(median(F, c, l, 0) for l in range(counts[c])) for c in range(vpp)),
-        backward_peak=tuple(tuple(median(B, c, l, 0) for l in range(counts[c])) for c in range(vpp)),
+        forward_peak=tuple(
+            tuple(median(F, c, layer, 0) for layer in range(counts[c])) for c in range(vpp)
+        ),
+        backward_peak=tuple(
+            tuple(median(B, c, layer, 0) for layer in range(counts[c])) for c in range(vpp)
+        ),
         prologue_peak=tuple(median(F, c, None, 0) for c in range(vpp)),
         epilogue_peak=tuple(median(EPILOGUE, c, None, 0) for c in range(vpp)),
         backward_rest_peak=tuple(median(B, c, None, 0) for c in range(vpp)),

@@ -53,7 +53,12 @@ from typing import Any
 
 import torch
 
-from megatron_offload.testing.gpt import TinyGPTCase, build_model, global_param_names, synthetic_batch
+from megatron_offload.testing.gpt import (
+    TinyGPTCase,
+    build_model,
+    global_param_names,
+    synthetic_batch,
+)
 
 SAFE_FAULT_PP2_M4 = {"iteration": 1, "forward_raises_at": {0: 3, 1: 2}}
 """A fault that cannot deadlock: 1F1B, PP=2, microbatches=4 (see the module docstring)."""
@@ -281,14 +286,14 @@ def model_facts(case: TinyGPTCase, chunks: list, optimizer) -> dict[str, Any]:
         "param_sync_func": config.param_sync_func is not None,
         "gradient_accumulation_fusion": bool(config.gradient_accumulation_fusion),
         "layers": len(layers),
-        "recompute_input_layernorm": sum(bool(getattr(l, "recompute_input_layernorm", False))
-                                         for l in layers),
+        "recompute_input_layernorm": sum(bool(getattr(layer, "recompute_input_layernorm", False))
+                                         for layer in layers),
         "recompute_pre_mlp_layernorm": sum(
-            bool(getattr(l, "recompute_pre_mlp_layernorm", False)) for l in layers),
-        "recompute_mlp": sum(bool(getattr(l, "recompute_mlp", False)) for l in layers),
+            bool(getattr(layer, "recompute_pre_mlp_layernorm", False)) for layer in layers),
+        "recompute_mlp": sum(bool(getattr(layer, "recompute_mlp", False)) for layer in layers),
         "recompute_granularity": config.recompute_granularity,
         "recompute_modules": list(config.recompute_modules or []),
-        "moe_layers": sum(isinstance(l.mlp, MoELayer) for l in layers),
+        "moe_layers": sum(isinstance(layer.mlp, MoELayer) for layer in layers),
         "rotary": any(getattr(unwrap(c), "rotary_pos_emb", None) is not None for c in chunks),
         "normalization": config.normalization,
         "gated_linear_unit": bool(config.gated_linear_unit),

@@ -34,7 +34,11 @@ import torch
 
 from megatron_offload.testing.gpt import TinyGPTCase, build_model
 from megatron_offload.testing.reference import (
-    _collect_grads, _one_iteration, _sgd_step, ensure_cpu_shims, init_parallel_state,
+    _collect_grads,
+    _one_iteration,
+    _sgd_step,
+    ensure_cpu_shims,
+    init_parallel_state,
     release_parallel_state,
 )
 from megatron_offload.testing.true_peak import TruePeakMeter, _storage_key

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from megatron_offload.config import OffloadConfig
+from megatron_offload.integration import auto
 from megatron_offload.planning.costmodel import GiB
 from megatron_offload.planning.job import JobSpec
-from megatron_offload.integration import auto
 
 
 @pytest.mark.parametrize("field, value, flag", [
@@ -29,10 +29,12 @@ def test_what_the_cost_model_does_not_describe_is_refused(field, value, flag):
 
 
 def test_device_budget_subtracts_the_larger_static_working_and_reserve():
-    left = auto.device_activation_budget(80 * GiB, allocated_bytes=20 * GiB, static_predicted_bytes=30 * GiB,
+    left = auto.device_activation_budget(80 * GiB, allocated_bytes=20 * GiB,
+                                         static_predicted_bytes=30 * GiB,
                                          working_bytes_=1 * GiB, reserve_bytes=2 * GiB)
     assert left == 47 * GiB  # Adam's moments not allocated yet: the prediction counts them
-    left = auto.device_activation_budget(80 * GiB, allocated_bytes=33 * GiB, static_predicted_bytes=30 * GiB,
+    left = auto.device_activation_budget(80 * GiB, allocated_bytes=33 * GiB,
+                                         static_predicted_bytes=30 * GiB,
                                          working_bytes_=1 * GiB, reserve_bytes=2 * GiB)
     assert left == 44 * GiB  # more allocated than predicted: what is there counts
 

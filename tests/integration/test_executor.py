@@ -81,7 +81,8 @@ def check_matrix_variants(pool, pp: int, vpp: int, m: int, variants: list) -> li
     """Run the reference and ``variants`` [(name, variant)]; every problem found."""
     case = matrix_case(pp, vpp, m)
     named = [("reference", {"offload": None}), *variants]
-    ranks = pool.run(RUN_VARIANTS, case=case, variants=[v for _, v in named], iterations=3, timeout=300)
+    ranks = pool.run(RUN_VARIANTS, case=case, variants=[v for _, v in named], iterations=3,
+                     timeout=300)
     problems = []
     world = len(ranks)
     for index, (name, variant) in enumerate(named[1:], start=1):
@@ -100,17 +101,20 @@ def check_matrix_variants(pool, pp: int, vpp: int, m: int, variants: list) -> li
                 problems.append(f"{name} pp rank {result['pp_rank']}: {error}")
                 continue
             if max(counts) != predicted:
-                problems.append(f"{name} pp rank {result['pp_rank']}: measured peak {max(counts)} units, "
-                                f"simulator {predicted}")
+                problems.append(f"{name} pp rank {result['pp_rank']}: "
+                                f"measured peak {max(counts)} units, simulator {predicted}")
             ops = [str(op) for op in schedule.ranks[result["pp_rank"]]]
             if result["stats"]["executed_ops"] != ops:
-                problems.append(f"{name} pp rank {result['pp_rank']}: executed ops differ from the IR")
+                problems.append(
+                    f"{name} pp rank {result['pp_rank']}: executed ops differ from the IR"
+                )
     assert world % pp == 0
     return problems
 
 
 FAST = [(2, 2, 2), (4, 2, 9)]
-SWEEP = [(p, v, m) for p in (2, 3, 4) for v in (1, 2, 3) for m in (p, 2 * p + 1) if (p, v, m) not in FAST]
+SWEEP = [(p, v, m) for p in (2, 3, 4) for v in (1, 2, 3) for m in (p, 2 * p + 1)
+         if (p, v, m) not in FAST]
 SWEEP += [(2, 4, 5), (4, 4, 4)]  # v = 4
 
 
@@ -139,8 +143,10 @@ def test_full_offload_gis_p4_v2_keeps_at_most_4_units(pool4):
     """Acceptance: gis g = ceil(p/2), p=4, v=2, full offload: every rank <= 4 units measured,
     against 11 on rank 0 under Megatron's interleaved schedule without offload."""
     case = matrix_case(4, 2, 8)
-    none = OffloadConfig(policy="none", measure_memory=True, min_offload_bytes=0, granularity="unit")
-    ranks = _run(pool4, case, [{"offload": None}, {"offload": none}, {"offload": gis("full", 2)}], 2)
+    none = OffloadConfig(policy="none", measure_memory=True, min_offload_bytes=0,
+                         granularity="unit")
+    ranks = _run(pool4, case,
+                 [{"offload": None}, {"offload": none}, {"offload": gis("full", 2)}], 2)
     assert not _mismatches(ranks)
     megatron, offloaded = [], []
     for rank in sorted(ranks, key=lambda r: r[0]["pp_rank"]):
@@ -159,7 +165,8 @@ def test_full_offload_gis_p4_v2_keeps_at_most_4_units(pool4):
         offloaded.append(max(measured_units(rank[2]["stats"])))
     assert megatron == [11, 9, 7, 5]
     assert all(units <= 4 for units in offloaded), offloaded
-    print(f"\npeak units per rank: Megatron interleaved {megatron}, gis g=2 full offload {offloaded}")
+    print(f"\npeak units per rank: Megatron interleaved {megatron}, "
+          f"gis g=2 full offload {offloaded}")
 
 
 def test_tied_embeddings_and_overlapped_grad_reduce(pool4):
@@ -167,10 +174,12 @@ def test_tied_embeddings_and_overlapped_grad_reduce(pool4):
     parallelism 2, tied embeddings (finalize_model_grads' embedding all-reduce); unit and
     layer granularity (layer streaming along the GIS order)."""
     for case in (
-        TinyGPTCase(pp=2, vpp=2, microbatches=4, num_layers=4, tie_embeddings=True, overlap_grad_reduce=True,
-                    ddp_bucket_size=20_000),
-        TinyGPTCase(pp=4, vpp=2, microbatches=5, num_layers=8, tie_embeddings=True, microbatch_group_size=5),
-        TinyGPTCase(pp=2, microbatches=3, num_layers=2, tie_embeddings=True, overlap_grad_reduce=True),
+        TinyGPTCase(pp=2, vpp=2, microbatches=4, num_layers=4, tie_embeddings=True,
+                    overlap_grad_reduce=True, ddp_bucket_size=20_000),
+        TinyGPTCase(pp=4, vpp=2, microbatches=5, num_layers=8, tie_embeddings=True,
+                    microbatch_group_size=5),
+        TinyGPTCase(pp=2, microbatches=3, num_layers=2, tie_embeddings=True,
+                    overlap_grad_reduce=True),
     ):
         variants = [{"offload": None}, {"offload": gis("full", 1)}, {"offload": gis("full", 2)},
                     {"offload": gis("none", case.pp)}, {"offload": gis("full", 1, "layer")},
@@ -216,7 +225,8 @@ def test_a_dead_or_stuck_peer_fails_the_other_with_a_clear_error(mode):
     report = os.path.join(tempfile.mkdtemp(), "rank0.txt")
     context = multiprocessing.get_context("spawn")
     port = free_tcp_port()
-    procs = [context.Process(target=peer_failure_worker, args=(rank, port, report, mode), daemon=True)
+    procs = [context.Process(target=peer_failure_worker, args=(rank, port, report, mode),
+                             daemon=True)
              for rank in range(2)]
     for proc in procs:
         proc.start()

@@ -10,8 +10,8 @@ import types
 
 import pytest
 
-from megatron_offload.config import OffloadConfig
 from megatron_offload import releases
+from megatron_offload.config import OffloadConfig
 from megatron_offload.integration import megatron_core
 from megatron_offload.planning.policy import runtime_schedule
 from megatron_offload.schedule.megatron import megatron_schedule
@@ -82,7 +82,8 @@ def test_full_offload_is_bitwise_identical_to_unpatched_megatron(pool4, case):
             # (1 op: a unit reloaded as the next op starts would free nothing, and stays)
             if any(unit_lifespan > 1 for unit_lifespan in _lifespans(stats["rank_order"])):
                 assert stats["offloaded_bytes"] > 0
-                assert stats["offloaded_bytes"] == stats["reloaded_bytes"] or stats["iteration"] == 0
+                assert (stats["offloaded_bytes"] == stats["reloaded_bytes"]
+                        or stats["iteration"] == 0)
 
 
 def test_chunks_policy_is_bitwise_identical(pool4):
@@ -178,7 +179,8 @@ def test_fault_mid_schedule_leaves_no_state(pool4):
     case = TinyGPTCase(pp=2, microbatches=4)
     reference = run(pool4, case, None, iterations=3)
     faulted = run(pool4, case, FULL, iterations=3, fault=SAFE_FAULT_PP2_M4)
-    assert all(len(r["faults"]) == 1 and "injected" in r["faults"][0] for r in faulted if r["dp_rank"] == 0)
+    assert all(len(r["faults"]) == 1 and "injected" in r["faults"][0]
+               for r in faulted if r["dp_rank"] == 0)
     # the runtime released everything when the step raised...
     assert all(r["offload_clean_after_fault"] for r in faulted)
     # ...and the rerun of that iteration (and the next) is bitwise correct

@@ -6,7 +6,11 @@ import pytest
 from megatron.core.pipeline_parallel import schedules  # megatron-dependent: run on every env
 
 from megatron_offload.schedule.ir import B, F
-from megatron_offload.schedule.megatron import check_megatron_args, megatron_order, megatron_schedule
+from megatron_offload.schedule.megatron import (
+    check_megatron_args,
+    megatron_order,
+    megatron_schedule,
+)
 from megatron_offload.schedule.validate import validate_schedule
 
 
@@ -66,7 +70,8 @@ def test_interleaved_with_one_chunk_matches_megatron(pp, m, g):
     if not _megatron_accepts(pp, 1, m, g):
         pytest.skip("Megatron refuses")
     for rank in range(pp):
-        assert megatron_order("interleaved", pp, rank, 1, m, g) == _expected(pp, rank, 1, m, g, True)
+        assert (megatron_order("interleaved", pp, rank, 1, m, g)
+                == _expected(pp, rank, 1, m, g, True))
 
 
 def test_acceptance_matches_megatron_checks():

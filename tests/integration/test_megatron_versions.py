@@ -14,8 +14,8 @@ import types
 import pytest
 import torch
 
-from megatron_offload.config import OffloadConfig
 from megatron_offload import releases
+from megatron_offload.config import OffloadConfig
 from megatron_offload.integration import megatron_core
 from megatron_offload.releases import RELEASES, release
 

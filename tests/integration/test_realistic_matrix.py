@@ -125,7 +125,7 @@ def check_facts(case: TinyGPTCase, ranks: list[dict]) -> list[str]:
     for rank in ranks:
         f, where = rank["facts"], f"rank {rank['rank']}"
 
-        def want(cond: bool, what: str) -> None:
+        def want(cond: bool, what: str, where=where, f=f) -> None:  # called in this iteration only
             if not cond:
                 problems.append(f"{where}: {what} (facts: {f})")
 

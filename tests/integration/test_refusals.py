@@ -8,7 +8,12 @@ import types
 import pytest
 
 from megatron_offload.integration.refusals import (
-    MODES, REFUSED_MODES, launch_problem, problems, refuse_for_gis, refuse_unsupported,
+    MODES,
+    REFUSED_MODES,
+    launch_problem,
+    problems,
+    refuse_for_gis,
+    refuse_unsupported,
 )
 from megatron_offload.releases import RELEASES, SUPPORTED_MINORS
 

@@ -91,4 +91,5 @@ def test_megatron_log_lines_and_offload_figures(runs):
         assert f" iteration {i:8d}/{ITERS:8d} | consumed samples:" in log  # Megatron's own
         for rank in range(4):
             assert f" [pipeline offload] iteration {i:8d}/{ITERS:8d} | pp rank {rank} |" in log
-    assert "saved checkpoint from iteration      10" in plan or "saving checkpoint at iteration      10" in plan
+    assert ("saved checkpoint from iteration      10" in plan
+            or "saving checkpoint at iteration      10" in plan)

@@ -30,7 +30,8 @@ def test_pretrain_runs_gis_through_train_bitwise():
     result = json.loads(out.getvalue())
     assert result["bitwise_identical_to_baseline"] is True
     assert len(result["losses"]) == 3
-    for with_gis, megatron in zip(result["peak_activation_bytes"], result["baseline_peak_activation_bytes"]):
+    for with_gis, megatron in zip(result["peak_activation_bytes"],
+                                  result["baseline_peak_activation_bytes"]):
         assert with_gis * 3 < megatron
     # evaluate() (forward-only calls) runs the executor's forwards: Megatron's printed
     # validation losses, to all digits it prints, are those of the baseline

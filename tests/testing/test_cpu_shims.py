@@ -63,10 +63,12 @@ def test_fused_wgrad_stand_in_is_installed_where_megatron_looks_and_removed_agai
     assert not hasattr(layers, "fused_weight_gradient_mlp_cuda")
     with cpu_shims.cpu_shims():
         assert layers._grad_accum_fusion_available is True
-        assert layers.fused_weight_gradient_mlp_cuda is sys.modules["fused_weight_gradient_mlp_cuda"]
+        assert (layers.fused_weight_gradient_mlp_cuda
+                is sys.modules["fused_weight_gradient_mlp_cuda"])
         import fused_weight_gradient_mlp_cuda  # what megatron.core.utils does by name
 
-        assert fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32 is cpu_shims.wgrad_gemm_accum_fp32
+        assert (fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32
+                is cpu_shims.wgrad_gemm_accum_fp32)
     assert layers._grad_accum_fusion_available is False
     assert not hasattr(layers, "fused_weight_gradient_mlp_cuda")
     assert "fused_weight_gradient_mlp_cuda" not in sys.modules

@@ -6,7 +6,11 @@ import time
 import pytest
 
 from megatron_offload.testing.pool import (
-    PoolClosed, PoolTimeout, WorkerDied, WorkerError, WorkerPool,
+    PoolClosed,
+    PoolTimeout,
+    WorkerDied,
+    WorkerError,
+    WorkerPool,
 )
 
 T = "megatron_offload.testing.tasks:"

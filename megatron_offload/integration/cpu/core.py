@@ -58,7 +58,8 @@ Patches, in the order they are applied (see ``_patches``):
     module global by ``P2PCommunicator._communicate`` on every call. Bound only where the
     release lacks the upstream fix (``Release.interleaved_waits_on_sends``: 0.18+ waits on
     ``send_next_wait_handle`` before ``deallocate_output_tensor``).
-``megatron.core.optimizer.{optimizer,clip_grads,distrib_optimizer,grad_scaler}.torch`` -> the same proxy
+``megatron.core.optimizer.{optimizer,clip_grads,distrib_optimizer,grad_scaler}.torch``
+    -> the same proxy
     megatron-core's optimizers create their small state tensors with ``device='cuda'``:
     ``MixedPrecisionOptimizer.__init__`` (``found_inf``, ``_scale_one``), ``FP32Optimizer``
     (``_scale``), ``clip_grads.get_grad_norm_fp32`` / ``clip_grad_by_total_norm_fp32`` /

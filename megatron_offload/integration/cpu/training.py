@@ -214,8 +214,8 @@ def training_shims_applied() -> bool:
 
 def apply_training_shims() -> bool:
     """Patch ``megatron.training`` so ``pretrain()`` runs without CUDA (see the module
-    docstring). Applies :func:`megatron_offload.integration.cpu.core.apply_cpu_shims` first. Does nothing
-    and returns False when a GPU is present or when already applied."""
+    docstring). Applies :func:`megatron_offload.integration.cpu.core.apply_cpu_shims` first.
+    Does nothing and returns False when a GPU is present or when already applied."""
     if torch.cuda.is_available():
         return False
     with _LOCK:
