@@ -22,7 +22,7 @@ SUPPORTED_TEXT = "megatron-core 0.16.x to 0.19.x (>=0.16,<0.20)"
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Release:
     """What differs between supported megatron-core releases, as far as the plugin and its CPU
-    harness (``testing/cpu_shims.py``) depend on it. Each fact was read from that release's
+    support (``integration/cpu/core.py``) depend on it. Each fact was read from that release's
     wheel (``megatron/core/...``); the field docstrings say where."""
 
     minor: int

@@ -8,7 +8,7 @@ units in flight at the peak) through two model chunks, once without and once wit
 
 1. link: pinned D2H, H2D and both at once (full duplex) in GB/s through the offload backend;
 2. checks: plain torch layers (and ``te.TransformerLayer`` when Transformer Engine is there),
-   driven by ``testing.single_rank.drive``;
+   driven by ``runtime.single_rank.drive``;
 3. rows (``gpu_rows.py``): megatron-core model chunks in DDP with ``overlap_grad_reduce``,
    fused wgrad accumulation, Adam between iterations; local spec fp32, TE bf16 with fused RoPE,
    TE FP8.

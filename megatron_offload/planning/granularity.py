@@ -265,7 +265,7 @@ class LayerSearch(UnitSearch):
                     pairs.append((base.makespan, base.sort_key(), kind, group, setting))
         pairs.sort(key=lambda item: item[:2])
         tried = []
-        for makespan, _, kind, group, setting in pairs:
+        for _makespan, _, kind, group, setting in pairs:
             if self.layer_runs >= self.layer_budget:
                 break
             score = self.layer_score(kind, group, setting, self.job.vpp)

@@ -242,7 +242,7 @@ def diff_schedules(a: Schedule, b: Schedule, context: int = 3) -> str:
         step = next((i for i, (x, y) in enumerate(zip(left, right)) if x != y),
                     min(len(left), len(right)))
         lo = max(0, step - context)
-        show = lambda ops: " ".join(map(str, ops[lo : step + context + 1]))  # noqa: E731
+        show = lambda ops, lo=lo, step=step: " ".join(map(str, ops[lo : step + context + 1]))  # noqa: E731
         lines.append(
             f"rank {rank}: first difference at step {step} ({len(left)} vs {len(right)} ops)")
         lines.append(f"  - {show(left)}")

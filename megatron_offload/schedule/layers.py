@@ -523,17 +523,15 @@ class LayerProfile:
 
     def duration(self, op: Op) -> float:
         """Compute time of a compute entry (the epilogue: :meth:`epilogue_duration`)."""
-        c, l = op.chunk, op.layer
+        chunk, layer = op.chunk, op.layer
         if op.kind is OpKind.FORWARD:
-            return (
-                self._get("prologue_time", c) if l is None else self._get("forward_time", c, l, 1.0)
-            )
+            if layer is None:
+                return self._get("prologue_time", chunk)
+            return self._get("forward_time", chunk, layer, 1.0)
         if op.kind is OpKind.BACKWARD:
-            return (
-                self._get("backward_rest_time", c)
-                if l is None
-                else self._get("backward_time", c, l, 2.0)
-            )
+            if layer is None:
+                return self._get("backward_rest_time", chunk)
+            return self._get("backward_time", chunk, layer, 2.0)
         raise ValueError(f"the layer profile has no compute time for {op} (op kind {op.kind.name})")
 
     def epilogue_duration(self, chunk: int) -> float:

@@ -55,7 +55,7 @@ def render_layers_ascii(sim: LayerSimulation | LayerScheduleSimulation, width: i
     for rank in ranks:
         rows = {name: ["."] * width for name in ("compute", "d2h", "h2d")}
 
-        def paint(row, begin, end, mark):
+        def paint(row, begin, end, mark, rows=rows):
             first = int(begin / scale + 0.5)
             last = max(first + 1, int(end / scale + 0.5))
             for column in range(first, min(last, width)):

@@ -235,7 +235,7 @@ def build_optimizer(case: TinyGPTCase, chunks: list):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.utils import get_model_config
 
-    from megatron_offload.testing.cpu_shims import cuda_tensor_type_names
+    from megatron_offload.integration.cpu.core import cuda_tensor_type_names
 
     config = OptimizerConfig(
         optimizer="adam", lr=case.lr, min_lr=case.lr, weight_decay=0.1,
@@ -251,7 +251,7 @@ def build_optimizer(case: TinyGPTCase, chunks: list):
 
 
 def _optimizer_step(optimizer) -> tuple[bool, float | None]:
-    from megatron_offload.testing.cpu_shims import cuda_tensor_type_names
+    from megatron_offload.integration.cpu.core import cuda_tensor_type_names
 
     with cuda_tensor_type_names():
         success, grad_norm, _ = optimizer.step()
@@ -353,7 +353,7 @@ def _one_iteration(case, chunks, fb_func, iteration, dp_rank, pp_rank, fault_at,
 
 def ensure_cpu_shims(*, keep_async_send_storage: bool = True) -> None:
     """Apply the CPU shims (no GPU only) with these options, re-applying if they differ."""
-    from megatron_offload.testing import cpu_shims
+    from megatron_offload.integration.cpu import core as cpu_shims
 
     current = cpu_shims.applied_options()
     if current and current.get("keep_async_send_storage") != keep_async_send_storage:
@@ -385,7 +385,7 @@ def run_case(case: TinyGPTCase | dict, iterations: int = 3, offload_config=None,
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_offload.testing import cpu_shims
+    from megatron_offload.integration.cpu import core as cpu_shims
 
     if isinstance(case, dict):
         case = TinyGPTCase(**case)

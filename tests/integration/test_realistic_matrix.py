@@ -27,7 +27,7 @@ What megatron-core 0.16.1 cannot run on CPU, or at all, and is therefore not a r
 the fc2 bias Parameter is returned through the checkpoint), MoE experts with biases at TP=1
 (in-place write into a custom Function's view), the "alltoall" MoE token dispatcher (builds
 a ``torch.cuda.Stream`` in ``__init__``); see ``TinyGPTCase.__post_init__`` and
-``testing/cpu_shims.py`` for the shims that make the rest run.
+``integration/cpu/core.py`` for the shims that make the rest run.
 """
 from __future__ import annotations
 

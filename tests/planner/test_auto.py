@@ -117,7 +117,7 @@ def test_longest_lived_first_in_megatron_interleaved():
 
 def test_generous_budget_offloads_nothing_and_tiny_budget_does_not_fit():
     schedule = megatron_schedule("interleaved", 4, 2, 8)
-    for rank, order in enumerate(schedule.ranks):
+    for order in schedule.ranks:
         free = choose_offload_units(order, EQUAL, 10_000, overhead_bytes=50)
         assert not free.offload and free.fits and free.peak_bytes == free.peak_without_bytes
         assert free.peak_without_bytes == max(

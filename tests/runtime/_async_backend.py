@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from megatron_offload.runtime.transfer import Transfer, byte_view
 
 POISON = 0xA5

@@ -99,7 +99,7 @@ def _process_state():
     from megatron.core.tensor_parallel import layers
     from torch.autograd.function import BackwardCFunction
 
-    from megatron_offload.testing import cpu_shims
+    from megatron_offload.integration.cpu import core as cpu_shims
 
     return {
         "process group": dist.is_initialized(),

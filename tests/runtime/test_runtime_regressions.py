@@ -151,7 +151,7 @@ def test_fused_wgrad_accumulation_sees_the_parameter_itself(fused_wgrad_kernel):
 def test_checkpoint_without_output_releases_a_saved_storage(fused_wgrad_kernel):
     from megatron.core.tensor_parallel.random import CheckpointWithoutOutput
 
-    from megatron_offload.testing.cpu_shims import cpu_shims
+    from megatron_offload.integration.cpu.core import cpu_shims
 
     norm = torch.nn.LayerNorm(HIDDEN)
     proj = torch.nn.Linear(HIDDEN, HIDDEN)

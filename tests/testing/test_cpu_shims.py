@@ -2,8 +2,8 @@
 import pytest
 import torch
 
+from megatron_offload.integration.cpu import core as cpu_shims
 from megatron_offload.releases import release
-from megatron_offload.testing import cpu_shims
 
 FACTS = release()  # the installed megatron-core's version switches
 
