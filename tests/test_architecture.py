@@ -3,6 +3,8 @@
 - Its table of layers is the one ``tests/test_layering.py`` checks the import graph against
   (``LAYERS`` and ``MAY_IMPORT``): same layers, in the same order, same modules, same
   allowed imports.
+- Every module of the package is named in it (and, outside the test harness, in the README's
+  Layout section), so the document and the README follow the tree.
 - The pure layers (the foundation, ``schedule``, ``planning`` and the commands) never import
   torch or megatron-core: every one of their modules is imported in a fresh interpreter that
   records each attempt, so an import inside ``try``, or one that would succeed because torch is
@@ -108,3 +110,21 @@ def test_the_pure_layers_never_import_torch_or_megatron():
     )
     found = json.loads(result.stdout.splitlines()[-1])
     assert found == {"attempts": [], "failures": []}
+
+
+README = DOC.parents[1] / "README.md"
+
+
+def _layout_section(text: str) -> str:
+    start = text.index("## Layout")
+    return text[start:text.index("\n## ", start + 1) if "\n## " in text[start + 1:] else None]
+
+
+def test_every_module_is_named_in_the_architecture_document_and_the_readme():
+    doc, layout = DOC.read_text(encoding="utf-8"), _layout_section(README.read_text("utf-8"))
+    files = [path for module, path in package_modules(PACKAGE).items()
+             if path.name not in ("__init__.py", "__main__.py")]
+    assert [str(p) for p in files if p.name not in doc] == []
+    assert [str(p) for p in files if p.name not in layout
+            and layer_of(".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts))
+            != "testing"] == []
