@@ -2,9 +2,7 @@
 exactly; and every patch set of the package lists the dotted symbols it replaces."""
 from __future__ import annotations
 
-import importlib.util
 import logging
-import re
 import types
 
 import pytest
@@ -12,6 +10,8 @@ import torch
 
 from megatron_offload.integration.patching import ABSENT, Item, Patch, PatchSet, dotted, unwrapped
 from megatron_offload.releases import SUPPORTED_TEXT
+
+from _patch_docs import listed_symbols
 
 MARKER = "_test_patch"
 
@@ -170,15 +170,6 @@ def test_dotted_names():
 
 
 # ------------------------------------------------ each patch set lists what it replaces
-def _listed(doc: str) -> str:
-    """The docstring with ``{a,b}`` groups also written out (``x.{a,b}`` -> ``x.a x.b``)."""
-    doc = doc.replace("``", "")
-    expanded = [m.group(1) + part + m.group(3)
-                for m in re.finditer(r"([\w.]*)\{([\w,]+)\}([\w.]*)", doc)
-                for part in m.group(2).split(",")]
-    return doc + " " + " ".join(expanded)
-
-
 def test_the_schedule_patch_sets_list_their_symbols():
     from megatron_offload.config import OffloadConfig
     from megatron_offload.integration import gis_schedule, megatron_core
@@ -190,36 +181,17 @@ def test_the_schedule_patch_sets_list_their_symbols():
         finally:
             megatron_core.uninstall()
         assert len(symbols) == 5
-        assert [s for s in symbols if s not in _listed(megatron_core.__doc__)] == []
+        assert [s for s in symbols if s not in listed_symbols(megatron_core.__doc__)] == []
     gis = [s for s in symbols if s.endswith("_interleaving")]
-    assert len(gis) == 2 and [s for s in gis if s not in _listed(gis_schedule.__doc__)] == []
+    assert len(gis) == 2 and [s for s in gis if s not in listed_symbols(gis_schedule.__doc__)] == []
 
 
 def test_the_cpu_patch_sets_list_their_symbols():
     from megatron_offload.integration.cpu import core
 
     symbols = {p.symbol for keep in (True, False) for p in core._patches(keep)}
-    assert [s for s in sorted(symbols) if s not in _listed(core.__doc__)] == []
-    assert "torch.Tensor.type" in _listed(core.__doc__)  # cuda_tensor_type_names' set
-    if importlib.util.find_spec("megatron.training") is not None:  # 0.17+
-        from megatron_offload.integration.cpu import training
-
-        symbols = [p.symbol for p in training._patches()]
-        assert [s for s in symbols if s not in _listed(training.__doc__)] == []
-
-
-def test_the_megatron_lm_patch_set_lists_its_symbols():
-    pytest.importorskip("megatron.training", reason="megatron-core >= 0.17 ships megatron/training")
-    import megatron.training as package
-    from megatron.core.datasets import utils as dataset_utils
-    from megatron.training import arguments, training
-
-    from megatron_offload.integration import megatron_lm
-
-    state = megatron_lm.LaunchState(launch=None)
-    symbols = [p.symbol for p in megatron_lm.launch_patches(state, package, arguments, training,
-                                                            dataset_utils)]
-    assert [s for s in symbols if s not in _listed(megatron_lm.__doc__)] == []
+    assert [s for s in sorted(symbols) if s not in listed_symbols(core.__doc__)] == []
+    assert "torch.Tensor.type" in listed_symbols(core.__doc__)  # cuda_tensor_type_names' set
 
 
 def test_layer_hooks_are_one_patch_set():
