@@ -1,8 +1,8 @@
 """Runs one pipeline rank's row of a schedule IR on Megatron-Core's own steps.
 
 ``run_rank`` walks the rank's op list (``schedule/ir.py``) in order and runs each compute op
-with the handler of its kind (``handlers`` in :func:`run_rank`; a kind without one is an error
-naming it, raised before anything runs):
+with the handler of its kind (``_RankRun.HANDLERS``, one method per kind; a kind without one is
+an error naming it, raised before anything runs):
 
 - ``F``: waits for the input activation (if any), runs megatron-core's ``forward_step`` on
   the model chunk (through the offload runtime's hooks when one is given), posts the
@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -236,8 +236,258 @@ def run_rank(
     is this row (it issues the O / R entries itself), or None (no hooks, O / R skipped).
     ``finalize(total_tokens)`` runs after the last op (finalize_model_grads); not called when
     ``forward_only``."""
-    chunks = list(model)
-    vpp = len(chunks)
+    return _RankRun(
+        schedule=schedule, plan=plan, rank=rank, forward_step_func=forward_step_func,
+        data_iterator=data_iterator, model=model, num_microbatches=num_microbatches,
+        config=config, pp_group=pp_group, tensor_shape=tensor_shape, forward_step=forward_step,
+        backward_step=backward_step, call_by_name=call_by_name, cp_group_size=cp_group_size,
+        forward_only=forward_only, collect_non_loss_data=collect_non_loss_data,
+        first_val_step=first_val_step, offloader=offloader, finalize=finalize,
+        model_type=model_type, timeout_s=timeout_s, lookahead=lookahead,
+    ).run()
+
+
+class _GradSync:
+    """Data-parallel grad / param sync, as Megatron's schedule functions drive it around the
+    steps: grad sync disabled (``config.no_sync_func``) from the start; a chunk's last step that
+    accumulates weight gradients (``weight_grads`` in the kinds table) runs with it enabled, or
+    is followed by ``config.grad_sync_func`` where there is one; the chunks not synced that way
+    are synced at the end; ``config.param_sync_func`` for every chunk at the start. Not used by
+    forward-only calls (beyond :meth:`enable`, a no-op there)."""
+
+    def __init__(self, config, chunks: list, ops, forward_only: bool) -> None:
+        vpp = len(chunks)
+        self.chunks = chunks
+        self.no_sync_funcs = _per_chunk(getattr(config, "no_sync_func", None), vpp)
+        self.grad_sync = _per_chunk(getattr(config, "grad_sync_func", None), vpp)
+        self.param_sync = _per_chunk(getattr(config, "param_sync_func", None), vpp)
+        self.has_grad_sync = getattr(config, "grad_sync_func", None) is not None
+        self.has_param_sync = getattr(config, "param_sync_func", None) is not None
+        self.context: contextlib.ExitStack | None = None  # the no_sync contexts, while disabled
+        self.last: dict[int, int] = {}  # chunk -> its last step that accumulates weight grads
+        if not forward_only:
+            for i, op in enumerate(ops):
+                if op.kind.weight_grads:
+                    self.last[op.chunk] = i
+        self.synced: set[int] = set()
+
+    def disable(self) -> None:
+        if self.context is None:
+            stack = contextlib.ExitStack()
+            for fn in self.no_sync_funcs:
+                if fn is not None:
+                    stack.enter_context(fn())
+            self.context = stack
+
+    def enable(self) -> None:
+        if self.context is not None:
+            self.context.close()
+            self.context = None
+
+    def start(self) -> None:
+        """Before the first step: grad sync off, params synced."""
+        self.disable()
+        if self.has_param_sync:
+            for c in range(len(self.chunks)):
+                self.param_sync[c](self.chunks[c].parameters())
+
+    def before_step(self, step: int, chunk: int) -> None:
+        """Without a grad_sync_func, the DDP hooks reduce the chunk's grads during its last
+        weight-gradient step: enable them for it."""
+        if not self.has_grad_sync and self.last.get(chunk) == step:
+            self.enable()
+            self.synced.add(chunk)
+
+    def after_step(self, step: int, chunk: int) -> None:
+        """With a grad_sync_func, call it right after the chunk's last weight-gradient step;
+        grad sync off again for the next step."""
+        if self.has_grad_sync and self.last.get(chunk) == step:
+            self.enable()
+            self.grad_sync[chunk](self.chunks[chunk].parameters())
+            self.synced.add(chunk)
+        self.disable()
+
+    def finish(self) -> None:
+        """After the last step: hooks enabled, the chunks not synced yet synced."""
+        self.enable()
+        if self.has_grad_sync:
+            for c in range(len(self.chunks)):
+                if c not in self.synced:
+                    self.grad_sync[c](self.chunks[c].parameters())
+
+
+class _RankRun:
+    """One call of :func:`run_rank`: the per-call state (the p2p channels, the units' inputs and
+    outputs kept for their backward, the data store, the token count, the grad sync) and one
+    handler method per compute kind, registered in :attr:`HANDLERS`. :meth:`run` walks the
+    row: per compute op, post the receives due (:meth:`_run_op`), run the op's handler, release
+    the outputs whose send completed (:meth:`_release_sent`)."""
+
+    def __init__(self, *, schedule: Schedule, plan: P2PPlan, rank: int, forward_step_func,
+                 data_iterator, model, num_microbatches: int, config, pp_group, tensor_shape,
+                 forward_step, backward_step, call_by_name, cp_group_size: int,
+                 forward_only: bool, collect_non_loss_data: bool, first_val_step,
+                 offloader, finalize, model_type, timeout_s: float, lookahead: int) -> None:
+        self.chunks = chunks = list(model)
+        self.vpp = vpp = len(chunks)
+        _check_call(schedule, rank, vpp, num_microbatches, pp_group)
+        self.rank, self.pp = rank, schedule.pp
+        self.num_microbatches, self.config = num_microbatches, config
+        self.forward_only, self.first_val_step = forward_only, first_val_step
+        # what the steps are called with (forward_step / backward_step, bound by name)
+        self.forward_step_func, self.forward_step = forward_step_func, forward_step
+        self.backward_step, self.call_by_name = backward_step, call_by_name
+        self.cp_group_size, self.collect_non_loss_data = cp_group_size, collect_non_loss_data
+        self.model_type, self.offloader, self.finalize = model_type, offloader, finalize
+        self.data = data_iterator if isinstance(data_iterator, list) else [data_iterator] * vpp
+        self.label = f"[pp rank {rank}] "
+        param = next(chunks[0].parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        dtype = getattr(config, "pipeline_dtype", None) or torch.float32
+        self.channels = _Channels(plan.ranks[rank], pp_group, shape=tuple(tensor_shape),
+                                  dtype=dtype, device=device, timeout_s=timeout_s,
+                                  lookahead=lookahead, label=self.label)
+        self.rank_plan = plan.ranks[rank]
+        self.step_of = {op: i for i, op in enumerate(self.rank_plan.ops)}
+        self.deallocate = bool(getattr(config, "deallocate_pipeline_outputs", False))
+        self.store: list = []
+        self.total_tokens = torch.zeros([], dtype=torch.int, device=device)
+        self.inputs: dict = {}  # unit -> its forward's input, until its backward
+        self.outputs: dict = {}  # unit -> its forward's output, until its backward
+        self.produced_at: dict = {}  # unit -> compute step whose output was sent
+        self.grad_sync = _GradSync(config, chunks, self.rank_plan.ops, forward_only)
+
+    # -------------------------------------------------------------------------- the loop
+    def run(self) -> list:
+        self._check_handlers()
+        if not self.forward_only:
+            self.grad_sync.start()
+        try:
+            for op in self.rank_plan.ops:  # compute ops only (the p2p plan's rows)
+                self._run_op(op)
+            self.channels.finish()
+        except BaseException:
+            self.grad_sync.enable()  # leave DDP as Megatron's functions would: hooks enabled
+            raise
+        if not self.forward_only:
+            self.grad_sync.finish()
+            if self.finalize is not None:
+                self.finalize(self.total_tokens)
+        return self.store
+
+    def _check_handlers(self) -> None:
+        """A kind of this row without a handler: an error naming it, before anything runs."""
+        missing = sorted({op.kind for op in self.rank_plan.ops} - self.HANDLERS.keys(),
+                         key=lambda kind: kind.code)
+        if missing:
+            raise NotImplementedError(
+                f"{self.label}the executor has no handler for op kind(s) "
+                f"{', '.join(f'{kind.name} ({kind.value!r})' for kind in missing)} of this "
+                "rank's schedule")
+
+    def _run_op(self, op) -> None:
+        step = self.step_of[op]
+        self.channels.prefetch(step)
+        self.HANDLERS[op.kind](self, step, op.chunk, op.microbatch)
+        self._release_sent()
+
+    def _release_sent(self) -> None:
+        """Forget the sent outputs whose send completed; with ``deallocate_pipeline_outputs``
+        (training), drop their data (the backward keeps their grad_fn)."""
+        if not (self.forward_only or self.deallocate):
+            return
+        for unit, sent in list(self.produced_at.items()):
+            if self.channels.send_done(sent):
+                del self.produced_at[unit]
+                if not self.forward_only:
+                    _deallocate(self.outputs[unit])
+
+    # ------------------------------------------------------------------ shared by handlers
+    def _received(self, step: int):
+        """The input step ``step`` receives (waits for it), or None when it receives none."""
+        return self.channels.take(step) if step in self.rank_plan.receives else None
+
+    def _take_output(self, unit) -> torch.Tensor:
+        """Take ``unit``'s forward output for its backward; once its send (if any) read it, its
+        storage may go (``deallocate_pipeline_outputs``)."""
+        output = self.outputs.pop(unit)
+        sent = self.produced_at.pop(unit, None)
+        if sent is not None:
+            self.channels.wait_send(sent)
+            if self.deallocate:
+                _deallocate(output)
+        return output
+
+    # ------------------------------------------------------------------------ handlers
+    def _forward(self, step: int, c: int, mb: int) -> None:
+        """F: megatron-core's ``forward_step`` on chunk ``c``, microbatch ``mb`` (through the
+        offloader's hooks when there is one); posts the output's send."""
+        input_tensor = self._received(step)
+        first = (
+            mb == 0
+            if not (self.forward_only and self.first_val_step is not None)
+            else (self.first_val_step and mb == 0)
+        )
+
+        def step_fn():
+            return self.call_by_name(
+                self.forward_step, forward_step_func=self.forward_step_func,
+                data_iterator=self.data[c], model=self.chunks[c],
+                num_microbatches=self.num_microbatches, input_tensor=input_tensor,
+                forward_data_store=self.store, config=self.config,
+                cp_group_size=self.cp_group_size, collect_non_loss_data=self.collect_non_loss_data,
+                checkpoint_activations_microbatch=None, is_first_microbatch=first,
+                current_microbatch=mb, vp_stage=c if self.vpp > 1 else None,
+                is_last_stage=c == self.vpp - 1 and self.rank == self.pp - 1,
+            )
+
+        if self.offloader is not None:
+            output, num_tokens = self.offloader.run_forward((c, mb), [input_tensor], step_fn)
+        else:
+            output, num_tokens = step_fn()
+        self.total_tokens += num_tokens
+        _forget_input(self.chunks[c])
+        if step in self.rank_plan.sends:
+            self.channels.produced(step, output)
+            self.produced_at[(c, mb)] = step
+        if self.forward_only:
+            return
+        self.inputs[(c, mb)] = input_tensor
+        self.outputs[(c, mb)] = output
+
+    def _backward(self, step: int, c: int, mb: int) -> None:
+        """B: megatron-core's ``backward_step`` for chunk ``c``, microbatch ``mb`` (through the
+        offloader's hooks when there is one), with the chunk's grad sync; posts the input
+        gradient's send."""
+        output_grad = self._received(step)
+        input_tensor = self.inputs.pop((c, mb))
+        output = self._take_output((c, mb))
+        self.grad_sync.before_step(step, c)
+
+        def step_fn():
+            return self.call_by_name(self.backward_step, input_tensor=input_tensor,
+                                     output_tensor=output, output_tensor_grad=output_grad,
+                                     model_type=self.model_type, config=self.config)
+
+        if self.offloader is not None:
+            input_grad = self.offloader.run_backward((c, mb), step_fn)
+        else:
+            input_grad = step_fn()
+        self.grad_sync.after_step(step, c)
+        if step in self.rank_plan.sends:
+            self.channels.produced(step, input_grad)
+
+    # How this rank runs each compute kind: handler(self, step, chunk, microbatch); the
+    # offloader issues the row's copies itself. A new kind of the table (schedule/kinds.py)
+    # that reaches the executor needs its handler here.
+    HANDLERS: ClassVar[dict[OpKind, Callable[[_RankRun, int, int, int], None]]] = {
+        OpKind.FORWARD: _forward,
+        OpKind.BACKWARD: _backward,
+    }
+
+
+def _check_call(schedule: Schedule, rank: int, vpp: int, num_microbatches: int,
+                pp_group) -> None:
     if vpp != schedule.vpp or num_microbatches != schedule.microbatches:
         raise ValueError(f"schedule is for vpp={schedule.vpp}, m={schedule.microbatches}; called "
                          f"with {vpp} chunks, m={num_microbatches}")
@@ -245,162 +495,6 @@ def run_rank(
     if pp_group.size() != pp or pp_group.rank() != rank:
         raise ValueError(f"schedule for {pp} ranks run as rank {rank} of a pipeline group of size "
                          f"{pp_group.size()} (rank {pp_group.rank()})")
-    data = data_iterator if isinstance(data_iterator, list) else [data_iterator] * vpp
-    label = f"[pp rank {rank}] "
-    param = next(chunks[0].parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = getattr(config, "pipeline_dtype", None) or torch.float32
-    channels = _Channels(plan.ranks[rank], pp_group, shape=tuple(tensor_shape), dtype=dtype,
-                         device=device, timeout_s=timeout_s, lookahead=lookahead, label=label)
-    rank_plan = plan.ranks[rank]
-    step_of = {op: i for i, op in enumerate(rank_plan.ops)}
-    deallocate = bool(getattr(config, "deallocate_pipeline_outputs", False))
-    store: list = []
-    total_tokens = torch.zeros([], dtype=torch.int, device=device)
-    inputs: dict = {}
-    outputs: dict = {}
-    produced_at: dict = {}  # unit -> compute step whose output was sent
-
-    # --- data-parallel grad sync, as Megatron's schedules drive it ---------------------
-    no_sync_funcs = _per_chunk(getattr(config, "no_sync_func", None), vpp)
-    grad_sync = _per_chunk(getattr(config, "grad_sync_func", None), vpp)
-    param_sync = _per_chunk(getattr(config, "param_sync_func", None), vpp)
-    has_grad_sync = getattr(config, "grad_sync_func", None) is not None
-    sync_context = None
-
-    def disable_grad_sync():
-        nonlocal sync_context
-        if sync_context is None:
-            stack = contextlib.ExitStack()
-            for fn in no_sync_funcs:
-                if fn is not None:
-                    stack.enter_context(fn())
-            sync_context = stack
-
-    def enable_grad_sync():
-        nonlocal sync_context
-        if sync_context is not None:
-            sync_context.close()
-            sync_context = None
-
-    last_backward = {}  # chunk -> its last step that accumulates weight gradients
-    if not forward_only:
-        for i, op in enumerate(rank_plan.ops):
-            if op.kind.weight_grads:
-                last_backward[op.chunk] = i
-    synced: set[int] = set()
-
-    def run_forward(step: int, c: int, mb: int):
-        nonlocal total_tokens
-        input_tensor = channels.take(step) if step in rank_plan.receives else None
-        is_last = c == vpp - 1 and rank == pp - 1
-        first = (
-            mb == 0
-            if not (forward_only and first_val_step is not None)
-            else (first_val_step and mb == 0)
-        )
-
-        def step_fn():
-            return call_by_name(
-                forward_step, forward_step_func=forward_step_func, data_iterator=data[c],
-                model=chunks[c], num_microbatches=num_microbatches, input_tensor=input_tensor,
-                forward_data_store=store, config=config, cp_group_size=cp_group_size,
-                collect_non_loss_data=collect_non_loss_data, checkpoint_activations_microbatch=None,
-                is_first_microbatch=first, current_microbatch=mb,
-                vp_stage=c if vpp > 1 else None, is_last_stage=is_last,
-            )
-
-        if offloader is not None:
-            output, num_tokens = offloader.run_forward((c, mb), [input_tensor], step_fn)
-        else:
-            output, num_tokens = step_fn()
-        total_tokens += num_tokens
-        _forget_input(chunks[c])
-        if step in rank_plan.sends:
-            channels.produced(step, output)
-            produced_at[(c, mb)] = step
-        if forward_only:
-            return
-        inputs[(c, mb)] = input_tensor
-        outputs[(c, mb)] = output
-
-    def run_backward(step: int, c: int, mb: int):
-        output_grad = channels.take(step) if step in rank_plan.receives else None
-        input_tensor = inputs.pop((c, mb))
-        output = outputs.pop((c, mb))
-        sent = produced_at.pop((c, mb), None)
-        if sent is not None:
-            channels.wait_send(sent)  # the output's storage may go only once its send read it
-            if deallocate:
-                _deallocate(output)
-        if has_grad_sync is False and last_backward.get(c) == step:
-            enable_grad_sync()  # the hooks reduce this chunk's grads during its last backward
-            synced.add(c)
-
-        def step_fn():
-            return call_by_name(backward_step, input_tensor=input_tensor, output_tensor=output,
-                                output_tensor_grad=output_grad, model_type=model_type,
-                                config=config)
-
-        if offloader is not None:
-            input_grad = offloader.run_backward((c, mb), step_fn)
-        else:
-            input_grad = step_fn()
-        if has_grad_sync and last_backward.get(c) == step:
-            enable_grad_sync()
-            grad_sync[c](chunks[c].parameters())
-            synced.add(c)
-        disable_grad_sync()
-        if step in rank_plan.sends:
-            channels.produced(step, input_grad)
-
-    # How this rank runs each compute kind (step, chunk, microbatch); the offloader issues the
-    # row's copies itself. A new kind of the table needs its handler here.
-    handlers: dict[OpKind, Callable[[int, int, int], None]] = {
-        OpKind.FORWARD: run_forward,
-        OpKind.BACKWARD: run_backward,
-    }
-    missing = sorted({op.kind for op in rank_plan.ops} - handlers.keys(),
-                     key=lambda kind: kind.code)
-    if missing:
-        raise NotImplementedError(
-            f"{label}the executor has no handler for op kind(s) "
-            f"{', '.join(f'{kind.name} ({kind.value!r})' for kind in missing)} of this rank's "
-            "schedule")
-
-    if not forward_only:
-        disable_grad_sync()
-        if getattr(config, "param_sync_func", None) is not None:
-            for c in range(vpp):
-                param_sync[c](chunks[c].parameters())
-
-    try:
-        for op in rank_plan.ops:  # compute ops only (the p2p plan's rows)
-            step = step_of[op]
-            channels.prefetch(step)
-            handlers[op.kind](step, op.chunk, op.microbatch)
-            if deallocate and not forward_only:
-                for unit, sent in list(produced_at.items()):
-                    if channels.send_done(sent):
-                        del produced_at[unit]
-                        _deallocate(outputs[unit])
-            if forward_only:
-                for unit, sent in list(produced_at.items()):
-                    if channels.send_done(sent):
-                        del produced_at[unit]
-        channels.finish()
-    except BaseException:
-        enable_grad_sync()  # leave DDP as Megatron's functions would: hooks enabled
-        raise
-    if not forward_only:
-        enable_grad_sync()
-        if has_grad_sync:
-            for c in range(vpp):
-                if c not in synced:
-                    grad_sync[c](chunks[c].parameters())
-        if finalize is not None:
-            finalize(total_tokens)
-    return store
 
 
 def _forget_input(chunk) -> None:
