@@ -156,84 +156,121 @@ class _FifoLane:
 def _run(rank_ops: list[tuple[Op, ...]], profiles: list[LayerProfile], link: LinkModel | None, *,
          deps: tuple[int, int] | None, p2p_latency: float,
          ranks: list[int]) -> list[LayerSimulation]:
-    count = len(rank_ops)
+    """Simulate the ranks of ``rank_ops`` together: ``deps`` (pp, vpp) makes unit-level entries
+    wait for their p2p inputs (None: each rank on its own). Each rank runs until an input is
+    missing; a rank that advanced wakes the others."""
     for ops in rank_ops:
         check_rank(ops, strict=False)
-    # Per rank: the compiled entries (kind, role, chunk, mb, layer, duration, transient, change,
-    # ends_forward); the role (compute, compute needing its sub-unit resident, D2H or H2D copy)
-    # comes from the kinds table, as in simulate.py.
-    compiled = []
-    for ops, profile in zip(rank_ops, profiles):
-        ends = forward_ends(ops)
-        table = []
-        for index, op in enumerate(ops):
-            try:
-                transient, change = memory_effect(op.kind, op.chunk, op.layer, profile,
-                                                  op.microbatch)
-            except IndexError:
-                raise ValueError(f"entry {index} ({op}) is outside the profile's layers per chunk "
-                                 f"{list(profile.layers)}") from None
-            duration = profile.duration(op) if op.is_compute else 0.0
-            if link is not None and not op.is_compute:
-                nbytes = profile.sub_unit_bytes(op.chunk, op.layer, op.microbatch)
-                duration = (
-                    link.d2h_time(nbytes) if op.kind.lane is Lane.D2H else link.h2d_time(nbytes)
-                )
-            table.append((op.kind, _ROLE[op.kind.code], op.chunk, op.microbatch, op.layer, duration,
-                          transient, change, index in ends))
-        compiled.append(table)
+    tables = [_compile(ops, profile, link) for ops, profile in zip(rank_ops, profiles)]
+    runs = _rank_runs(rank_ops, tables, profiles, link, deps, p2p_latency, ranks)
+    pending = list(range(len(runs)))
+    while pending:
+        me = pending.pop()
+        if runs[me].advance() and deps is not None:
+            for other, run in enumerate(runs):
+                if other != me and not run.finished and other not in pending:
+                    pending.append(other)
+    stuck = [run for run in runs if not run.finished]
+    if stuck:
+        details = "; ".join(f"rank {run.rank} at step {run.position} ({run.ops[run.position]})"
+                            for run in stuck)
+        raise ValueError(f"the layer schedule deadlocks: {details}")
+    return [run.result(link) for run in runs]
 
+
+def _compile(ops: tuple[Op, ...], profile: LayerProfile, link: LinkModel | None) -> list[tuple]:
+    """One rank's entries table: per entry (kind, role, chunk, mb, layer, duration, transient,
+    change, ends_forward). The role (compute, compute needing its sub-unit resident, D2H or H2D
+    copy) comes from the kinds table, as in simulate.py; a copy's duration is its link time (0.0
+    without a link)."""
+    ends = forward_ends(ops)
+    table = []
+    for index, op in enumerate(ops):
+        try:
+            transient, change = memory_effect(op.kind, op.chunk, op.layer, profile, op.microbatch)
+        except IndexError:
+            raise ValueError(f"entry {index} ({op}) is outside the profile's layers per chunk "
+                             f"{list(profile.layers)}") from None
+        duration = profile.duration(op) if op.is_compute else 0.0
+        if link is not None and not op.is_compute:
+            nbytes = profile.sub_unit_bytes(op.chunk, op.layer, op.microbatch)
+            duration = (
+                link.d2h_time(nbytes) if op.kind.lane is Lane.D2H else link.h2d_time(nbytes)
+            )
+        table.append((op.kind, _ROLE[op.kind.code], op.chunk, op.microbatch, op.layer, duration,
+                      transient, change, index in ends))
+    return table
+
+
+def _rank_runs(rank_ops, tables, profiles, link, deps, p2p_latency, ranks) -> list[_RankRun]:
+    """One :class:`_RankRun` per rank, with its copy lanes (shared by ranks 2i and 2i+1 with
+    ``link.shared``) and the table of unit outputs every rank reads its inputs from."""
+    count = len(rank_ops)
     shared = link is not None and link.shared and count > 1
     lane_ids = [link.lane_of(r) if link is not None else r for r in ranks]
     lane_type = _SharedLane if shared else _FifoLane
     d2h = {lane: lane_type() for lane in set(lane_ids)}
     h2d = {lane: lane_type() for lane in set(lane_ids)}
-
     # Per kind that sends: per rank, (chunk, mb) -> time the unit's output exists: a forward-pass
     # kind's after the epilogue (which follows the last layer), a backward-pass kind's after
     # its layer-0 entry.
     output_at = {kind: [{} for _ in range(count)] for kind in OpKind if kind.sends is not None}
-    forward_done = output_at[OpKind.FORWARD]
-    position = [0] * count
-    clock = [0.0] * count
-    seq = [0] * count
-    events: list[list] = [[] for _ in range(count)]  # (time, phase, seq, what, value, index)
-    start = [[0.0] * len(t) for t in compiled]
-    end = [[0.0] * len(t) for t in compiled]
-    issue = [[0.0] * len(t) for t in compiled]
-    stall = [0.0] * count
-    busy = [0.0] * count
-    epilogues: list[list] = [[] for _ in range(count)]
-    offload_end: list[dict] = [{} for _ in range(count)]
-    reload_end: list[dict] = [{} for _ in range(count)]
-    own_d2h, own_h2d = [0.0] * count, [0.0] * count
-    sync = link is None
-    pending = list(range(count))
-    while pending:
-        me = pending.pop()
-        table, t, n = compiled[me], clock[me], seq[me]
-        ev, my_start, my_end, my_issue = events[me], start[me], end[me], issue[me]
-        step = position[me]
-        begin_step = step
-        profile = profiles[me]
+    return [_RankRun(index, ranks[index], rank_ops[index], tables[index], profiles[index],
+                     d2h[lane_ids[index]], h2d[lane_ids[index]], sync=link is None,
+                     output_at=output_at, deps=deps, p2p_latency=p2p_latency)
+            for index in range(count)]
+
+
+class _RankRun:
+    """One rank in :func:`_run`: where it stands in its entries table, the times of its entries,
+    its memory events ``(time, phase, seq, what, value, index)`` (sorted at the end by
+    :func:`_memory`: phase 0, an asynchronous copy's change, counts before program order at equal
+    times; seq keeps program order), and the steps that advance it."""
+
+    __slots__ = ("index", "rank", "ops", "table", "profile", "d2h", "h2d", "sync", "output_at",
+                 "deps", "p2p_latency", "position", "clock", "seq", "events", "start", "end",
+                 "issue", "stall", "busy", "epilogues", "offload_end", "reload_end", "own_d2h",
+                 "own_h2d")
+
+    def __init__(self, index: int, rank: int, ops: tuple[Op, ...], table: list[tuple],
+                 profile: LayerProfile, d2h, h2d, *, sync: bool, output_at: dict,
+                 deps: tuple[int, int] | None, p2p_latency: float) -> None:
+        self.index, self.rank, self.ops, self.table, self.profile = index, rank, ops, table, profile
+        self.d2h, self.h2d, self.sync = d2h, h2d, sync
+        self.output_at, self.deps, self.p2p_latency = output_at, deps, p2p_latency
+        self.position, self.clock, self.seq = 0, 0.0, 0
+        self.events: list[tuple] = []
+        self.start, self.end, self.issue = ([0.0] * len(table) for _ in range(3))
+        self.stall = self.busy = 0.0
+        self.epilogues: list[tuple[int, int, float, float]] = []
+        self.offload_end: dict = {}  # sub-unit -> end of its D2H copy
+        self.reload_end: dict = {}  # sub-unit -> end of its H2D copy
+        self.own_d2h = self.own_h2d = 0.0  # this rank's stream of each direction is free then
+
+    @property
+    def finished(self) -> bool:
+        return self.position >= len(self.table)
+
+    def advance(self) -> bool:
+        """Run entries until the next one's p2p input is missing (or the end); True if any ran.
+
+        The clock is the end of the previous compute entry (or epilogue): compute entries start
+        at the clock or when their input and reload are there, copies are issued at it."""
+        table, t, n = self.table, self.clock, self.seq
+        ev, my_start, my_end, my_issue = self.events, self.start, self.end, self.issue
+        step = begin = self.position
         while step < len(table):
             kind, role, chunk, mb, layer, duration, transient, change, ends_forward = table[step]
             if role <= _COMPUTE_RESIDENT:
                 ready = t
-                if deps is not None and layer is None:
-                    pp, vpp = deps
-                    source = producer(ranks[me], kind, chunk, pp, vpp)
-                    if source is not None:
-                        done = output_at[kind][source[0]].get((source[1], mb))
-                        if done is None:
-                            break
-                        done += p2p_latency
-                        if done > ready:
-                            ready = done
+                if layer is None and self.deps is not None:
+                    ready = self._input_ready(kind, chunk, mb, ready)
+                    if ready is None:
+                        break
                 if role == _COMPUTE_RESIDENT:
-                    back = reload_end[me].get((chunk, mb, layer))
+                    back = self.reload_end.get((chunk, mb, layer))
                     if back is not None and back > ready:
-                        stall[me] += back - ready
+                        self.stall += back - ready
                         ready = back
                 my_issue[step] = t
                 my_start[step], my_end[step] = ready, ready + duration
@@ -244,106 +281,133 @@ def _run(rank_ops: list[tuple[Op, ...]], profiles: list[LayerProfile], link: Lin
                 ev.append((ready + duration, 1, n + 3, _MARK, 0.0, step))
                 n += 4
                 t = ready + duration
-                busy[me] += duration
+                self.busy += duration
                 if layer == 0 and kind.sends is Flow.UPSTREAM:
-                    output_at[kind][me][(chunk, mb)] = t
-            elif role == _D2H:
+                    self.output_at[kind][self.index][(chunk, mb)] = t
+            else:
                 my_issue[step] = t
-                if sync:
-                    my_start[step] = my_end[step] = t
-                    ev.append((t, 1, n, _DELTA, change, step))
+                if role == _D2H:
+                    self._offload(step, t, n, (chunk, mb, layer), duration, change)
                 else:
-                    begin = d2h[lane_ids[me]].place(max(t, own_d2h[me]), duration)
-                    # one stream per rank and direction: its copies in order
-                    own_d2h[me] = begin + duration
-                    my_start[step], my_end[step] = begin, begin + duration
-                    ev.append((begin + duration, 0, n, _DELTA, change, step))
-                ev.append((t, 1, n + 1, _MARK, 0.0, step))
+                    self._reload(step, t, n, (chunk, mb, layer), duration, change)
                 n += 2
-                offload_end[me][(chunk, mb, layer)] = my_end[step]
-            else:  # H2D copy
-                my_issue[step] = t
-                if sync:
-                    begin = t
-                else:
-                    ready = max(t, offload_end[me][(chunk, mb, layer)])
-                    begin = h2d[lane_ids[me]].place(max(ready, own_h2d[me]), duration)
-                    own_h2d[me] = begin + duration
-                my_start[step], my_end[step] = begin, begin + duration
-                ev.append((begin, 1 if begin == t else 0, n, _DELTA, change, step))
-                ev.append((t, 1, n + 1, _MARK, 0.0, step))
-                n += 2
-                reload_end[me][(chunk, mb, layer)] = begin + duration
             if ends_forward:  # the epilogue, then the unit's output exists
-                e_transient, e_change = memory_effect(EPILOGUE, chunk, None, profile, mb)
-                e_time = profile.epilogue_duration(chunk)
-                ev.append((t, 1, n, _START, e_transient, step))
-                ev.append((t + e_time, 1, n + 1, _END, 0.0, step))
-                ev.append((t + e_time, 1, n + 2, _DELTA, e_change, step))
-                ev.append((t + e_time, 1, n + 3, _MARK, 0.0, step))
+                t = self._epilogue(step, t, n, chunk, mb)
                 n += 4
-                epilogues[me].append((chunk, mb, t, t + e_time))
-                busy[me] += e_time
-                t += e_time
-                forward_done[me][(chunk, mb)] = t
             step += 1
-        position[me], clock[me], seq[me] = step, t, n
-        if deps is not None and step != begin_step:
-            for other in range(count):
-                if other != me and position[other] < len(compiled[other]) and other not in pending:
-                    pending.append(other)
-    stuck = [ranks[r] for r in range(count) if position[r] < len(compiled[r])]
-    if stuck:
-        details = "; ".join(f"rank {ranks[r]} at step {position[r]} ({rank_ops[r][position[r]]})"
-                            for r in range(count) if position[r] < len(compiled[r]))
-        raise ValueError(f"the layer schedule deadlocks: {details}")
+        self.position, self.clock, self.seq = step, t, n
+        return step != begin
 
-    results = []
-    for me in range(count):
-        ops = rank_ops[me]
-        level = profiles[me].base_bytes
-        transient = 0.0
-        current = -1
-        peak, peak_entry = level, -1
-        level_after = [0.0] * len(ops)
-        peak_in = [0.0] * len(ops)
-        curve = [(0.0, level, level)]
-        for time, _phase, _n, what, value, index in sorted(events[me]):
-            if what == _DELTA:
-                level += value
-            elif what == _START:
-                transient, current = value, index
-            elif what == _END:
-                transient, current = 0.0, -1
-            else:
-                level_after[index] = level
-                if not ops[index].is_compute and level > peak_in[index]:
-                    peak_in[index] = level
-                continue
-            candidate = level + transient
-            if current >= 0 and candidate > peak_in[current]:
-                peak_in[current] = candidate
-            if candidate > peak:
-                peak, peak_entry = candidate, current if current >= 0 else index
-            if curve[-1][0] == time:
-                curve[-1] = (time, level, candidate)
-            else:
-                curve.append((time, level, candidate))
+    def _input_ready(self, kind: OpKind, chunk: int, mb: int, ready: float) -> float | None:
+        """``ready``, or later when the unit-level entry's p2p input arrives after it (None: not
+        produced yet)."""
+        pp, vpp = self.deps
+        source = producer(self.rank, kind, chunk, pp, vpp)
+        if source is None:
+            return ready
+        done = self.output_at[kind][source[0]].get((source[1], mb))
+        if done is None:
+            return None
+        done += self.p2p_latency
+        return done if done > ready else ready
+
+    def _offload(self, step: int, t: float, n: int, key: tuple, duration: float,
+                 change: float) -> None:
+        """A D2H copy issued at ``t``: without a link it frees its bytes at once; else it runs
+        on the D2H lane after this rank's previous D2H copy and frees them when it ends."""
+        if self.sync:
+            self.start[step] = self.end[step] = t
+            self.events.append((t, 1, n, _DELTA, change, step))
+        else:
+            begin = self.d2h.place(max(t, self.own_d2h), duration)
+            # one stream per rank and direction: its copies in order
+            self.own_d2h = begin + duration
+            self.start[step], self.end[step] = begin, begin + duration
+            self.events.append((begin + duration, 0, n, _DELTA, change, step))
+        self.events.append((t, 1, n + 1, _MARK, 0.0, step))
+        self.offload_end[key] = self.end[step]
+
+    def _reload(self, step: int, t: float, n: int, key: tuple, duration: float,
+                change: float) -> None:
+        """An H2D copy issued at ``t``: without a link it adds its bytes at once; else it runs on
+        the H2D lane once its own D2H copy and this rank's previous H2D copy are done, and adds
+        them when it starts."""
+        if self.sync:
+            begin = t
+        else:
+            ready = max(t, self.offload_end[key])
+            begin = self.h2d.place(max(ready, self.own_h2d), duration)
+            self.own_h2d = begin + duration
+        self.start[step], self.end[step] = begin, begin + duration
+        self.events.append((begin, 1 if begin == t else 0, n, _DELTA, change, step))
+        self.events.append((t, 1, n + 1, _MARK, 0.0, step))
+        self.reload_end[key] = begin + duration
+
+    def _epilogue(self, step: int, t: float, n: int, chunk: int, mb: int) -> float:
+        """The unit's epilogue after entry ``step``, from ``t``; returns its end, when the unit's
+        forward output exists."""
+        transient, change = memory_effect(EPILOGUE, chunk, None, self.profile, mb)
+        duration = self.profile.epilogue_duration(chunk)
+        end = t + duration
+        self.events.append((t, 1, n, _START, transient, step))
+        self.events.append((end, 1, n + 1, _END, 0.0, step))
+        self.events.append((end, 1, n + 2, _DELTA, change, step))
+        self.events.append((end, 1, n + 3, _MARK, 0.0, step))
+        self.epilogues.append((chunk, mb, t, end))
+        self.busy += duration
+        self.output_at[OpKind.FORWARD][self.index][(chunk, mb)] = end
+        return end
+
+    def result(self, link: LinkModel | None) -> LayerSimulation:
+        ops, profile = self.ops, self.profile
+        level_after, peak_in, peak, peak_entry, curve = _memory(ops, self.events,
+                                                                profile.base_bytes)
         copies = [i for i, op in enumerate(ops) if op.kind.lane is Lane.D2H]
         reloads = [i for i, op in enumerate(ops) if op.kind.lane is Lane.H2D]
-        profile = profiles[me]
-        results.append(LayerSimulation(
-            rank=ranks[me], ops=ops, start=start[me], end=end[me], issue=issue[me],
+        return LayerSimulation(
+            rank=self.rank, ops=ops, start=self.start, end=self.end, issue=self.issue,
             level_after=level_after, peak_in=peak_in, peak_bytes=peak, peak_entry=peak_entry,
-            curve=curve, epilogues=epilogues[me], copies=len(copies),
+            curve=curve, epilogues=self.epilogues, copies=len(copies),
             offloaded_bytes=sum(profile.sub_unit_bytes(ops[i].chunk, ops[i].layer,
                                                        ops[i].microbatch) for i in copies),
             reloaded_bytes=sum(profile.sub_unit_bytes(ops[i].chunk, ops[i].layer,
                                                       ops[i].microbatch) for i in reloads),
-            stall=stall[me], busy=busy[me], finish=max([*end[me], clock[me]], default=0.0),
+            stall=self.stall, busy=self.busy, finish=max([*self.end, self.clock], default=0.0),
             link=link,
-        ))
-    return results
+        )
+
+
+def _memory(ops: tuple[Op, ...], events: list[tuple], level: float):
+    """Replay one rank's memory events in time order from ``level`` (the base bytes):
+    (level_after, peak_in, peak, peak_entry, curve) of :class:`LayerSimulation`."""
+    transient = 0.0
+    current = -1
+    peak, peak_entry = level, -1
+    level_after = [0.0] * len(ops)
+    peak_in = [0.0] * len(ops)
+    curve = [(0.0, level, level)]
+    for time, _phase, _n, what, value, index in sorted(events):
+        if what == _DELTA:
+            level += value
+        elif what == _START:
+            transient, current = value, index
+        elif what == _END:
+            transient, current = 0.0, -1
+        else:
+            level_after[index] = level
+            if not ops[index].is_compute and level > peak_in[index]:
+                peak_in[index] = level
+            continue
+        candidate = level + transient
+        if current >= 0 and candidate > peak_in[current]:
+            peak_in[current] = candidate
+        if candidate > peak:
+            peak, peak_entry = candidate, current if current >= 0 else index
+        if curve[-1][0] == time:
+            curve[-1] = (time, level, candidate)
+        else:
+            curve.append((time, level, candidate))
+    return level_after, peak_in, peak, peak_entry, curve
 
 
 @dataclass(kw_only=True, slots=True)
