@@ -42,7 +42,7 @@ from .layers import (
     forward_ends,
     memory_effect,
 )
-from .simulate import _COMPUTE_RESIDENT, _D2H, _ROLE, _SharedLane, gc_paused
+from .simulate import _COMPUTE_RESIDENT, _D2H, _ROLE, _FifoLane, _SharedLane, gc_paused
 
 _DELTA, _START, _END, _MARK = 0, 1, 2, 3
 
@@ -139,18 +139,6 @@ def simulate_layer_schedule(schedule: LayerSchedule, profile: LayerProfile | Seq
         sims = _run(list(schedule.ranks), profiles, link, deps=(schedule.pp, schedule.vpp),
                     p2p_latency=p2p_latency, ranks=list(range(schedule.pp)))
     return LayerScheduleSimulation(schedule=schedule, ranks=sims)
-
-
-class _FifoLane:
-    __slots__ = ("free",)
-
-    def __init__(self) -> None:
-        self.free = 0.0
-
-    def place(self, ready: float, duration: float) -> float:
-        begin = ready if ready > self.free else self.free
-        self.free = begin + duration
-        return begin
 
 
 def _run(rank_ops: list[tuple[Op, ...]], profiles: list[LayerProfile], link: LinkModel | None, *,
@@ -258,21 +246,22 @@ class _RankRun:
         at the clock or when their input and reload are there, copies are issued at it."""
         table, t, n = self.table, self.clock, self.seq
         ev, my_start, my_end, my_issue = self.events, self.start, self.end, self.issue
+        reload_end, unit_inputs = self.reload_end, self.deps is not None
         step = begin = self.position
         while step < len(table):
             kind, role, chunk, mb, layer, duration, transient, change, ends_forward = table[step]
+            my_issue[step] = t  # (an entry blocked on its input is reached again at this t)
             if role <= _COMPUTE_RESIDENT:
                 ready = t
-                if layer is None and self.deps is not None:
+                if layer is None and unit_inputs:
                     ready = self._input_ready(kind, chunk, mb, ready)
                     if ready is None:
                         break
                 if role == _COMPUTE_RESIDENT:
-                    back = self.reload_end.get((chunk, mb, layer))
+                    back = reload_end.get((chunk, mb, layer))
                     if back is not None and back > ready:
                         self.stall += back - ready
                         ready = back
-                my_issue[step] = t
                 my_start[step], my_end[step] = ready, ready + duration
                 ev.append((ready, 1, n, _START, transient, step))
                 # the transient includes what it keeps
@@ -284,12 +273,11 @@ class _RankRun:
                 self.busy += duration
                 if layer == 0 and kind.sends is Flow.UPSTREAM:
                     self.output_at[kind][self.index][(chunk, mb)] = t
+            elif role == _D2H:
+                self._offload(step, t, n, (chunk, mb, layer), duration, change)
+                n += 2
             else:
-                my_issue[step] = t
-                if role == _D2H:
-                    self._offload(step, t, n, (chunk, mb, layer), duration, change)
-                else:
-                    self._reload(step, t, n, (chunk, mb, layer), duration, change)
+                self._reload(step, t, n, (chunk, mb, layer), duration, change)
                 n += 2
             if ends_forward:  # the epilogue, then the unit's output exists
                 t = self._epilogue(step, t, n, chunk, mb)

@@ -56,6 +56,8 @@ _SOURCE = [0 if kind.sends is None else -kind.sends.step for kind in OpKind]
 _ALLOCATES = np.array([kind.allocates for kind in OpKind])
 _FREES = np.array([kind.frees for kind in OpKind])
 _IS_D2H = np.array([kind.lane is Lane.D2H for kind in OpKind])
+_NEVER = -1.0
+"""An end time not reached yet (times are >= 0)."""
 _HINTABLE = np.zeros(KIND_COUNT, dtype=bool)
 _HINTABLE[[KIND_F, KIND_B, KIND_O, KIND_R]] = True
 """The kinds of the offload pass's output, all :func:`_run_hinted` knows how to time."""
@@ -144,6 +146,20 @@ def _peak(reserve: list[float], release: list[float]) -> int:
     return peak
 
 
+class _FifoLane:
+    """One link lane whose copies run in issue order (one CUDA stream)."""
+
+    __slots__ = ("free",)
+
+    def __init__(self) -> None:
+        self.free = 0.0
+
+    def place(self, ready: float, duration: float) -> float:
+        begin = ready if ready > self.free else self.free
+        self.free = begin + duration
+        return begin
+
+
 class _SharedLane:
     """Busy intervals of one link lane; a copy takes the earliest gap at or after it is ready."""
 
@@ -212,44 +228,87 @@ def _simulate(schedule: Schedule, costs: CostModel,
 
 
 def _run_general(schedule: Schedule, costs: CostModel) -> Simulation:
-    pp, vpp, m = schedule.pp, schedule.vpp, schedule.microbatches
-    units = vpp * m
-    program = schedule.program()
-    # by op code
-    duration = [costs.time(kind, unit // m) for kind in OpKind for unit in range(units)]
-    kind_of = [code // units for code in range(KIND_COUNT * units)]
-    roles, sources = _ROLE, _SOURCE
-    latency = costs.p2p_latency
-    never = -1.0
-    # done[r][code] for compute codes: end time (never = not run yet); copies per unit.
-    done = [[never] * slot_width(units) for _ in range(pp)]
-    offload_end = [[never] * units for _ in range(pp)]
-    reload_issue = [[never] * units for _ in range(pp)]
-    reload_step = [[0] * units for _ in range(pp)]
-    starts = [[] for _ in range(pp)]
-    ends = [[] for _ in range(pp)]
-    clock = [0.0] * pp
-    busy = [0.0] * pp
-    shared = costs.shared_link and pp > 1
-    lanes = max(costs.link_of(r) for r in range(pp)) + 1
-    d2h_free, h2d_free = [0.0] * lanes, [0.0] * lanes
-    d2h_shared = [_SharedLane() for _ in range(lanes)] if shared else None
-    h2d_shared = [_SharedLane() for _ in range(lanes)] if shared else None
-    position = [0] * pp
+    """The engine for any cost model: each rank runs until an op's p2p input is missing; a rank
+    that advanced wakes its neighbours (and the first and last rank, across the wrap)."""
+    ranks = _general_ranks(schedule, costs)
+    pp, last = schedule.pp, schedule.pp - 1
     pending = list(range(pp))
-    last = pp - 1
     while pending:
         rank = pending.pop()
-        codes, mine, step = program[rank], done[rank], position[rank]
-        before = done[rank - 1] if rank > 0 else done[last]
-        after = done[rank + 1] if rank < last else done[0]
-        lat_before = latency if pp > 1 else 0.0
-        t, work = clock[rank], busy[rank]
-        my_start, my_end = starts[rank], ends[rank]
-        my_offload, my_issue, my_reload_step = (offload_end[rank], reload_issue[rank],
-                                                reload_step[rank])
-        lane = costs.link_of(rank)
-        begin, count = step, len(codes)
+        if ranks[rank].advance():
+            for other in {rank - 1, rank + 1, 0, last}:
+                if (
+                    0 <= other < pp
+                    and other != rank
+                    and ranks[other].position < ranks[other].count
+                    and other not in pending
+                ):
+                    pending.append(other)
+    if any(run.position < run.count for run in ranks):
+        validate_schedule(schedule)  # raises with the grid
+        raise AssertionError("simulation stalled on a schedule that validates")  # pragma: no cover
+    return _general_result(schedule, costs, ranks)
+
+
+def _general_ranks(schedule: Schedule, costs: CostModel) -> list[_GeneralRank]:
+    """The ranks of :func:`_run_general`, each with the shared tables by op code (duration, kind
+    code), its neighbours' end times (its inputs) and its link lanes (ranks 2i and 2i+1 share
+    theirs with ``costs.shared_link``)."""
+    pp, vpp, m = schedule.pp, schedule.vpp, schedule.microbatches
+    units = vpp * m
+    duration = [costs.time(kind, unit // m) for kind in OpKind for unit in range(units)]
+    kind_of = [code // units for code in range(KIND_COUNT * units)]
+    latency = costs.p2p_latency if pp > 1 else 0.0
+    lanes = [costs.link_of(rank) for rank in range(pp)]
+    lane_type = _SharedLane if costs.shared_link and pp > 1 else _FifoLane
+    d2h = [lane_type() for _ in range(max(lanes) + 1)]
+    h2d = [lane_type() for _ in range(max(lanes) + 1)]
+    ranks = [_GeneralRank(rank, pp, m, units, latency, duration, kind_of, codes,
+                          d2h[lanes[rank]], h2d[lanes[rank]])
+             for rank, codes in enumerate(schedule.program())]
+    for rank, run in enumerate(ranks):
+        run.before = ranks[rank - 1].done  # rank 0: the last rank's
+        run.after = ranks[(rank + 1) % pp].done
+    return ranks
+
+
+class _GeneralRank:
+    """One rank of :func:`_run_general`: its program (op codes), where it stands, its clock (end
+    of its last compute op), busy time and start/end times so far, the end time of each of its
+    compute op codes (``done``, ``_NEVER``: not run yet; ``before``/``after``: the previous and
+    next rank's), and per unit its offload's end and its reload's issue time (``_NEVER``: none
+    waiting) and step: a reload is timed by the first op needing its unit resident. ``shape``:
+    (rank, last rank, microbatches, units per rank, p2p latency)."""
+
+    __slots__ = ("shape", "duration", "kind_of", "codes", "count", "done", "before", "after",
+                 "position", "clock", "busy", "start", "end", "offload_end", "reload_issue",
+                 "reload_step", "d2h", "h2d")
+
+    def __init__(self, rank: int, pp: int, m: int, units: int, latency: float,
+                 duration: list[float], kind_of: list[int], codes, d2h, h2d) -> None:
+        self.shape = (rank, pp - 1, m, units, latency)  # what advance() reads, in one go
+        self.duration, self.kind_of, self.codes, self.count = duration, kind_of, codes, len(codes)
+        self.done = [_NEVER] * slot_width(units)
+        self.before = self.after = self.done
+        self.position, self.clock, self.busy = 0, 0.0, 0.0
+        self.start: list[float] = []
+        self.end: list[float] = []
+        self.offload_end, self.reload_issue = [_NEVER] * units, [_NEVER] * units
+        self.reload_step = [0] * units
+        self.d2h, self.h2d = d2h, h2d
+
+    def advance(self) -> bool:
+        """Run ops until one's p2p input is missing (or the end); True if any ran."""
+        rank, last, m, units, latency = self.shape
+        duration, kind_of, roles, sources = self.duration, self.kind_of, _ROLE, _SOURCE
+        codes, mine = self.codes, self.done
+        before, after = self.before, self.after
+        t, work = self.clock, self.busy
+        step = begin = self.position
+        count = self.count
+        my_start, my_end = self.start, self.end
+        d2h, h2d = self.d2h, self.h2d
+        my_offload, my_issue, my_reload_step = self.offload_end, self.reload_issue, self.reload_step
         while step < count:
             code = codes[step]
             kind = kind_of[code]
@@ -263,7 +322,7 @@ def _run_general(schedule: Schedule, costs: CostModel) -> Simulation:
                         arrived = before[code if rank > 0 else code - m]
                         if arrived < 0:
                             break
-                        arrived += lat_before
+                        arrived += latency
                         if arrived > ready:
                             ready = arrived
                 elif source > 0:  # input from the next virtual stage
@@ -271,88 +330,63 @@ def _run_general(schedule: Schedule, costs: CostModel) -> Simulation:
                         arrived = after[code if rank < last else code + m]
                         if arrived < 0:
                             break
-                        arrived += lat_before
+                        arrived += latency
                         if arrived > ready:
                             ready = arrived
                 if role == _COMPUTE_RESIDENT and my_issue[unit] >= 0:
-                    # offloaded: reload so that it ends as `ready`
-                    copy = duration[codes[my_reload_step[unit]]]  # its H2D copy's time
+                    # offloaded: reload so that it ends at `ready`, but not before its issue, its
+                    # offload's end or (in lane order) the H2D lane's previous copy
+                    at = my_reload_step[unit]
+                    copy = duration[codes[at]]  # its H2D copy's time
                     begin_copy = ready - copy
                     for bound in (my_issue[unit], my_offload[unit]):
                         if bound > begin_copy:
                             begin_copy = bound
-                    my_issue[unit] = never  # timed by the unit's first op needing it resident
-                    if shared:
-                        begin_copy = h2d_shared[lane].place(begin_copy, copy)
-                    elif h2d_free[lane] > begin_copy:
-                        begin_copy = h2d_free[lane]
-                    h2d_free[lane] = begin_copy + copy
-                    my_start[my_reload_step[unit]] = begin_copy
-                    my_end[my_reload_step[unit]] = begin_copy + copy
+                    my_issue[unit] = _NEVER  # timed by the unit's first op needing it resident
+                    begin_copy = h2d.place(begin_copy, copy)
+                    my_start[at], my_end[at] = begin_copy, begin_copy + copy
                     if begin_copy + copy > ready:
                         ready = begin_copy + copy
                 finish = ready + duration[code]
                 work += duration[code]
-                mine[code] = finish
+                mine[code] = t = finish
             elif role == _D2H:  # issued now, runs when the D2H lane is free
-                if shared:
-                    ready = d2h_shared[lane].place(t, duration[code])
-                else:
-                    ready = t if t > d2h_free[lane] else d2h_free[lane]
-                finish = ready + duration[code]
-                d2h_free[lane] = finish
-                my_offload[unit] = finish
-                my_start.append(ready)
-                my_end.append(finish)
-                step += 1
-                continue
-            else:
-                # H2D: issued now; timed when an op needing its unit resident is reached
-                # (just in time)
-                my_issue[unit] = t
+                ready = d2h.place(t, duration[code])
+                finish = my_offload[unit] = ready + duration[code]
+            else:  # H2D: issued now; timed when an op needing its unit resident is reached
+                my_issue[unit] = ready = finish = t
                 my_reload_step[unit] = len(my_start)
-                my_start.append(t)
-                my_end.append(t)
-                step += 1
-                continue
             my_start.append(ready)
             my_end.append(finish)
-            t = finish
             step += 1
-        position[rank], clock[rank], busy[rank] = step, t, work
-        if step != begin:
-            for other in {rank - 1, rank + 1, 0, last}:
-                if (
-                    0 <= other < pp
-                    and other != rank
-                    and position[other] < len(program[other])
-                    and other not in pending
-                ):
-                    pending.append(other)
-    if any(position[r] < len(program[r]) for r in range(pp)):
-        validate_schedule(schedule)  # raises with the grid
-        raise AssertionError("simulation stalled on a schedule that validates")  # pragma: no cover
+        self.position = step
+        self.clock, self.busy = t, work
+        return step != begin
+
+
+def _general_result(schedule: Schedule, costs: CostModel, ranks: list[_GeneralRank]) -> Simulation:
     allocates, frees, is_d2h = _ALLOCATES.tolist(), _FREES.tolist(), _IS_D2H.tolist()
     reserve, release = [], []
     offloaded = 0
-    for rank in range(pp):
-        codes, begin_times, end_times = program[rank], starts[rank], ends[rank]
-        res = [begin_times[i] for i, code in enumerate(codes) if allocates[kind_of[code]]]
-        rel = [end_times[i] for i, code in enumerate(codes) if frees[kind_of[code]]]
+    for run in ranks:
+        codes, kind_of = run.codes, run.kind_of
+        res = [run.start[i] for i, code in enumerate(codes) if allocates[kind_of[code]]]
+        rel = [run.end[i] for i, code in enumerate(codes) if frees[kind_of[code]]]
         offloaded += sum(1 for code in codes if is_d2h[kind_of[code]])
         res.sort()
         rel.sort()
         reserve.append(res)
         release.append(rel)
+    ends = [run.end for run in ranks]
     makespan = max((max(e) for e in ends if e), default=0.0)
     return Simulation(
         schedule=schedule,
         costs=costs,
-        start=starts,
+        start=[run.start for run in ranks],
         end=ends,
         makespan=makespan,
-        busy=busy,
-        peak_units=[_peak(reserve[r], release[r]) for r in range(pp)],
+        busy=[run.busy for run in ranks],
+        peak_units=[_peak(res, rel) for res, rel in zip(reserve, release)],
         offloaded_units=offloaded,
         no_offload_makespan=makespan,
         _reserve=reserve,
@@ -365,45 +399,18 @@ def _run_private(schedule: Schedule, costs: CostModel) -> Simulation:
 
     Every rank's timing then depends only on its own ops and its inputs' arrival times, so the
     order in which ranks are advanced does not matter. Per step the dependency and output slots
-    are precomputed (numpy) into one flat table of arrival times (producer end + latency; None =
-    not produced yet; a last slot 0.0 for ops without a p2p input), which keeps the hot loop to
-    a handful of list reads."""
-    pp, vpp, m = schedule.pp, schedule.vpp, schedule.microbatches
-    units = vpp * m
-    program = schedule.program()
-    per_chunk = lambda cost: np.array([cost(c) for c in range(vpp)], dtype=float)  # noqa: E731
-    chunk_of = np.arange(units) // m
-    # Duration by op code (every kind of every unit).
-    duration_of = np.concatenate([per_chunk(lambda c, kind=kind: costs.time(kind, c))[chunk_of]
-                                  for kind in OpKind])
+    are precomputed (numpy, :func:`_private_ranks`) into one flat table of arrival times
+    (producer end + latency; None = not produced yet), which keeps the hot loop to a handful of
+    list reads. A rank blocked on a missing input is woken only once that input exists: in
+    1F1B-like schedules ranks advance a step or two at a time, so needless wake-ups would
+    dominate."""
+    pp, last = schedule.pp, schedule.pp - 1
+    ranks, arrival = _private_ranks(schedule, costs)
     latency = costs.p2p_latency if pp > 1 else 0.0
-    width = slot_width(units)
-    sentinel = pp * width
-    arrival: list = [None] * sentinel + [0.0]
-    last = pp - 1
-    plans = []
-    for rank, row in enumerate(program):
-        codes = np.asarray(row, dtype=np.int64).reshape(-1)
-        kind = codes // units
-        unit = codes - kind * units
-        dep = input_slots(codes, rank, pp, units, m, sentinel)
-        compute = kind < FIRST_COPY_CODE
-        plans.append((
-            _ROLES[kind].tolist(), unit.tolist(), dep.tolist(), (rank * width + codes).tolist(),
-            duration_of[codes].tolist(), bool(np.any(~compute)), duration_of[codes[compute]], kind,
-        ))
-    starts: list[list[float]] = [[] for _ in range(pp)]
-    ends: list[list[float]] = [[] for _ in range(pp)]
-    clock = [0.0] * pp
-    d2h_free, h2d_free = [0.0] * pp, [0.0] * pp
-    offload_end = [[-1.0] * units for _ in range(pp)]
-    reload_issue = [[-1.0] * units for _ in range(pp)]
-    reload_step = [[0] * units for _ in range(pp)]
-    position = [0] * pp
-    lengths = [len(codes) for codes in program]
-    # A rank blocked on a missing input is woken only once that input exists: in 1F1B-like
-    # schedules ranks advance a step or two at a time, so needless wake-ups would dominate.
-    waiting = [sentinel] * pp
+    # Per rank, the slot of the input it waits for: at first the one always filled (0.0); once
+    # the rank is done, the one never filled.
+    done_slot = len(arrival) - 1
+    waiting = [done_slot - 1] * pp
     queued = bytearray([1]) * pp
     neighbours = [tuple(sorted({rank - 1, rank + 1, 0, last} - {rank, -1, pp}))
                   for rank in range(pp)]
@@ -411,92 +418,176 @@ def _run_private(schedule: Schedule, costs: CostModel) -> Simulation:
     while pending:
         rank = pending.pop()
         queued[rank] = 0
-        roles, unit_of, dep, out, dur, copies, _, _ = plans[rank]
-        t, begin, count = clock[rank], position[rank], lengths[rank]
-        my_start, my_end = starts[rank], ends[rank]
-        add_start, add_end = my_start.append, my_end.append
-        step = begin
-        if not copies:
-            for step in range(begin, count):
+        run = ranks[rank]
+        begin = run.position
+        step = run.advance(arrival, latency)
+        waiting[rank] = run.dep[step] if step < run.count else done_slot
+        if step != begin:
+            for other in neighbours[rank]:
+                if not queued[other] and arrival[waiting[other]] is not None:
+                    queued[other] = 1
+                    pending.append(other)
+    if any(run.position < run.count for run in ranks):
+        validate_schedule(schedule)  # raises with the grid
+        raise AssertionError("simulation stalled on a schedule that validates")  # pragma: no cover
+    return _result(schedule, costs, [run.start for run in ranks], [run.end for run in ranks],
+                   [run.kind for run in ranks], [run.busy() for run in ranks])
+
+
+def _private_ranks(schedule: Schedule, costs: CostModel) -> tuple[list[_PrivateRank], list]:
+    """Per rank of :func:`_run_private` its steps, precomputed; and the flat table of arrival
+    times, one slot per compute op of every rank (``rank * slot_width + code``), then a slot
+    always 0.0 (the input of ops without a p2p input) and a last one never filled."""
+    pp, vpp, m = schedule.pp, schedule.vpp, schedule.microbatches
+    units = vpp * m
+    per_chunk = lambda cost: np.array([cost(c) for c in range(vpp)], dtype=float)  # noqa: E731
+    chunk_of = np.arange(units) // m
+    # Duration by op code (every kind of every unit).
+    duration_of = np.concatenate([per_chunk(lambda c, kind=kind: costs.time(kind, c))[chunk_of]
+                                  for kind in OpKind])
+    width = slot_width(units)
+    sentinel = pp * width
+    ranks = []
+    for rank, row in enumerate(schedule.program()):
+        codes = np.asarray(row, dtype=np.int64).reshape(-1)
+        kind = codes // units
+        compute = kind < FIRST_COPY_CODE
+        steps = (_ROLES[kind].tolist(), (codes - kind * units).tolist(),
+                 input_slots(codes, rank, pp, units, m, sentinel).tolist(),
+                 (rank * width + codes).tolist(), duration_of[codes].tolist())
+        compute_dur = duration_of[codes[compute]]
+        if compute.all():
+            ranks.append(_PrivateRank(steps, compute_dur, kind))
+        else:
+            ranks.append(_PrivateCopyRank(steps, compute_dur, kind, units))
+    return ranks, [None] * sentinel + [0.0, None]
+
+
+class _PrivateRank:
+    """One rank of :func:`_run_private` with compute ops only. ``steps``: per step its role,
+    unit, input slot (``dep``) and output slot (``out``) in the arrival table, and duration;
+    ``position``, ``clock`` (end of its last compute op), and its start/end times so far.
+    (The hot loops read the per-step lists with one unpacking of ``steps`` per call.)"""
+
+    __slots__ = ("steps", "dep", "compute_dur", "kind", "count", "position", "clock", "start",
+                 "end")
+
+    def __init__(self, steps: tuple[list, list, list, list, list], compute_dur: np.ndarray,
+                 kind: np.ndarray) -> None:
+        self.steps, self.dep, self.count = steps, steps[2], len(steps[4])
+        self.compute_dur, self.kind = compute_dur, kind
+        self.position, self.clock = 0, 0.0
+        self.start: list[float] = []
+        self.end: list[float] = []
+
+    def busy(self) -> float:
+        # a running sum, as the general engine
+        dur = self.compute_dur
+        return float(np.add.accumulate(dur)[-1]) if len(dur) else 0.0
+
+    def advance(self, arrival: list, latency: float) -> int:
+        """Run until a step's input is missing (or the end); returns the step reached."""
+        _, _, dep, out, dur = self.steps
+        add_start = self.start.append
+        add_end = self.end.append
+        t = self.clock
+        step = begin = self.position
+        count = self.count
+        for step in range(begin, count):
+            arrived = arrival[dep[step]]
+            if arrived is None:
+                break
+            ready = arrived if arrived > t else t
+            t = ready + dur[step]
+            arrival[out[step]] = t + latency
+            add_start(ready)
+            add_end(t)
+        else:
+            step = count
+        self.position = step
+        self.clock = t
+        return step
+
+
+class _PrivateCopyRank(_PrivateRank):
+    """A rank of :func:`_run_private` with copies: its own D2H and H2D lane (when each is free),
+    and per unit its offload's end and its reload's issue time (-1.0: none waiting) and step."""
+
+    __slots__ = ("d2h", "h2d", "offload_end", "reload_issue", "reload_step")
+
+    def __init__(self, steps: tuple[list, list, list, list, list], compute_dur: np.ndarray,
+                 kind: np.ndarray, units: int) -> None:
+        _PrivateRank.__init__(self, steps, compute_dur, kind)
+        self.d2h = self.h2d = 0.0
+        self.offload_end = [-1.0] * units
+        self.reload_issue = [-1.0] * units
+        self.reload_step = [0] * units
+
+    def advance(self, arrival: list, latency: float) -> int:
+        roles, unit_of, dep, out, dur = self.steps
+        my_start = self.start
+        my_end = self.end
+        add_start = my_start.append
+        add_end = my_end.append
+        my_offload = self.offload_end
+        my_issue = self.reload_issue
+        my_reload_step = self.reload_step
+        t = self.clock
+        step = begin = self.position
+        count = self.count
+        d2h_lane = self.d2h
+        h2d_lane = self.h2d
+        for step in range(begin, count):
+            role = roles[step]
+            if role <= _COMPUTE_RESIDENT:
                 arrived = arrival[dep[step]]
                 if arrived is None:
                     break
                 ready = arrived if arrived > t else t
+                if role == _COMPUTE_RESIDENT:
+                    unit = unit_of[step]
+                    issue = my_issue[unit]
+                    if issue >= 0:  # offloaded: reload so that it ends at `ready`
+                        # (timed by the unit's first op needing it resident), but not before
+                        # its issue, its offload's end or the H2D lane's previous copy
+                        my_issue[unit] = -1.0
+                        at = my_reload_step[unit]
+                        copy = dur[at]  # its H2D copy's time
+                        begin_copy = ready - copy
+                        if issue > begin_copy:
+                            begin_copy = issue
+                        if my_offload[unit] > begin_copy:
+                            begin_copy = my_offload[unit]
+                        if h2d_lane > begin_copy:
+                            begin_copy = h2d_lane
+                        h2d_lane = begin_copy + copy
+                        my_start[at] = begin_copy
+                        my_end[at] = h2d_lane
+                        if h2d_lane > ready:
+                            ready = h2d_lane
                 t = ready + dur[step]
                 arrival[out[step]] = t + latency
                 add_start(ready)
                 add_end(t)
-            else:
-                step = count
+            elif role == _D2H:  # issued now, runs when the D2H lane is free
+                ready = t if t > d2h_lane else d2h_lane
+                d2h_lane = ready + dur[step]
+                my_offload[unit_of[step]] = d2h_lane
+                add_start(ready)
+                add_end(d2h_lane)
+            else:  # H2D: issued now; timed when an op needing its unit resident is reached
+                unit = unit_of[step]
+                my_issue[unit] = t
+                my_reload_step[unit] = len(my_start)
+                add_start(t)
+                add_end(t)
         else:
-            my_offload, my_issue, my_reload_step = (offload_end[rank], reload_issue[rank],
-                                                    reload_step[rank])
-            d2h_lane, h2d_lane = d2h_free[rank], h2d_free[rank]
-            for step in range(begin, count):
-                role = roles[step]
-                if role <= _COMPUTE_RESIDENT:
-                    arrived = arrival[dep[step]]
-                    if arrived is None:
-                        break
-                    ready = arrived if arrived > t else t
-                    if role == _COMPUTE_RESIDENT:
-                        unit = unit_of[step]
-                        issue = my_issue[unit]
-                        if issue >= 0:  # offloaded: reload so that it ends at `ready`
-                            # timed by the unit's first op needing it resident
-                            my_issue[unit] = -1.0
-                            at = my_reload_step[unit]
-                            copy = dur[at]  # its H2D copy's time
-                            begin_copy = ready - copy
-                            if issue > begin_copy:
-                                begin_copy = issue
-                            if my_offload[unit] > begin_copy:
-                                begin_copy = my_offload[unit]
-                            if h2d_lane > begin_copy:
-                                begin_copy = h2d_lane
-                            h2d_lane = begin_copy + copy
-                            my_start[at] = begin_copy
-                            my_end[at] = h2d_lane
-                            if h2d_lane > ready:
-                                ready = h2d_lane
-                    t = ready + dur[step]
-                    arrival[out[step]] = t + latency
-                    add_start(ready)
-                    add_end(t)
-                elif role == _D2H:  # issued now, runs when the D2H lane is free
-                    ready = t if t > d2h_lane else d2h_lane
-                    d2h_lane = ready + dur[step]
-                    my_offload[unit_of[step]] = d2h_lane
-                    add_start(ready)
-                    add_end(d2h_lane)
-                else:  # H2D: issued now; timed when an op needing its unit resident is reached
-                    unit = unit_of[step]
-                    my_issue[unit] = t
-                    my_reload_step[unit] = len(my_start)
-                    add_start(t)
-                    add_end(t)
-            else:
-                step = count
-            d2h_free[rank], h2d_free[rank] = d2h_lane, h2d_lane
-        position[rank], clock[rank] = step, t
-        if step < count:
-            waiting[rank] = dep[step]
-        if step != begin:
-            for other in neighbours[rank]:
-                if (
-                    not queued[other]
-                    and position[other] < lengths[other]
-                    and arrival[waiting[other]] is not None
-                ):
-                    queued[other] = 1
-                    pending.append(other)
-    if any(position[r] < lengths[r] for r in range(pp)):
-        validate_schedule(schedule)  # raises with the grid
-        raise AssertionError("simulation stalled on a schedule that validates")  # pragma: no cover
-    kinds = [plan[7] for plan in plans]
-    # a running sum, as the general engine
-    busy = [float(np.add.accumulate(plan[6])[-1]) if len(plan[6]) else 0.0 for plan in plans]
-    return _result(schedule, costs, starts, ends, kinds, busy)
+            step = count
+        self.position = step
+        self.clock = t
+        self.d2h = d2h_lane
+        self.h2d = h2d_lane
+        return step
 
 
 def _result(schedule, costs, starts, ends, kinds, busy) -> Simulation:
