@@ -5,7 +5,7 @@
 # after the first time) and runs the tests that import torch or megatron-core there
 # (MEGATRON_TESTS in scripts/run_tests.sh: tests/runtime, tests/integration, tests/testing,
 # tests/test_cli.py), including the check of the release fact table in
-# megatron_offload/integration/megatron_core.py against each release's own source.
+# megatron_offload/releases.py against each release's own source.
 #
 #   bash scripts/check_megatron_versions.sh                 both releases
 #   bash scripts/check_megatron_versions.sh -x -q           extra arguments go to pytest

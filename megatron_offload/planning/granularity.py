@@ -31,7 +31,8 @@ from megatron_offload.planning.job import JobSpec
 from megatron_offload.planning.plan import Plan
 from megatron_offload.planning.unit_search import UnitSearch
 from megatron_offload.schedule.catalog import make_schedule
-from megatron_offload.schedule.ir import OpKind, Schedule
+from megatron_offload.schedule.ir import Schedule
+from megatron_offload.schedule.kinds import OpKind
 from megatron_offload.schedule.layer_sim import plan_layer_streaming
 from megatron_offload.schedule.layers import LayerProfile, LinkModel, stream_sets
 from megatron_offload.schedule.memory import byte_peaks

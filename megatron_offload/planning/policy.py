@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from megatron_offload.config import OffloadConfig
-from megatron_offload.schedule.ir import Op, OpKind, Schedule, UnitKey
+from megatron_offload.schedule.ir import Op, Schedule, UnitKey
+from megatron_offload.schedule.kinds import OpKind
 from megatron_offload.schedule.layers import expand_rank, runtime_rank_ops, unit_lifespans
 
 

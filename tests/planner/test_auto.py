@@ -21,7 +21,8 @@ from megatron_offload.planning.auto import (
 from megatron_offload.planning.costmodel import GiB, UnitBytes
 from megatron_offload.planning.job import JobSpec
 from megatron_offload.planning.policy import unit_lifespans, units_to_offload
-from megatron_offload.schedule.ir import Op, OpKind
+from megatron_offload.schedule.ir import Op
+from megatron_offload.schedule.kinds import OpKind
 from megatron_offload.schedule.layers import runtime_rank_ops
 from megatron_offload.schedule.megatron import megatron_schedule
 

@@ -12,7 +12,7 @@ from megatron_offload.planning.job import JobSpec, Recompute
 from megatron_offload.planning.plan import Plan
 from megatron_offload.planning.policy import unit_lifespans
 from megatron_offload.planning.search import default_reserve_gib, plan_job
-from megatron_offload.schedule.ir import OpKind
+from megatron_offload.schedule.kinds import OpKind
 from megatron_offload.schedule.validate import validate_schedule
 
 JOB = JobSpec(num_layers=16, hidden_size=2048, num_attention_heads=16, seq_length=4096,
