@@ -4,7 +4,8 @@
   oracle), on a sample of small shapes, costs, candidates and memory targets, also with a tiny
   MAX_SKIPS_PER_LINK so that the search stops early (the cap is hard to reach on small shapes);
 - simulator: the per-rank-lane engine and the timing reuse after the offload pass against the
-  general engine (every start and end time, bit for bit);
+  general engine (every start and end time, bit for bit), on the offload pass's schedules and
+  on schedules with copies forced onto random units, where reloads wait for their offload;
 - dry run: find_deadlock against the first version (_validate_reference.py), stuck or not;
 - benchmark: its code path runs on a small shape and writes its JSON.
 """
@@ -20,9 +21,10 @@ from megatron_offload.schedule import offload
 from megatron_offload.schedule import simulate as sim
 from megatron_offload.schedule.catalog import make_schedule
 from megatron_offload.schedule.costs import CostModel
-from megatron_offload.schedule.ir import Schedule
+from megatron_offload.schedule.ir import O, R, Schedule
+from megatron_offload.schedule.kinds import OpKind
 from megatron_offload.schedule.megatron import group_table, warmup_then_alternate
-from megatron_offload.schedule.validate import find_deadlock
+from megatron_offload.schedule.validate import find_deadlock, validate_schedule
 
 import _offload_reference as reference
 import _validate_reference
@@ -104,6 +106,123 @@ def test_simulator_engines_agree():
         _same_simulation(result, sim._run_general(plan.schedule, private))
         assert result.no_offload_makespan == sim._run_general(schedule, private).makespan
     assert hinted > 60
+
+
+def _with_copies(schedule: Schedule, copies: list[dict]) -> Schedule:
+    """``schedule`` with O and R forced onto the units of ``copies[rank]`` (unit -> early),
+    whatever their lifespan: O right after the unit's forward, R right after its O (early: the
+    earliest issue point) or right before its backward. Unlike the offload pass's output, a
+    reload may then wait for its own offload (a short-lived unit, or one queued behind others
+    on the D2H lane). Still a valid schedule: copies send nothing."""
+    rows = []
+    for ops, units in zip(schedule.ranks, copies):
+        row = []
+        for op in ops:
+            if op.kind is OpKind.BACKWARD and units.get(op.unit) is False:
+                row.append(R(*op.unit))
+            row.append(op)
+            if op.kind is OpKind.FORWARD and op.unit in units:
+                row.append(O(*op.unit))
+                if units[op.unit]:
+                    row.append(R(*op.unit))
+        rows.append(row)
+    return validate_schedule(Schedule(rows, schedule.vpp, schedule.microbatches))
+
+
+def _random_copies(schedule: Schedule, rng: random.Random, share: float,
+                   early_share: float) -> list[dict]:
+    """A share ``share`` of each rank's units, a share ``early_share`` of them reloaded early."""
+    return [{op.unit: rng.random() < early_share for op in ops
+             if op.kind is OpKind.FORWARD and rng.random() < share} for ops in schedule.ranks]
+
+
+def _reloads_waiting_for_their_offload(result) -> int:
+    """Reloads that start when their unit's offload ends, after they were issued (the end of
+    the compute op before the R): the "no earlier than its offload" bound decided their start."""
+    waiting = 0
+    for ops, start, end in zip(result.schedule.ranks, result.start, result.end):
+        offload_end, clock = {}, 0.0
+        for i, op in enumerate(ops):
+            if op.kind is OpKind.OFFLOAD:
+                offload_end[op.unit] = end[i]
+            elif op.kind is OpKind.RELOAD:
+                waiting += start[i] == offload_end[op.unit] > clock
+            else:
+                clock = end[i]
+    return waiting
+
+
+def _compute_times(result) -> list:
+    return [[(s, e) for op, s, e in zip(ops, start, end) if op.kind.compute]
+            for ops, start, end in zip(result.schedule.ranks, result.start, result.end)]
+
+
+def _engines_agree(forced: Schedule, costs: CostModel, base) -> tuple:
+    """Every engine on ``forced`` gives the general engine's result; the hinted one (timing the
+    copies against ``base``, the compute-only simulation) declines exactly when some reload
+    delays its backward. Returns the general result and whether the hinted engine timed it."""
+    general = sim._run_general(forced, costs)
+    _same_simulation(sim._run_private(forced, costs), general)
+    fast = sim._run_hinted(forced, costs, base)
+    assert (fast is not None) == (_compute_times(general) == _compute_times(base))
+    if fast is not None:
+        _same_simulation(fast, general)
+    object.__setattr__(forced, "_compute_timing", base)  # as the offload pass leaves it
+    _same_simulation(sim.simulate(forced, costs), general)
+    return general, fast is not None
+
+
+def test_simulator_engines_agree_when_reloads_wait_for_their_offload():
+    # Copies forced onto random units, mostly over a slow link: many reloads can start only
+    # when their own offload ends, a bound the offload pass's schedules never reach. Fast links
+    # with early reloads leave some schedules whose reloads are all in time (the hinted engine).
+    rng = random.Random(11)
+    waiting = hinted = late = 0
+    for schedule, costs, _ in _cases(seed=13, count=100):
+        if rng.random() < 0.4:  # fast link, few units, reloads issued early
+            ratio, share, early_share = rng.choice([0.02, 0.1, 0.3]), rng.choice([0.1, 0.2]), 1.0
+        else:  # slow link
+            ratio, share, early_share = rng.choice([1.0, 2.0, 3.0, 5.0, 8.0]), rng.choice(
+                [0.3, 0.6, 1.0]), 0.3
+        costs = dataclasses.replace(costs, shared_link=False, offload_ratio=ratio)
+        forced = _with_copies(schedule, _random_copies(schedule, rng, share, early_share))
+        general, timed = _engines_agree(forced, costs, sim._run_general(schedule, costs))
+        waiting += _reloads_waiting_for_their_offload(general)
+        hinted += timed and forced.has_offload
+        late += not timed
+    assert waiting > 300 and hinted >= 5 and late > 40, (waiting, hinted, late)
+
+
+def test_a_reload_that_waits_for_its_offload_delays_its_backward_in_every_engine():
+    # One unit offloaded and reloaded early, the link set from its lifespan L (end of its
+    # forward to start of its backward) so that its reload (H2D < L) could end in time, but
+    # the round trip (D2H + H2D > L) cannot: only the "reload after its offload" bound makes
+    # the backward wait. The hinted engine must decline; all must agree on the delay.
+    rng = random.Random(17)
+    delayed = 0
+    for schedule, costs, _ in _cases(seed=19, count=40):
+        costs = dataclasses.replace(costs, shared_link=False)
+        base = sim._run_general(schedule, costs)
+        lives = []
+        for rank, ops in enumerate(schedule.ranks):
+            forward = {op.unit: i for i, op in enumerate(ops) if op.kind is OpKind.FORWARD}
+            lives += [(rank, op.unit, base.start[rank][i] - base.end[rank][forward[op.unit]])
+                      for i, op in enumerate(ops) if op.kind is OpKind.BACKWARD]
+        lives = [life for life in lives if life[2] > 0]
+        if not lives:
+            continue
+        rank, unit, life = rng.choice(lives)
+        chunk = unit[0]
+        round_trip = life / (1 - costs.offload_share / 2)  # H2D < life < D2H + H2D
+        costs = dataclasses.replace(
+            costs, offload_ratio=round_trip / (costs.forward(chunk) + costs.backward(chunk)))
+        copies = [{} for _ in schedule.ranks]
+        copies[rank][unit] = True
+        base = dataclasses.replace(base, costs=costs)  # no copies: times independent of the link
+        general, timed = _engines_agree(_with_copies(schedule, copies), costs, base)
+        assert not timed  # its backward waits: compute times differ from base
+        delayed += 1
+    assert delayed > 30
 
 
 def test_simulate_ignores_the_timing_hint_for_other_costs():
