@@ -1,6 +1,6 @@
 """GPU check: the offload runtime on CUDA streams and pinned memory, measured, with a verdict.
 
-    python -m megatron_offload.gpu_check.check [--device cuda] [--json FILE] [--rows NAMES]
+    python -m megatron_offload.gpu_check [--device cuda] [--json FILE] [--rows NAMES]
 
 One process, one GPU (NCCL refuses two pipeline ranks on one device), so every check drives
 pipeline rank 0's real order (Megatron's interleaved 1F1B, PP=4 VPP=2, 8 microbatches: 11
