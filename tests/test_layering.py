@@ -57,9 +57,8 @@ def package_modules(root: Path) -> dict[str, Path]:
 
 def imported_modules(module: str, path: Path, package: str) -> set[str]:
     """Every module of ``package`` that ``module`` imports, wherever the import statement is
-    (relative imports resolved). ``from pkg import name`` imports ``pkg.name`` when that is a
-    module and ``pkg`` otherwise; the parent packages that Python initialises on the way are
-    not counted (they would make every package that re-exports its modules a cycle)."""
+    (relative imports resolved). ``from pkg import name`` imports ``pkg`` (its ``__init__``
+    runs) and also ``pkg.name`` when that is a module; ``import a.b.c`` counts ``a.b.c``."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     is_package = path.name == "__init__.py"
     found: set[str] = set()
@@ -92,10 +91,9 @@ def import_graph(root: Path) -> tuple[dict[str, set[str]], list[tuple[str, str]]
             if target not in modules:
                 missing.append((module, target))
                 continue
-            submodules = {f"{target}.{n}" for n in names.split(",")} & modules.keys()
-            targets.update(submodules)
-            if len(submodules) < len(names.split(",")):  # some names are not modules
-                targets.add(target)
+            # `from pkg import mod` runs pkg/__init__ and imports pkg.mod: both are edges
+            targets.add(target)
+            targets.update({f"{target}.{n}" for n in names.split(",")} & modules.keys())
         missing.extend((module, t) for t in sorted(targets - modules.keys()))
         graph[module] = (targets & modules.keys()) - {module}
     return graph, missing

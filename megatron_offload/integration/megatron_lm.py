@@ -382,9 +382,9 @@ def apply(launch: Launch) -> LaunchState:
 
     st = LaunchState(launch=launch)
     if launch.cpu:
-        from megatron_offload.integration import cpu as cpu_support
+        from megatron_offload.integration.cpu.training import apply_training_shims
 
-        st.cpu_applied = cpu_support.apply_cpu_support()
+        st.cpu_applied = apply_training_shims()
     st.patches.install(launch_patches(st, package, arguments, training, dataset_utils))
     if launch.config is not None:
         from megatron_offload.integration import megatron_core
@@ -421,9 +421,9 @@ def remove() -> None:
 
         megatron_core.uninstall()
     if st.cpu_applied:
-        from megatron_offload.integration import cpu as cpu_support
+        from megatron_offload.integration.cpu.training import remove_training_shims
 
-        cpu_support.remove_cpu_support()
+        remove_training_shims()
 
 
 def setup(argv: list[str] | None = None) -> LaunchState:

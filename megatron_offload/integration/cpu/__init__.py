@@ -5,9 +5,10 @@
 - :mod:`.training`: the fixes Megatron-LM's own loop (``megatron.training.pretrain``) needs
   on top (``apply_training_shims`` / ``remove_training_shims``).
 
-The launcher applies :func:`apply_cpu_support` only when ``torch.cuda.is_available()`` is
-False; on a GPU machine every function here does nothing. Nothing here imports
-the test harness (the harness imports this package, not the reverse).
+The launcher applies ``training.apply_training_shims`` (which applies ``core``'s first) only
+when ``torch.cuda.is_available()`` is False; on a GPU machine every function here does
+nothing. Nothing here imports the test harness (the harness imports this package, not the
+reverse).
 """
 from __future__ import annotations
 
@@ -66,20 +67,6 @@ def check_megatron_args(args: argparse.Namespace) -> str | None:
     return None
 
 
-def apply_cpu_support() -> bool:
-    """Apply the megatron-core and Megatron-LM CPU shims. False (nothing done) with a GPU."""
-    from megatron_offload.integration.cpu.training import apply_training_shims
-
-    return apply_training_shims()
-
-
-def remove_cpu_support() -> bool:
-    from megatron_offload.integration.cpu.training import remove_training_shims
-
-    return remove_training_shims()
-
-
 __all__ = [
-    "apply_cpu_support", "remove_cpu_support", "check_megatron_args", "quiet_import_warnings",
-    "QUIET_WARNINGS",
+    "check_megatron_args", "quiet_import_warnings", "QUIET_WARNINGS",
 ]
